@@ -1,0 +1,10 @@
+"""User-facing errors.
+
+Anything a user can cause (a missing file, a checkpoint that does not fit its config, a bad size)
+raises SDError with one line that says what is wrong and what to do. The CLI prints that line and
+exits non-zero; library code never exits the process.
+"""
+
+
+class SDError(Exception):
+    """A failure caused by the user's input, reported as one line without a traceback."""

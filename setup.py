@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="sd",
+    version="0.1.0",
+    description="Stable Diffusion 2.x toolkit: config-driven ldm package, strict checkpoint loading, CPU fast path",
+    packages=find_packages(include=["ldm", "ldm.*"]),
+    package_data={"ldm": ["py.typed"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "pytorch-lightning>=2.0",
+        "omegaconf>=2.1",
+        "open_clip_torch>=2.20",
+        "timm>=0.9",
+        "einops",
+        "invisible-watermark>=0.2",
+        "pillow",
+        "typer>=0.9",
+        "safetensors>=0.4",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "diffusers>=0.30", "transformers>=4.40"],
+    },
+    entry_points={"console_scripts": ["sd=ldm.cli:main"]},
+)

@@ -1,0 +1,216 @@
+"""Safe, strict, low-memory checkpoint loading.
+
+A checkpoint is read without running any code from it: .safetensors by parsing its header and mapping
+the file into memory, .ckpt through torch.load(weights_only=True, mmap=True). The model is built on the
+meta device (no random init of ~1.3B parameters) and the checkpoint tensors are assigned in place, so
+the weights exist once in memory. Every key must match: missing, unexpected or mis-shaped keys fail
+with a message that names them and, where the keys tell, which config fits.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import pickle
+import struct
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ldm.errors import SDError
+from ldm.util import instantiate_from_config, load_config
+
+# Keys a checkpoint may carry that an inference model does not use: EMA copies (the released
+# checkpoints already hold the EMA weights as the main ones) and training state.
+IGNORED_PREFIXES = ("model_ema.",)
+IGNORED_KEYS = ("logvar",)
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Map a .safetensors file into memory; tensors are views of the (copy-on-write) mapping."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise SDError(f"{path} is not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8 or header_len > 100_000_000:
+            raise SDError(f"{path} is not a valid safetensors file (header length {header_len} exceeds the file)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SDError(f"{path} is not a valid safetensors file (bad header: {exc})") from exc
+        # ACCESS_COPY: private pages, so torch gets a writable buffer without touching the file.
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    base = 8 + header_len
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            start, end = info["data_offsets"]
+            shape = list(info["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SDError(f"{path}: tensor '{name}' has a malformed header entry") from exc
+        if base + end > size or start > end:
+            raise SDError(f"{path} is truncated: tensor '{name}' ends past the end of the file")
+        count = (end - start) // dtype.itemsize
+        tensor = torch.frombuffer(data, dtype=dtype, count=count, offset=base + start) if count else torch.empty(0, dtype=dtype)
+        expected = 1
+        for dim in shape:
+            expected *= dim
+        if expected != count:
+            raise SDError(f"{path}: tensor '{name}' has {count} values but shape {shape}")
+        tensors[name] = tensor.reshape(shape)
+    return tensors
+
+
+def read_ckpt(path: Path) -> dict[str, torch.Tensor]:
+    """Load a torch .ckpt zip holding {"state_dict": ...} without unpickling arbitrary objects."""
+    if not zipfile.is_zipfile(path):
+        raise SDError(
+            f"{path} is not a torch zip checkpoint (truncated, or a legacy pickle, which is refused "
+            "because unpickling can run code); convert it to .safetensors with a trusted tool"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message names the offending global on its first lines; keep only that.
+        detail = next((line.strip() for line in str(exc).splitlines() if "global" in line.lower()), "")
+        raise SDError(
+            f"refusing to load {path}: it holds Python objects besides tensors, and unpickling them could run code"
+            + (f" ({detail})" if detail else "")
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SDError(f"cannot read checkpoint {path} (truncated or corrupt?): {first}") from exc
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SDError(f"{path} does not hold a state_dict of tensors")
+    return dict(obj)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint by its content (.safetensors or torch zip), whatever its file name says."""
+    path = Path(path)
+    if not path.exists():
+        raise SDError(f"checkpoint not found: {path} (put weights in checkpoints/, see checkpoints/README.md)")
+    if not path.is_file():
+        raise SDError(f"checkpoint path is not a file: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK":
+        return read_ckpt(path)
+    if path.suffix == ".safetensors" or len(head) == 4:
+        return read_safetensors(path)
+    raise SDError(f"{path} is empty or not a checkpoint")
+
+
+# What the keys of a checkpoint say about the config it needs.
+def describe_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """Name the reference config a checkpoint was made for, from its keys, or None if unknown."""
+    if any(k.startswith("cond_stage_model.transformer.text_model.") for k in state_dict):
+        return "a Stable Diffusion 1.x checkpoint (CLIP ViT-L text encoder); sd runs SD 2.x checkpoints"
+    if any(k.startswith("embedder.") for k in state_dict):
+        return "an SD 2.1 unCLIP checkpoint (v2-1-stable-unclip-*-inference.yaml)"
+    first_conv = state_dict.get("model.diffusion_model.input_blocks.0.0.weight")
+    if first_conv is None or first_conv.ndim != 4:
+        return None
+    in_channels = first_conv.shape[1]
+    if any(k.startswith("depth_model.") for k in state_dict) or in_channels == 5:
+        return "a depth-conditioned checkpoint (configs/stable-diffusion/v2-midas-inference.yaml)"
+    if in_channels == 9:
+        return "an inpainting checkpoint (configs/stable-diffusion/v2-inpainting-inference.yaml)"
+    if in_channels == 7 or any(k.startswith("low_scale_model.") for k in state_dict):
+        return "an x4 upscaler checkpoint (configs/stable-diffusion/x4-upscaling.yaml)"
+    if in_channels == 4:
+        return ("a txt2img checkpoint (configs/stable-diffusion/v2-inference-v.yaml for 768-v models, "
+                "v2-inference.yaml for 512-base models)")
+    return None
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], ckpt: str, config: str) -> dict[str, torch.Tensor]:
+    """Return the state_dict restricted to the model's keys, or raise SDError naming every mismatch."""
+    expected = model.state_dict()
+    ignored = [k for k in state_dict if k not in expected and (k.startswith(IGNORED_PREFIXES) or k in IGNORED_KEYS)]
+    if ignored:
+        _note(f"ignoring {len(ignored)} training-only entries of the checkpoint (EMA copies / logvar)")
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected and k not in ignored]
+    wrong_shape = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_first(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_first(unexpected)})")
+        if wrong_shape:
+            parts.append(f"{len(wrong_shape)} with another shape (checkpoint vs model: {_first(wrong_shape, 2)})")
+        hint = describe_checkpoint(state_dict)
+        fit = f"; the checkpoint looks like {hint}" if hint else ""
+        raise SDError(f"checkpoint {ckpt} does not fit config {config}: keys " + "; ".join(parts) + fit)
+    return {k: state_dict[k] for k in expected}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config_path: Path
+    ckpt_path: Path
+
+
+def build_on_meta(model_config) -> nn.Module:
+    """Instantiate a model config without allocating or initialising any weight."""
+    with torch.device("meta"):
+        return instantiate_from_config(model_config)
+
+
+def assign_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], ckpt: str, config: str) -> nn.Module:
+    """Strictly assign checkpoint tensors into a meta-built model (no copies)."""
+    checked = check_keys(model, state_dict, ckpt, config)
+    # Keep each parameter's dtype as stored in the checkpoint for now; precision is chosen afterwards.
+    model.load_state_dict(checked, strict=True, assign=True)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:  # a buffer the model computes but the checkpoint does not hold
+        materialize = getattr(model, "materialize_buffers", None)
+        if materialize is None:
+            raise SDError(f"internal error: {len(leftover)} tensors were not loaded ({_first(leftover)})")
+        materialize()
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_model(config_path: str | Path, ckpt_path: str | Path) -> LoadedModel:
+    """The one model loader: config -> meta-built model -> strict, safe, zero-copy weights."""
+    config_path, ckpt_path = Path(config_path), Path(ckpt_path)
+    config = load_config(config_path)
+    state_dict = read_state_dict(ckpt_path)
+    model = build_on_meta(config.model)
+    assign_weights(model, state_dict, str(ckpt_path), str(config_path))
+    return LoadedModel(model, config_path, ckpt_path)

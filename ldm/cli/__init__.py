@@ -1,0 +1,58 @@
+"""The `sd` command: a thin Typer app over the ldm package.
+
+Every command turns user mistakes into one line on stderr and a non-zero exit; a traceback means a
+bug in sd, never a bad input.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+import click
+import typer
+
+from ldm.errors import SDError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Stable Diffusion 2.x: txt2img and friends with the reference's flags, configs and output layout.",
+    pretty_exceptions_enable=False,
+)
+
+
+def _register_commands() -> None:
+    # Imported here so `sd --help` stays cheap and a broken optional piece cannot break the others.
+    from ldm.cli import txt2img  # noqa: F401
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `sd` console script; returns the process exit code."""
+    _register_commands()
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        app(args, prog_name="sd", standalone_mode=False)
+    except SDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no partial image was written", file=sys.stderr)
+        return 130
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except click.ClickException as exc:
+        # Usage errors: one line plus where to look, instead of click's boxed usage text.
+        command = " ".join(a for a in args[:1] if not a.startswith("-"))
+        print(f"error: {exc.format_message()} (see: sd {command + ' ' if command else ''}--help)", file=sys.stderr)
+        return exc.exit_code
+    except MemoryError:
+        print("error: out of memory; try a smaller --H/--W or --n_samples", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())

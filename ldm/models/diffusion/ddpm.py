@@ -136,3 +136,16 @@ class LatentDiffusion(nn.Module):
     def make_cond(self, c_crossattn: torch.Tensor) -> dict[str, Optional[torch.Tensor]]:
         """The conditioning dict of a plain text-to-image model."""
         return {"c_crossattn": c_crossattn, "c_concat": None, "c_adm": None}
+
+
+# The image-conditioned siblings keep the reference's dotted names (configs say
+# ldm.models.diffusion.ddpm.LatentInpaintDiffusion etc.) but live with their conditioning builders.
+_IMAGE_MODES = ("LatentInpaintDiffusion", "LatentDepth2ImageDiffusion", "LatentUpscaleDiffusion")
+
+
+def __getattr__(name: str):
+    if name in _IMAGE_MODES:
+        from ldm.models.diffusion import image_modes
+
+        return getattr(image_modes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

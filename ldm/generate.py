@@ -132,3 +132,132 @@ def check_size(H: int, W: int, f: int) -> None:
                           "which needs at least 256x256 pixels")
         if value % f:
             raise SDError(f"--{name} {value} is not a multiple of the first stage's factor --f {f}")
+
+
+@dataclass
+class Job:
+    """Everything a txt2img run needs, validated up front by `check()` before any model is loaded."""
+    prompt: str
+    negative_prompt: str
+    from_file: Optional[Path]
+    repeat: int
+    n_samples: int
+    n_iter: int
+    n_rows: int
+    seed: int
+    fixed_code: bool
+    H: int
+    W: int
+    C: int
+    f: int
+    outdir: Path
+    config: Path
+    ckpt: Optional[Path]
+    device: str
+    precision: str
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+
+    def check(self) -> list[str]:
+        """Validate every input that needs no model; returns the prompts."""
+        for name in ("n_samples", "n_iter", "repeat"):
+            if getattr(self, name) < 1:
+                raise SDError(f"--{name} must be at least 1 (got {getattr(self, name)})")
+        if self.n_rows < 0:
+            raise SDError("--n_rows must be 0 (= n_samples) or more")
+        if self.sampling.steps < 1:
+            raise SDError(f"--steps must be at least 1 (got {self.sampling.steps})")
+        if self.sampling.eta < 0:
+            raise SDError(f"--ddim_eta must be 0 or more (got {self.sampling.eta})")
+        if self.precision not in ("full", "autocast"):
+            raise SDError(f"--precision must be full or autocast (got '{self.precision}')")
+        check_size(self.H, self.W, self.f)
+        from ldm.models.diffusion.samplers import check_sampler
+        check_sampler(self.sampling.sampler, self.sampling.schedule)
+        prompts = read_prompt_file(self.from_file) if self.from_file else [self.prompt]
+        if self.ckpt is None:
+            raise SDError("no checkpoint given: pass --ckpt FILE (.ckpt or .safetensors; see checkpoints/README.md)")
+        if not Path(self.ckpt).exists():
+            raise SDError(f"checkpoint not found: {self.ckpt} (see checkpoints/README.md)")
+        if not Path(self.config).is_file():
+            raise SDError(f"config file not found: {self.config}")
+        return prompts
+
+
+def load_for_inference(config: Path, ckpt: Path, device: torch.device, precision: str):
+    """The one model loader of the commands: strict load, then move to the device."""
+    from ldm.checkpoint import load_model
+
+    loaded = load_model(config, ckpt)
+    model = loaded.model.float().to(device)  # fp32 masters; autocast picks per-op precision
+    return model
+
+
+def run_txt2img(job: Job) -> list[Path]:
+    """Plan, sample, decode and save a txt2img run; returns the sample paths written."""
+    from tqdm import tqdm
+
+    from ldm.cli import imageio
+
+    prompts = job.check()
+    samples_dir = job.outdir / "samples"
+    imageio.ensure_writable_dir(samples_dir)
+    device = resolve_device(job.device)
+    model = load_for_inference(job.config, job.ckpt, device, job.precision)
+    if job.C != model.latent_channels or job.f != model.downsampling_factor:
+        raise SDError(f"--C {job.C} / --f {job.f} do not fit the model (it has {model.latent_channels} latent "
+                      f"channels and factor {model.downsampling_factor})")
+    plan = plan_batches(prompts, n_samples=job.n_samples, n_iter=job.n_iter, repeat=job.repeat,
+                        from_file=job.from_file is not None, seed=job.seed, fixed_code=job.fixed_code,
+                        negative_prompt=job.negative_prompt)
+    encoder = PromptEncoder(model)
+    settings = job.sampling
+    shape = (job.C, job.H // job.f, job.W // job.f)
+    base_settings = {
+        "Steps": settings.steps, "Sampler": settings.sampler, "CFG scale": settings.scale,
+        "Size": f"{job.W}x{job.H}", "Model hash": imageio.model_hash(job.ckpt), "Model": Path(job.ckpt).stem,
+        "Config": Path(job.config).name, "Eta": settings.eta,
+    }
+    if settings.schedule:
+        base_settings["Schedule type"] = settings.schedule
+    written: list[Path] = []
+    all_images = []
+    total_steps = len(plan) * settings.steps
+    with tqdm(total=total_steps, desc="sampling", unit="step", dynamic_ncols=True) as bar, torch.inference_mode():
+        for items in plan:
+            noise, generators = start_noise(items, shape)
+            with precision_context(device, job.precision):
+                c = encoder([it.prompt for it in items]).to(device)
+                uc = encoder([it.negative_prompt for it in items]).to(device) if settings.scale != 1.0 else None
+                latents = sample_latents(model, noise.to(device), generators, c, uc, settings, progress=bar.update)
+                images = model.decode_first_stage(latents)
+            for item, pil in zip(items, imageio.tensor_to_pil(images.float().cpu())):
+                meta = imageio.format_parameters(item.prompt, item.negative_prompt, {**base_settings, "Seed": item.seed})
+                written.append(imageio.save_numbered(pil, samples_dir, digits=5, metadata={"parameters": meta}))
+                all_images.append(pil)
+    n_rows = job.n_rows or job.n_samples
+    grid = imageio.make_grid(all_images, n_rows)
+    imageio.save_numbered(grid, job.outdir, digits=4, prefix="grid-", metadata=None)
+    print(f"Your samples are ready and waiting for you here: {job.outdir}")
+    return written
+
+
+def sample_latents(model, noise: torch.Tensor, generators: list[torch.Generator], c: torch.Tensor,
+                   uc: Optional[torch.Tensor], settings: SamplingSettings, progress: Callable[[int], None],
+                   start_latents: Optional[torch.Tensor] = None, strength: float = 1.0,
+                   extra_cond: Optional[dict] = None) -> torch.Tensor:
+    """Run the chosen sampler on one batch; image-mode conditioning enters through `extra_cond`."""
+    from ldm.models.diffusion import samplers
+    from ldm.models.diffusion.denoiser import CFGDenoiser, DiscreteDenoiser
+
+    extra = extra_cond or {}
+    cond = {"c_crossattn": c, "c_concat": extra.get("c_concat"), "c_adm": extra.get("c_adm")}
+    denoiser = DiscreteDenoiser(model)
+    if uc is not None:
+        uncond = {"c_crossattn": uc, "c_concat": extra.get("c_concat"), "c_adm": extra.get("uc_adm", extra.get("c_adm"))}
+        denoiser = CFGDenoiser(denoiser, settings.scale)
+        cond = {"cond": cond, "uncond": uncond}
+    return samplers.run(
+        denoiser, noise, cond, settings.sampler, steps=settings.steps, schedule=settings.schedule,
+        eta=settings.eta, generators=generators, callback=lambda *_: progress(1),
+        start_latents=start_latents, strength=strength,
+    )

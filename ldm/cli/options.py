@@ -1,0 +1,60 @@
+"""Options shared by the generating commands, defined once.
+
+Each reference flag keeps its spelling (underscores included) and gains a dashed alias.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ldm.errors import SDError
+
+Prompt = Annotated[str, typer.Option("--prompt", help="The prompt to render.")]
+NegativePrompt = Annotated[str, typer.Option(
+    "--negative-prompt", "--negative_prompt", "-n",
+    help="What the image should not show (the unconditional prompt of classifier-free guidance; default \"\").")]
+Outdir = Annotated[Path, typer.Option("--outdir", help="Folder for samples/ and grid-NNNN.png.")]
+Plms = Annotated[bool, typer.Option("--plms", help="Use the PLMS sampler (same as --sampler plms).")]
+Dpm = Annotated[bool, typer.Option("--dpm", help="Use DPM-Solver (same as --sampler dpm).")]
+Sampler = Annotated[Optional[str], typer.Option("--sampler", help="Sampler name; `sd samplers` lists them (default ddim).")]
+Schedule = Annotated[Optional[str], typer.Option(
+    "--schedule", help="Noise schedule for the k-diffusion samplers: karras, exponential or uniform.")]
+FixedCode = Annotated[bool, typer.Option(
+    "--fixed_code", "--fixed-code", help="Every image starts from the same noise (that of seed + 0).")]
+DdimEta = Annotated[float, typer.Option("--ddim_eta", "--ddim-eta", "--eta", help="DDIM eta (0.0 is deterministic).")]
+LatentChannels = Annotated[int, typer.Option("--C", help="Latent channels.")]
+Factor = Annotated[int, typer.Option("--f", help="Downsampling factor of the first stage.")]
+NRows = Annotated[int, typer.Option("--n_rows", "--n-rows", help="Images per grid row (0: n_samples).")]
+Scale = Annotated[float, typer.Option(
+    "--scale", help="Classifier-free guidance scale: uncond + scale * (cond - uncond).")]
+FromFile = Annotated[Optional[Path], typer.Option(
+    "--from-file", "--from_file", help="Read prompts from this file, one per line.")]
+Config = Annotated[Path, typer.Option("--config", help="The model's YAML config.")]
+Ckpt = Annotated[Optional[Path], typer.Option("--ckpt", help="Checkpoint (.ckpt or .safetensors).")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed: image k of the run uses seed + k.")]
+Precision = Annotated[str, typer.Option(
+    "--precision", help="full (fp32) or autocast (bf16 on CPU, fp16 on CUDA).")]
+Repeat = Annotated[int, typer.Option("--repeat", help="Repeat each prompt of --from-file this often.")]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda, or auto (cuda when available).")]
+Torchscript = Annotated[bool, typer.Option("--torchscript", help="Run the UNet through TorchScript.")]
+Ipex = Annotated[bool, typer.Option("--ipex", help="Use Intel Extension for PyTorch.")]
+Bf16 = Annotated[bool, typer.Option("--bf16", help="Run in bfloat16.")]
+
+
+def pick_sampler(sampler: Optional[str], *, plms: bool, dpm: bool) -> str:
+    """--plms and --dpm are the reference's spellings of --sampler plms / dpm."""
+    chosen = [name for name, on in (("plms", plms), ("dpm", dpm)) if on]
+    if sampler is not None:
+        chosen.append(sampler)
+    if len(set(chosen)) > 1:
+        raise SDError(f"choose one sampler: {' and '.join('--' + c if c in ('plms', 'dpm') else c for c in chosen)} were given")
+    return chosen[0] if chosen else "ddim"
+
+
+def refuse_unavailable(**flags: bool) -> None:
+    """Flags of later work fail clearly instead of being silently ignored."""
+    for name, on in flags.items():
+        if on:
+            raise SDError(f"--{name} is not available yet in sd (run without it)")

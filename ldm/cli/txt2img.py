@@ -1,0 +1,55 @@
+"""`sd txt2img`: the reference txt2img script's flags, defaults and output layout."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ldm.cli import app
+from ldm.cli import options as opt
+from ldm.errors import SDError
+
+
+@app.command("txt2img", help="Generate images from a text prompt (the reference's scripts/txt2img.py).")
+def txt2img(
+    prompt: opt.Prompt = "a professional photograph of an astronaut riding a triceratops",
+    negative_prompt: opt.NegativePrompt = "",
+    outdir: opt.Outdir = Path("outputs/txt2img-samples"),
+    steps: Annotated[int, typer.Option("--steps", "--ddim_steps", "--ddim-steps", help="Number of sampling steps.")] = 50,
+    plms: opt.Plms = False,
+    dpm: opt.Dpm = False,
+    sampler: opt.Sampler = None,
+    schedule: opt.Schedule = None,
+    fixed_code: opt.FixedCode = False,
+    ddim_eta: opt.DdimEta = 0.0,
+    n_iter: Annotated[int, typer.Option("--n_iter", "--n-iter", help="Sample this often.")] = 3,
+    H: Annotated[int, typer.Option("--H", help="Image height in pixels.")] = 512,
+    W: Annotated[int, typer.Option("--W", help="Image width in pixels.")] = 512,
+    C: opt.LatentChannels = 4,
+    f: opt.Factor = 8,
+    n_samples: Annotated[int, typer.Option("--n_samples", "--n-samples", help="Images per batch (batch size).")] = 3,
+    n_rows: opt.NRows = 0,
+    scale: opt.Scale = 9.0,
+    from_file: opt.FromFile = None,
+    config: opt.Config = Path("configs/stable-diffusion/v2-inference.yaml"),
+    ckpt: opt.Ckpt = None,
+    seed: opt.Seed = 42,
+    precision: opt.Precision = "autocast",
+    repeat: opt.Repeat = 1,
+    device: opt.Device = "auto",
+    torchscript: opt.Torchscript = False,
+    ipex: opt.Ipex = False,
+    bf16: opt.Bf16 = False,
+) -> None:
+    from ldm import generate
+
+    sampler_name = opt.pick_sampler(sampler, plms=plms, dpm=dpm)
+    opt.refuse_unavailable(torchscript=torchscript, ipex=ipex, bf16=bf16)
+    job = generate.Job(
+        prompt=prompt, negative_prompt=negative_prompt, from_file=from_file, repeat=repeat,
+        n_samples=n_samples, n_iter=n_iter, n_rows=n_rows, seed=seed, fixed_code=fixed_code,
+        H=H, W=W, C=C, f=f, outdir=outdir, config=config, ckpt=ckpt, device=device, precision=precision,
+        sampling=generate.SamplingSettings(steps=steps, sampler=sampler_name, schedule=schedule, eta=ddim_eta, scale=scale),
+    )
+    generate.run_txt2img(job)

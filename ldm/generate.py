@@ -6,7 +6,6 @@ seed + k, so it can be reproduced alone whatever the batch size or device.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from ldm.errors import SDError
+from ldm.runtime import load_for_inference, precision_context, resolve_device
 
 
 @dataclass(frozen=True)
@@ -84,14 +84,6 @@ class SamplingSettings:
     scale: float = 9.0
 
 
-def precision_context(device: torch.device, precision: str):
-    """The reference's --precision: 'autocast' runs under torch.autocast (bf16 on CPU, fp16 on CUDA)."""
-    if precision == "autocast":
-        dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-        return torch.autocast(device.type, dtype=dtype)
-    return contextlib.nullcontext()
-
-
 class PromptEncoder:
     """Encodes each distinct prompt once per run (prompt files often repeat prompts)."""
 
@@ -106,16 +98,6 @@ class PromptEncoder:
             for prompt, emb in zip(todo, embeddings):
                 self.cache[prompt] = emb
         return torch.stack([self.cache[p] for p in prompts])
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SDError("--device cuda was asked for, but no CUDA device is available (use --device cpu)")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise SDError(f"unknown --device '{device}' (cpu, cuda or auto)")
-    return torch.device(device)
 
 
 def chunks(seq: list, size: int) -> Iterator[list]:
@@ -181,15 +163,6 @@ class Job:
         if not Path(self.config).is_file():
             raise SDError(f"config file not found: {self.config}")
         return prompts
-
-
-def load_for_inference(config: Path, ckpt: Path, device: torch.device, precision: str):
-    """The one model loader of the commands: strict load, then move to the device."""
-    from ldm.checkpoint import load_model
-
-    loaded = load_model(config, ckpt)
-    model = loaded.model.float().to(device)  # fp32 masters; autocast picks per-op precision
-    return model
 
 
 def run_txt2img(job: Job) -> list[Path]:

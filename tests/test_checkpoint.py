@@ -1,0 +1,152 @@
+"""Checkpoint loading: safe, strict, exact, and the keys of the reference checkpoints."""
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.checkpoint import build_on_meta, load_model, read_state_dict
+from ldm.errors import SDError
+from ldm.util import load_config
+from tests.tinyckpt import CONFIGS, build_tiny, save_tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYS = ROOT.parent / "shared" / "checkpoint-keys"
+
+
+def manifest(name):
+    rows = {}
+    for line in (KEYS / f"{name}.tsv").read_text().splitlines():
+        key, shape, dtype = line.split("\t")
+        rows[key] = tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
+    return rows
+
+
+@pytest.mark.parametrize("name", ["v2-inference", "v2-inference-v"])
+def test_full_size_model_has_exactly_the_reference_keys(name):
+    if not KEYS.is_dir():
+        pytest.skip("shared/checkpoint-keys not present beside the checkout")
+    model = build_on_meta(load_config(ROOT / "configs/stable-diffusion" / f"{name}.yaml").model)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = manifest(name)
+    assert sorted(set(ours) - set(theirs)) == []
+    assert sorted(set(theirs) - set(ours)) == []
+    assert {k: s for k, s in ours.items() if theirs[k] != s} == {}
+    # Built on meta: no weight was allocated or randomly initialised (schedule buffers are real).
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) > 1_200_000_000
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs/stable-diffusion/intel").glob("*.yaml")))
+def test_intel_configs_build_the_same_model_as_the_reference(name):
+    base = "v2-inference-v" if "-v-" in name else "v2-inference"
+    ours = build_on_meta(load_config(ROOT / "configs/stable-diffusion/intel" / name).model)
+    ref = build_on_meta(load_config(ROOT / "configs/stable-diffusion" / f"{base}.yaml").model)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert ours.parameterization == ("v" if "-v-" in name else "eps")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    model = build_tiny("tiny-v2-inference.yaml", seed=3)
+    return model, save_tiny(model, root / "m.ckpt"), save_tiny(model, root / "m.safetensors")
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_loaded_weights_equal_the_saved_ones_bit_for_bit(tiny, fmt):
+    model, *paths = tiny
+    loaded = load_model(CONFIGS / "tiny-v2-inference.yaml", paths[fmt - 1]).model
+    ref = model.state_dict()
+    got = loaded.state_dict()
+    assert set(got) == set(ref)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    assert not any(t.is_meta for t in got.values())
+
+
+def test_safetensors_tensors_are_views_of_the_mapped_file(tiny):
+    _, _, path = tiny
+    sd = read_state_dict(path)
+    # No copy: the tensors share one buffer (the memory map), they do not own separate storage.
+    ptrs = {t.untyped_storage().data_ptr() for t in sd.values() if t.numel()}
+    assert len(ptrs) == 1
+
+
+def test_truncated_files_fail_with_one_line(tiny, tmp_path):
+    _, ckpt, st = tiny
+    for src in (ckpt, st):
+        bad = tmp_path / ("cut" + src.suffix)
+        bad.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+        with pytest.raises(SDError) as err:
+            read_state_dict(bad)
+        assert "\n" not in str(err.value) and str(bad) in str(err.value)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['SD_TEST_MARKER']}",))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("SD_TEST_MARKER", str(marker))
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Evil()}, path)
+    with pytest.raises(SDError, match="refusing to load"):
+        read_state_dict(path)
+    assert not marker.exists()
+    legacy = tmp_path / "legacy.ckpt"
+    legacy.write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(SDError, match="legacy pickle"):
+        read_state_dict(legacy)
+    assert not marker.exists()
+
+
+def test_wrong_config_names_the_keys_and_the_config_that_fits(tiny):
+    _, ckpt, _ = tiny
+    with pytest.raises(SDError) as err:
+        load_model(CONFIGS / "tiny-v2-inpainting.yaml", ckpt)
+    msg = str(err.value)
+    assert "model.diffusion_model.input_blocks.0.0.weight (32, 4, 3, 3) vs (32, 9, 3, 3)" in msg
+    assert "txt2img checkpoint" in msg and "\n" not in msg
+
+
+def test_missing_and_unexpected_keys_are_counted_and_named(tiny, tmp_path):
+    model, _, _ = tiny
+    sd = dict(model.state_dict())
+    sd.pop("model.diffusion_model.out.2.bias")
+    sd["model.diffusion_model.extra.weight"] = torch.zeros(1)
+    path = tmp_path / "odd.safetensors"
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    with pytest.raises(SDError) as err:
+        load_model(CONFIGS / "tiny-v2-inference.yaml", path)
+    msg = str(err.value)
+    assert "1 missing (model.diffusion_model.out.2.bias)" in msg
+    assert "1 unexpected (model.diffusion_model.extra.weight)" in msg
+
+
+def test_ema_copies_are_ignored_with_a_note(tiny, tmp_path, capsys):
+    model, _, _ = tiny
+    sd = dict(model.state_dict())
+    sd["model_ema.decay"] = torch.tensor(0.9999)
+    sd["model_ema.num_updates"] = torch.tensor(5)
+    path = save_tiny_dict(sd, tmp_path / "ema.ckpt")
+    loaded = load_model(CONFIGS / "tiny-v2-inference.yaml", path).model
+    assert torch.equal(loaded.state_dict()["betas"], model.state_dict()["betas"])
+    assert "ignoring 2 training-only entries" in capsys.readouterr().err
+
+
+def save_tiny_dict(sd, path):
+    torch.save({"state_dict": sd}, path)
+    return path
+
+
+def test_describe_sd1_checkpoint(tmp_path):
+    from ldm.checkpoint import describe_checkpoint
+    sd = {"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(1)}
+    assert "1.x" in describe_checkpoint(sd)
+    assert "inpainting" in describe_checkpoint({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)})
+    assert "x4 upscaler" in describe_checkpoint({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(256, 7, 3, 3)})

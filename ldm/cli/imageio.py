@@ -103,10 +103,10 @@ def _pnginfo(metadata: Mapping[str, str] | None) -> PngImagePlugin.PngInfo | Non
     return info
 
 
-def _write_temp_png(image: Image.Image, folder: Path, stem: str,
-                    metadata: Mapping[str, str] | None) -> Path:
-    """Encode `image` into a new hidden file in `folder`; the file is removed if anything fails."""
-    tmp = folder / f".{stem}.{secrets.token_hex(4)}.tmp"
+def _write_temp_png(image: Image.Image, final: Path, metadata: Mapping[str, str] | None) -> Path:
+    """Encode `image` into a new hidden file beside `final`; the file is removed if anything fails."""
+    folder = final.parent
+    tmp = folder / f".{final.stem}.{secrets.token_hex(4)}.tmp"
     try:
         # os.open with 0o666 lets the umask decide the final permissions, like a plain PIL save.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -122,7 +122,7 @@ def _write_temp_png(image: Image.Image, folder: Path, stem: str,
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise SDError(f"cannot write {folder / (stem + '.png')}: {_reason(exc)}") from None
+            raise SDError(f"cannot write {final}: {_reason(exc)}") from None
         raise
     return tmp
 
@@ -169,7 +169,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, metadata: Mapping[str,
     """
     final = Path(path)
     image = _prepared(image, watermark)
-    tmp = _write_temp_png(image, final.parent, final.stem, metadata)
+    tmp = _write_temp_png(image, final, metadata)
     try:
         if overwrite:
             os.replace(tmp, final)
@@ -198,7 +198,7 @@ def save_numbered(image: Image.Image, folder: str | os.PathLike, digits: int, pr
     folder = Path(folder)
     index = next_index(folder, digits, prefix) if start is None else start
     image = _prepared(image, watermark)
-    tmp = _write_temp_png(image, folder, _numbered_name(index, digits, prefix, ""), metadata)
+    tmp = _write_temp_png(image, folder / _numbered_name(index, digits, prefix), metadata)
     try:
         while True:
             final = folder / _numbered_name(index, digits, prefix)

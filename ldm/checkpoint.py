@@ -114,12 +114,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise SDError(f"checkpoint path is not a file: {path}")
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(8)
+    if not head:
+        raise SDError(f"{path} is empty, not a checkpoint")
     if head[:2] == b"PK":
         return read_ckpt(path)
-    if path.suffix == ".safetensors" or len(head) == 4:
-        return read_safetensors(path)
-    raise SDError(f"{path} is empty or not a checkpoint")
+    if head[:1] == b"\x80":  # pickle protocol marker: torch's legacy (pre-zip) format
+        raise SDError(f"{path} is a legacy pickle checkpoint, refused because unpickling can run code; "
+                      "convert it to .safetensors with a trusted tool")
+    return read_safetensors(path)
 
 
 # What the keys of a checkpoint say about the config it needs.

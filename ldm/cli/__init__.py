@@ -8,8 +8,12 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-import click
 import typer
+
+try:  # typer >= 0.20 vendors click; older releases use the click package
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
 
 from ldm.errors import SDError
 
@@ -19,6 +23,11 @@ app = typer.Typer(
     help="Stable Diffusion 2.x: txt2img and friends with the reference's flags, configs and output layout.",
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _root() -> None:
+    """Stable Diffusion 2.x: txt2img and friends with the reference's flags, configs and output layout."""
 
 
 def _register_commands() -> None:
@@ -38,12 +47,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: no partial image was written", file=sys.stderr)
         return 130
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("interrupted", file=sys.stderr)
         return 130
-    except click.ClickException as exc:
+    except click_exceptions.ClickException as exc:
         # Usage errors: one line plus where to look, instead of click's boxed usage text.
         command = " ".join(a for a in args[:1] if not a.startswith("-"))
         print(f"error: {exc.format_message()} (see: sd {command + ' ' if command else ''}--help)", file=sys.stderr)
@@ -52,7 +61,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: out of memory; try a smaller --H/--W or --n_samples", file=sys.stderr)
         return 1
     return 0
-
-
-def run() -> None:
-    sys.exit(main())

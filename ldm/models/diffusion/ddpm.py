@@ -131,7 +131,7 @@ class LatentDiffusion(nn.Module):
 
     @property
     def downsampling_factor(self) -> int:
-        return 2 ** (len(self.first_stage_model.encoder.ch_mult) - 1)
+        return 2 ** (self.first_stage_model.encoder.num_resolutions - 1)
 
     def make_cond(self, c_crossattn: torch.Tensor) -> dict[str, Optional[torch.Tensor]]:
         """The conditioning dict of a plain text-to-image model."""

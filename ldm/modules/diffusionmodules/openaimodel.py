@@ -28,12 +28,15 @@ class TimestepBlock(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """Sequential that hands the timestep embedding to TimestepBlocks and the context to transformers."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                out_size: tuple[int, int] | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, TimestepBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, out_size)
             else:
                 x = layer(x)
         return x
@@ -48,8 +51,13 @@ class Upsample(nn.Module):
         if use_conv:
             self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=padding)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        # `size` is the size of the skip connection this output must meet: 2H x 2W, or one less
+        # where the encoder's stride-2 convolution rounded an odd size up (latents of 8k+4 pixels...).
+        if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="nearest")  # (B, C, *size)
         return self.conv(x) if self.use_conv else x
 
 
@@ -210,16 +218,15 @@ class UNetModel(nn.Module):
         self.out_channels = out_channels
         self.num_classes = num_classes
         self.context_dim = context_dim
-        self.downsamples = levels - 1
         self.dtype_hint = torch.bfloat16 if use_bf16 else torch.float16 if use_fp16 else torch.float32
 
         def heads(ch: int) -> tuple[int, int]:
             """(n_heads, d_head) at width ch: a fixed head width, or a fixed head count."""
-            per_head = num_head_channels if num_head_channels != -1 else ch // num_heads
-            if ch % per_head:
-                name = "num_head_channels" if num_head_channels != -1 else "num_heads"
-                raise SDError(f"UNetModel: {name} does not split {ch} channels into equal heads")
-            return ch // per_head, per_head
+            name, value = ("num_head_channels", num_head_channels) if num_head_channels != -1 \
+                else ("num_heads", num_heads)
+            if value <= 0 or ch % value:
+                raise SDError(f"UNetModel: {name}={value} does not split {ch} channels into equal heads")
+            return (ch // value, value) if num_head_channels != -1 else (value, ch // value)
 
         def transformer(ch: int, depth: int, disable_self_attn: bool) -> SpatialTransformer:
             n_heads, d_head = heads(ch)
@@ -282,10 +289,7 @@ class UNetModel(nn.Module):
         """One-line SDErrors for inputs the reference would fail on deep inside (or silently misuse)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise SDError(f"UNet input has shape {tuple(x.shape)}; expected (B, {self.in_channels}, h, w)")
-        multiple = 2 ** self.downsamples
-        if x.shape[2] % multiple or x.shape[3] % multiple:
-            raise SDError(f"UNet input size {x.shape[2]}x{x.shape[3]} must be a multiple of {multiple} per side "
-                          f"(image size a multiple of {multiple} times the autoencoder factor)")
+        # Any latent size works: Upsample meets each skip connection's size (see Upsample.forward).
         if timesteps.ndim > 1 or (timesteps.ndim == 1 and timesteps.shape[0] != x.shape[0]):
             raise SDError(f"UNet timesteps have shape {tuple(timesteps.shape)}; expected ({x.shape[0]},) or a scalar")
         if context is None or context.shape[-1] != self.context_dim:
@@ -320,5 +324,6 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb, context, out_size=skips[-1].shape[-2:] if skips else None)
         return self.out(h).to(x.dtype)  # (B, out_channels, h, w)

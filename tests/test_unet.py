@@ -384,6 +384,7 @@ def test_num_attention_blocks_limits_transformers_per_level():
     ({"context_dim": None}, "context_dim"),
     ({"num_head_channels": -1, "num_heads": -1}, "num_heads"),
     ({"num_head_channels": 12}, "num_head_channels"),
+    ({"num_head_channels": -1, "num_heads": 24}, "num_heads"),  # 32 channels do not make 24 equal heads
     ({"num_classes": "sequential"}, "adm_in_channels"),
     ({"num_classes": "continuous"}, "num_classes"),
     ({"disable_self_attentions": [True]}, "disable_self_attentions"),

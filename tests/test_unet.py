@@ -135,7 +135,8 @@ CONV_VARIANT = {"use_linear_in_transformer": False, "num_head_channels": -1, "nu
     # The converter ignores use_scale_shift_norm; diffusers' name for it is set by hand.
     ("tiny-v2-inference.yaml", {"use_scale_shift_norm": True}, {"resnet_time_scale_shift": "scale_shift"}),
 ], ids=["linear", "conv-depth-list", "x4-classes", "sequential-adm", "scale-shift"])
-def test_tiny_unet_matches_diffusers(config_name, overrides, twin_overrides):
+@pytest.mark.parametrize("size", [(16, 16), (9, 14)], ids=["16x16", "odd-9x14"])
+def test_tiny_unet_matches_diffusers(config_name, overrides, twin_overrides, size):
     original = OmegaConf.to_container(OmegaConf.load(TINY_CONFIGS / config_name), resolve=True)
     params = original["model"]["params"]["unet_config"]["params"]
     params.update(overrides)
@@ -144,7 +145,9 @@ def test_tiny_unet_matches_diffusers(config_name, overrides, twin_overrides):
     twin = diffusers_twin(original, model, **twin_overrides)
 
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, params["in_channels"], 16, 16, generator=g)
+    # An odd side: the encoder's stride-2 convolution rounds 9 up to 5 and the decoder's Upsample must
+    # meet the 9-row skip again (diffusers does this with its upsample_size).
+    x = torch.randn(2, params["in_channels"], *size, generator=g)
     t = torch.tensor([17.0, 903.25])  # one fractional timestep: samplers interpolate
     context = torch.randn(2, 7, params["context_dim"], generator=g)
     y = None
@@ -155,7 +158,7 @@ def test_tiny_unet_matches_diffusers(config_name, overrides, twin_overrides):
     with torch.no_grad():
         ours = model(x, t, context, y)
         theirs = twin(x, t, encoder_hidden_states=context, class_labels=y).sample
-        assert ours.shape == (2, params["out_channels"], 16, 16)
+        assert ours.shape == (2, params["out_channels"], *size)
         assert rel_err(ours, theirs) < 1e-4
         # The comparison is sensitive: 1% on one attention weight deep inside moves the output by
         # about 1e-3, ten times the tolerance.
@@ -403,8 +406,6 @@ def test_bad_inputs_raise_sderror():
     x, t, context = tiny_inputs()
     with pytest.raises(SDError, match="in_channels|expected"):
         model(torch.zeros(2, 9, 8, 8), t, context)
-    with pytest.raises(SDError, match="multiple of 2"):
-        model(torch.zeros(2, 4, 9, 8), t, context)
     with pytest.raises(SDError, match="context"):
         model(x, t, None)
     with pytest.raises(SDError, match="context"):

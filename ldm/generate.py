@@ -165,13 +165,59 @@ class Job:
         return prompts
 
 
-def run_txt2img(job: Job) -> list[Path]:
-    """Plan, sample, decode and save a txt2img run; returns the sample paths written."""
+@dataclass
+class BatchInputs:
+    """What a mode adds to one batch: image conditioning and, for img2img-style runs, a start latent."""
+    extra_cond: Optional[dict] = None  # c_concat / c_adm (and uc_adm for the unconditional branch)
+    start_latents: Optional[torch.Tensor] = None  # (B, C, h, w) scaled latents to noise to the trimmed start
+    strength: float = 1.0
+
+
+class Mode:
+    """A generating command's own part of the shared run; plain txt2img adds nothing.
+
+    The hooks are called in this order: check (before any model is loaded), prepare (after), then for
+    every batch `batch` before sampling and `finish` on the decoded images.
+    """
+    name = "txt2img"
+
+    def check(self, job: "Job") -> None:
+        """Validate the mode's own inputs (image files, strengths...) before loading the model."""
+
+    def prepare(self, model, job: "Job", device: torch.device) -> None:
+        """Check the model suits the mode and load what every batch shares."""
+
+    def latent_shape(self, job: "Job") -> tuple[int, int, int]:
+        return (job.C, job.H // job.f, job.W // job.f)
+
+    def image_size(self, job: "Job") -> tuple[int, int]:
+        """(W, H) of the saved images."""
+        return (job.W, job.H)
+
+    def steps_run(self, steps: int) -> int:
+        return steps
+
+    def batch(self, model, items: list[Item], generators: list[torch.Generator], device: torch.device) -> BatchInputs:
+        return BatchInputs()
+
+    def finish(self, images: torch.Tensor, items: list[Item]) -> torch.Tensor:
+        """Post-process decoded images (B, 3, H, W) in [-1, 1], e.g. paste unmasked pixels back."""
+        return images
+
+    def settings(self) -> dict:
+        """Extra fields for the PNG metadata."""
+        return {}
+
+
+def run_job(job: Job, mode: Optional[Mode] = None) -> list[Path]:
+    """Plan, sample, decode and save a run of any generating command; returns the sample paths written."""
     from tqdm import tqdm
 
     from ldm.cli import imageio
 
+    mode = mode or Mode()
     prompts = job.check()
+    mode.check(job)
     samples_dir = job.outdir / "samples"
     imageio.ensure_writable_dir(samples_dir)
     device = resolve_device(job.device)
@@ -179,31 +225,35 @@ def run_txt2img(job: Job) -> list[Path]:
     if job.C != model.latent_channels or job.f != model.downsampling_factor:
         raise SDError(f"--C {job.C} / --f {job.f} do not fit the model (it has {model.latent_channels} latent "
                       f"channels and factor {model.downsampling_factor})")
+    mode.prepare(model, job, device)
     plan = plan_batches(prompts, n_samples=job.n_samples, n_iter=job.n_iter, repeat=job.repeat,
                         from_file=job.from_file is not None, seed=job.seed, fixed_code=job.fixed_code,
                         negative_prompt=job.negative_prompt)
     encoder = PromptEncoder(model)
     settings = job.sampling
-    shape = (job.C, job.H // job.f, job.W // job.f)
+    width, height = mode.image_size(job)
     base_settings = {
         "Steps": settings.steps, "Sampler": settings.sampler, "CFG scale": settings.scale,
-        "Size": f"{job.W}x{job.H}", "Model hash": imageio.model_hash(job.ckpt), "Model": Path(job.ckpt).stem,
-        "Config": Path(job.config).name, "Eta": settings.eta,
+        "Size": f"{width}x{height}", "Model hash": imageio.model_hash(job.ckpt), "Model": Path(job.ckpt).stem,
+        "Config": Path(job.config).name, "Eta": settings.eta, "Mode": mode.name, **mode.settings(),
     }
     if settings.schedule:
         base_settings["Schedule type"] = settings.schedule
     written: list[Path] = []
     all_images = []
-    total_steps = len(plan) * settings.steps
+    total_steps = len(plan) * mode.steps_run(settings.steps)
     with tqdm(total=total_steps, desc="sampling", unit="step", dynamic_ncols=True) as bar, torch.inference_mode():
         for items in plan:
-            noise, generators = start_noise(items, shape)
+            noise, generators = start_noise(items, mode.latent_shape(job))
             with precision_context(device, job.precision):
                 c = encoder([it.prompt for it in items]).to(device)
                 uc = encoder([it.negative_prompt for it in items]).to(device) if settings.scale != 1.0 else None
-                latents = sample_latents(model, noise.to(device), generators, c, uc, settings, progress=bar.update)
-                images = model.decode_first_stage(latents)
-            for item, pil in zip(items, imageio.tensor_to_pil(images.float().cpu())):
+                inputs = mode.batch(model, items, generators, device)
+                latents = sample_latents(model, noise.to(device), generators, c, uc, settings, progress=bar.update,
+                                         start_latents=inputs.start_latents, strength=inputs.strength,
+                                         extra_cond=inputs.extra_cond)
+                images = mode.finish(model.decode_first_stage(latents).float(), items)
+            for item, pil in zip(items, imageio.tensor_to_pil(images.cpu())):
                 meta = imageio.format_parameters(item.prompt, item.negative_prompt, {**base_settings, "Seed": item.seed})
                 written.append(imageio.save_numbered(pil, samples_dir, digits=5, metadata={"parameters": meta}))
                 all_images.append(pil)

@@ -30,9 +30,21 @@ def _root() -> None:
     """Stable Diffusion 2.x: txt2img and friends with the reference's flags, configs and output layout."""
 
 
+# Command modules, each adding its commands to `app` when imported.
+COMMAND_MODULES = ("txt2img", "samplers", "img2img", "inpaint", "depth2img", "upscale", "info", "train")
+
+
 def _register_commands() -> None:
-    # Imported here so `sd --help` stays cheap and a broken optional piece cannot break the others.
-    from ldm.cli import txt2img  # noqa: F401
+    # Imported here so `sd --help` stays cheap. A module that does not exist yet in this checkout is
+    # skipped; any other import error is a bug and propagates.
+    import importlib
+
+    for name in COMMAND_MODULES:
+        try:
+            importlib.import_module(f"ldm.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"ldm.cli.{name}":
+                raise
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

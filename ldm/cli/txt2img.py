@@ -52,4 +52,4 @@ def txt2img(
         H=H, W=W, C=C, f=f, outdir=outdir, config=config, ckpt=ckpt, device=device, precision=precision,
         sampling=generate.SamplingSettings(steps=steps, sampler=sampler_name, schedule=schedule, eta=ddim_eta, scale=scale),
     )
-    generate.run_txt2img(job)
+    generate.run_job(job)

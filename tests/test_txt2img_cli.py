@@ -141,3 +141,36 @@ def test_console_script_and_reference_script_run(tiny_ckpts, tmp_path):
     assert np.array_equal(a, b)
     proc = subprocess.run([sd, "txt2img", "--bogus"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--bogus" in proc.stderr
+
+
+def test_sampler_flags_reach_the_sampler(tiny_ckpts, tmp_path, capsys):
+    """--plms / --dpm / --sampler each run, and differ from DDIM on the same seed."""
+    results = {}
+    for expected, flag in (("plms", ["--plms"]), ("dpm", ["--dpm"]),
+                           ("dpmpp_2m", ["--sampler", "dpmpp_2m", "--schedule", "karras"]), ("ddim", [])):
+        out = tmp_path / expected
+        code, err = run([*tiny_args(tiny_ckpts, "v"), *FAST, "--n_samples", "1", "--n_iter", "1", "--outdir", str(out),
+                         *flag], capsys)
+        assert code == 0, err
+        results[out.name] = pixels(out / "samples" / "00000.png")
+        from ldm.cli.imageio import parse_parameters
+        fields = parse_parameters(Image.open(out / "samples" / "00000.png").text["parameters"])[2]
+        assert fields["Sampler"] == expected
+    ddim = results.pop("ddim")
+    for name, img in results.items():
+        assert np.abs(img - ddim).mean() > 1.0, name
+
+
+def test_samplers_command_lists_every_sampler(capsys):
+    from ldm.models.diffusion.samplers import SAMPLERS
+    assert main(["samplers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    listed = [line.split()[0] for line in lines[1:len(SAMPLERS) + 1]]
+    assert listed == list(SAMPLERS)
+    assert {"ddim", "plms", "dpm", "euler", "euler_a", "heun", "dpm2", "dpmpp_2m", "dpmpp_2m_sde"} <= set(listed)
+
+
+@pytest.mark.parametrize("flag", ["--ipex", "--torchscript", "--bf16"])
+def test_later_flags_are_refused_not_ignored(flag, tiny_ckpts, tmp_path, capsys):
+    code, err = run([*tiny_args(tiny_ckpts), *FAST, flag, "--outdir", str(tmp_path)], capsys)
+    assert code == 1 and "not available yet" in err

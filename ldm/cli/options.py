@@ -18,9 +18,23 @@ NegativePrompt = Annotated[str, typer.Option(
 Outdir = Annotated[Path, typer.Option("--outdir", help="Folder for samples/ and grid-NNNN.png.")]
 Plms = Annotated[bool, typer.Option("--plms", help="Use the PLMS sampler (same as --sampler plms).")]
 Dpm = Annotated[bool, typer.Option("--dpm", help="Use DPM-Solver (same as --sampler dpm).")]
-Sampler = Annotated[Optional[str], typer.Option("--sampler", help="Sampler name; `sd samplers` lists them (default ddim).")]
-Schedule = Annotated[Optional[str], typer.Option(
-    "--schedule", help="Noise schedule for the k-diffusion samplers: karras, exponential or uniform.")]
+
+
+def _sampler_help() -> str:
+    from ldm.models.diffusion.samplers import SAMPLERS
+
+    listed = "; ".join(f"{name}: {spec.description.split(';')[0]} (~{spec.steps} steps)" for name, spec in SAMPLERS.items())
+    return f"Sampler (default ddim; `sd samplers` for details). {listed}."
+
+
+def _schedule_help() -> str:
+    from ldm.models.diffusion.schedules import SCHEDULES
+
+    return f"Noise schedule instead of the sampler's default: {', '.join(SCHEDULES)}."
+
+
+Sampler = Annotated[Optional[str], typer.Option("--sampler", help=_sampler_help())]
+Schedule = Annotated[Optional[str], typer.Option("--schedule", help=_schedule_help())]
 FixedCode = Annotated[bool, typer.Option(
     "--fixed_code", "--fixed-code", help="Every image starts from the same noise (that of seed + 0).")]
 DdimEta = Annotated[float, typer.Option("--ddim_eta", "--ddim-eta", "--eta", help="DDIM eta (0.0 is deterministic).")]

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch/torchvision pins: the CPU-capable builds this project is tested with.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test bench clean
+.PHONY: install test bench install-ipex clean
 
 install: $(BIN)/sd
 
@@ -19,8 +19,23 @@ $(BIN)/sd: setup.py requirements-test.txt
 test:
 	$(BIN)/python -m pytest -q tests
 
-bench:
-	$(BIN)/python benchmarks/run.py
+# `make bench` times sd against diffusers on full-size random weights (minutes; not part of the tests).
+# BENCH_ARGS passes options through, e.g. `make bench BENCH_ARGS="--quick"`. When .venv-ipex exists the
+# IPEX rows are measured in that environment by a child process.
+bench: $(BIN)/sd
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
+# A second environment for --ipex: intel-extension-for-pytorch 2.8 needs exactly torch 2.8.
+IPEX_VENV ?= .venv-ipex
+IPEX_PINS := torch==2.8.0 torchvision==0.23.0 intel-extension-for-pytorch==2.8.0
+install-ipex: $(IPEX_VENV)/bin/sd
+
+$(IPEX_VENV)/bin/sd: setup.py
+	$(PYTHON) -m venv $(IPEX_VENV)
+	$(IPEX_VENV)/bin/pip install --upgrade pip wheel setuptools
+	$(IPEX_VENV)/bin/pip install $(IPEX_PINS)
+	$(IPEX_VENV)/bin/pip install -e . diffusers transformers $(IPEX_PINS)
+	touch $(IPEX_VENV)/bin/sd
 
 clean:
 	rm -rf $(VENV) build *.egg-info

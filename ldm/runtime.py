@@ -1,39 +1,388 @@
-"""Where and in what precision a model runs: device choice, precision modes, the model loader.
+"""Where and in what precision a model runs, and how it is made fast: the one model loader of the commands.
 
-The commands call `load_for_inference` and `precision_context`; nothing else decides device or dtype.
+`RuntimeOptions` holds the user's choices (--device, --precision, --compile, --torchscript, --ipex,
+--threads); `load_for_inference(config, ckpt, opts)` reads the checkpoint, builds the model on the meta
+device, casts weights as the precision asks (tensor by tensor while loading, handing each memory-mapped
+float32 source page back to the kernel, so peak memory stays near the size of the cast model), and
+applies the CPU fast path to the UNet; `autocast_context(model)` is the context the commands run the
+model under. Nothing else decides device or dtype.
+
+Precision modes (resolved from "auto" by `resolve_precision`):
+- full:     float32 everywhere.
+- autocast: the reference's mode: float32 weights under torch.autocast (bf16 on CPU, fp16 on CUDA).
+- bf16:     UNet and text encoder weights cast once to bfloat16 (the VAE stays float32: see
+            VAE_DTYPE below); no autocast, so no per-call casts. bf16 has float32's exponent range, so
+            attention needs no float32 upcast (ATTN_PRECISION set explicitly still wins).
+- fp16:     as bf16 with float16 (CUDA); attention keeps the ATTN_PRECISION upcast that SD 2.1-v needs.
+"auto" is bf16 on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX), full on other CPUs, fp16 on CUDA.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
 
 import torch
+from torch import nn
 
 from ldm.errors import SDError
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "full", "autocast", "bf16", "fp16")
+
+# Parts of a LatentDiffusion by checkpoint key prefix.
+UNET_PREFIX = "model.diffusion_model."
+TEXT_PREFIX = "cond_stage_model."
+VAE_PREFIX = "first_stage_model."
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How to run a model: the commands' --device/--precision/--compile/--torchscript/--ipex/--threads.
+
+    channels_last: None picks the measured default (on for the UNet on CPU), True/False forces it.
+    compile_cache: where torch.compile keeps its artefacts (default ~/.cache/sd/inductor).
+    """
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    torchscript: bool = False
+    ipex: bool = False
+    threads: Optional[int] = None
+    channels_last: Optional[bool] = None
+    compile_cache: Optional[Path] = None
+
+    def check(self) -> "RuntimeOptions":
+        """Validate everything that needs no model; raises SDError with one line."""
+        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
+            raise SDError(f"unknown --device '{self.device}' (auto, cpu or cuda)")
+        if self.precision not in PRECISIONS:
+            raise SDError(f"--precision must be one of {', '.join(PRECISIONS)} (got '{self.precision}')")
+        if self.threads is not None and self.threads < 1:
+            raise SDError(f"--threads must be at least 1 (got {self.threads})")
+        if self.compile and self.torchscript:
+            raise SDError("--compile and --torchscript are two ways to the same end; pick one")
+        if self.ipex and self.compile:
+            raise SDError("--ipex and --compile cannot be combined (IPEX brings its own graph optimisations)")
+        if self.ipex:
+            ipex_module()  # fails early, with the way to get it
+        return self
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A resolved precision: the mode and the weight dtype of each part."""
+    mode: str  # full | autocast | bf16 | fp16
+    unet: torch.dtype
+    text: torch.dtype
+    vae: torch.dtype
+    autocast: Optional[torch.dtype]  # dtype of torch.autocast, None when not autocasting
+
+
+# -- hardware -------------------------------------------------------------------------------------
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX), where oneDNN runs bf16 faster than fp32."""
+    flags = cpu_flags()
+    if flags:
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    mkldnn = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(mkldnn()) if mkldnn is not None else False
 
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise SDError("--device cuda was asked for, but no CUDA device is available (use --device cpu)")
-    if device not in ("cpu",) and not device.startswith("cuda"):
+    if device != "cpu" and not str(device).startswith("cuda"):
         raise SDError(f"unknown --device '{device}' (cpu, cuda or auto)")
     return torch.device(device)
 
 
-def precision_context(device: torch.device, precision: str):
-    """The reference's --precision: 'autocast' runs under torch.autocast (bf16 on CPU, fp16 on CUDA)."""
+# The VAE in bf16: measured on the full-size random-weight model (benchmarks/run.py, docs/benchmarks.md).
+# Kept float32: its decode is a small part of a run and float32 keeps the pixels exact.
+VAE_DTYPE_IN_HALF_MODES = torch.float32
+
+
+def resolve_precision(precision: str, device: torch.device) -> Precision:
+    """Turn --precision (auto|full|autocast|bf16|fp16) into per-part weight dtypes for `device`."""
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "fp16"
+        else:
+            precision = "bf16" if cpu_has_fast_bf16() else "full"
+    f32 = torch.float32
+    if precision == "full":
+        return Precision("full", f32, f32, f32, None)
     if precision == "autocast":
-        dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-        return torch.autocast(device.type, dtype=dtype)
+        return Precision("autocast", f32, f32, f32, torch.bfloat16 if device.type == "cpu" else torch.float16)
+    if precision in ("bf16", "fp16"):
+        half = torch.bfloat16 if precision == "bf16" else torch.float16
+        return Precision(precision, half, half, VAE_DTYPE_IN_HALF_MODES, None)
+    raise SDError(f"--precision must be one of {', '.join(PRECISIONS)} (got '{precision}')")
+
+
+def set_threads(threads: Optional[int]) -> int:
+    """Use `threads` intra-op threads; without it, OMP_NUM_THREADS if set, else torch's default (all cores)."""
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if env.isdigit() and int(env) > 0:
+            threads = int(env)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+# -- loading --------------------------------------------------------------------------------------
+_MADV_DONTNEED = 4
+
+
+def _release_pages(tensor: torch.Tensor) -> None:
+    """Hand the whole pages under a memory-mapped tensor back to the kernel once it has been copied.
+
+    The checkpoint is mapped privately and never written, so the pages are clean file pages: dropping
+    them loses nothing (a later read would fault them in again from the file) and takes them out of
+    this process's resident set. Pages shared with a neighbouring tensor are kept (the range is
+    rounded inwards). A no-op where madvise is not available.
+    """
+    if not sys.platform.startswith("linux") or not tensor.is_contiguous() or tensor.device.type != "cpu":
+        return
+    page = 4096
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // page) * page, end // page * page
+    if last - first < page:
+        return
+    try:
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
+
+
+_LIBC: list = []
+
+
+def _libc():
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    return _LIBC[0]
+
+
+def part_dtype(key: str, precision: Precision) -> Optional[torch.dtype]:
+    """The weight dtype of checkpoint key `key` under `precision` (None: leave as stored)."""
+    if key.startswith(UNET_PREFIX):
+        return precision.unet
+    if key.startswith(TEXT_PREFIX):
+        return precision.text
+    if key.startswith(VAE_PREFIX):
+        return precision.vae
+    return None  # the schedule buffers stay float32
+
+
+def cast_state_dict(state_dict: Mapping[str, torch.Tensor], dtype_of: Callable[[str], Optional[torch.dtype]],
+                    channels_last: Callable[[str], bool] = lambda key: False) -> dict[str, torch.Tensor]:
+    """Cast floating-point tensors to dtype_of(key) (and 4-D ones to channels_last where asked) one at a
+    time, releasing each mapped source, so cast and layout change cost one copy and no second peak.
+
+    Tensors already as asked are kept as they are (memory-mapped, no copy).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key in list(state_dict):
+        tensor = state_dict[key]
+        dtype = dtype_of(key)
+        if dtype is None or not tensor.is_floating_point():
+            dtype = tensor.dtype
+        layout = torch.channels_last if tensor.ndim == 4 and channels_last(key) else torch.contiguous_format
+        if tensor.dtype == dtype and tensor.is_contiguous(memory_format=layout):
+            out[key] = tensor
+            continue
+        out[key] = tensor.to(dtype, memory_format=layout)
+        _release_pages(tensor)
+    return out
+
+
+def read_weights(config: Path, ckpt: Path, precision: Precision, unet_channels_last: bool = False):
+    """Meta-built model of `config` holding `ckpt`'s weights cast per `precision` (CPU, eval mode)."""
+    from ldm.checkpoint import assign_weights, build_on_meta, read_state_dict
+    from ldm.util import load_config
+
+    state_dict = read_state_dict(ckpt)
+    state_dict = cast_state_dict(state_dict, lambda key: part_dtype(key, precision),
+                                 lambda key: unet_channels_last and key.startswith(UNET_PREFIX))
+    model = build_on_meta(load_config(config).model)
+    return assign_weights(model, state_dict, str(ckpt), str(config))
+
+
+def ipex_module():
+    """intel_extension_for_pytorch, or an SDError that says how to get it."""
+    try:
+        import intel_extension_for_pytorch as ipex  # noqa: F401
+    except ImportError as exc:
+        raise SDError(
+            f"--ipex needs intel_extension_for_pytorch, which is not installed for torch {torch.__version__}: "
+            "run `make install-ipex` and use .venv-ipex/bin/sd (IPEX 2.8 needs torch 2.8)") from exc
+    return ipex
+
+
+def _set_attention_upcast(module: nn.Module, precision: Precision) -> None:
+    """bf16 keeps float32's exponent range, so its attention logits cannot overflow as fp16's do: unless the
+    user set ATTN_PRECISION, the bf16 mode skips the float32 upcast of attention (one rounding of the
+    attention probabilities to bf16; torch's fused CPU kernel still accumulates in float32)."""
+    if precision.mode != "bf16" or "ATTN_PRECISION" in os.environ:
+        return
+    for m in module.modules():
+        if hasattr(m, "upcast") and hasattr(m, "to_q"):
+            m.upcast = False
+
+
+def load_for_inference(config: str | Path, ckpt: str | Path, opts: RuntimeOptions | torch.device | str | None = None,
+                       precision: Optional[str] = None) -> nn.Module:
+    """The one model loader of the commands: strict, safe, low-memory load, then the fast path.
+
+    `opts` is a RuntimeOptions; the older call `load_for_inference(config, ckpt, device, precision)`
+    still works. The model gets a `runtime` attribute (RuntimeState) that autocast_context reads.
+    """
+    if opts is None or isinstance(opts, (torch.device, str)):
+        opts = RuntimeOptions(device=str(opts or "auto"), precision=precision or "auto")
+    opts.check()
+    set_threads(opts.threads)
+    device = resolve_device(opts.device)
+    prec = resolve_precision(opts.precision, device)
+    # channels_last: oneDNN's convolutions and torch's CPU group norm work on NHWC without reorders;
+    # the UNet's attention blocks then reshape (B, C, H, W) -> (B, HW, C) as a free view.
+    channels_last = opts.channels_last if opts.channels_last is not None else device.type == "cpu"
+    model = read_weights(Path(config), Path(ckpt), prec, unet_channels_last=channels_last)
+    if device.type != "cpu":
+        model = model.to(device)
+        if channels_last:
+            model.model.diffusion_model.to(memory_format=torch.channels_last)
+    _set_attention_upcast(model, prec)
+    unet_holder = getattr(model, "model", None)
+    unet = getattr(unet_holder, "diffusion_model", None)
+    if unet is not None:
+        unet_holder.diffusion_model = speed_up(unet, opts, prec, device)
+    model.runtime = RuntimeState(device, prec, opts)
+    return model
+
+
+@dataclass(frozen=True)
+class RuntimeState:
+    device: torch.device
+    precision: Precision
+    options: RuntimeOptions
+
+
+# -- the fast path ---------------------------------------------------------------------------------
+def compile_cache_dir(opts: Optional[RuntimeOptions] = None) -> Path:
+    if opts is not None and opts.compile_cache is not None:
+        return Path(opts.compile_cache)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "sd" / "inductor"
+
+
+def enable_compile_cache(path: Path) -> None:
+    """Point inductor's on-disk caches at `path` so a second run reuses compiled kernels and graphs."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+
+
+class FastUNet(nn.Module):
+    """The UNet behind a faster callable (compiled, traced or IPEX-optimised), with the same interface.
+
+    Attribute reads (in_channels, out_channels, ...) fall through to the original module. Traced graphs
+    are specialised to the input shapes they saw, so one is traced per shape/dtype signature.
+    """
+
+    def __init__(self, unet: nn.Module, kind: str, build: Callable[[nn.Module, tuple], Callable]):
+        super().__init__()
+        self.unet = unet
+        self.kind = kind
+        self._build = build
+        self._graphs: dict[Any, Callable] = {}
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("unet"), name)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
+                y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check = getattr(self.unet, "_check_inputs", None)
+        if check is not None:  # one-line errors, which a graph cannot raise
+            check(x, timesteps, context, y)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        args = (x, timesteps, context) if y is None else (x, timesteps, context, y)
+        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = self._build(self.unet, args)
+        return graph(*args)
+
+
+def _trace_and_freeze(unet: nn.Module, args: tuple) -> Callable:
+    with torch.no_grad():
+        traced = torch.jit.trace(unet, args, check_trace=False, strict=False)
+        frozen = torch.jit.freeze(traced.eval())
+        frozen(*args)  # the first runs of a frozen graph optimise it; do one here, not in the first step
+    return frozen
+
+
+def speed_up(unet: nn.Module, opts: RuntimeOptions, prec: Precision, device: torch.device) -> nn.Module:
+    """Apply --ipex, --compile or --torchscript to the UNet (nothing when none is asked)."""
+    if opts.ipex:
+        ipex = ipex_module()
+        dtype = prec.unet if prec.unet != torch.float32 else (prec.autocast or torch.float32)
+        unet = ipex.optimize(unet.eval(), dtype=dtype, inplace=True, level="O1", auto_kernel_selection=True)
+    if opts.compile:
+        enable_compile_cache(compile_cache_dir(opts))
+        import torch._inductor.config as inductor_config
+
+        if device.type == "cpu":
+            # Freezing turns weights into constants so oneDNN can pre-pack them and fuse conv/linear
+            # with their bias and activation.
+            inductor_config.freezing = True
+        compiled = torch.compile(unet, dynamic=False)
+        return FastUNet(unet, "compile", lambda module, args: compiled)
+    if opts.torchscript:
+        return FastUNet(unet, "torchscript", _trace_and_freeze)
+    return unet
+
+
+def autocast_context(model_or_device: Any, precision: Optional[str] = None):
+    """The context to run a loaded model under: torch.autocast in the autocast mode, else nothing.
+
+    Call as autocast_context(model) with a model from load_for_inference; the older
+    autocast_context(device, precision_string) still works.
+    """
+    state = getattr(model_or_device, "runtime", None)
+    if isinstance(state, RuntimeState):
+        prec, device = state.precision, state.device
+    else:
+        device = torch.device(model_or_device) if isinstance(model_or_device, str) else model_or_device
+        prec = resolve_precision(precision or "full", device)
+    if prec.autocast is not None:
+        return torch.autocast(device.type, dtype=prec.autocast)
     return contextlib.nullcontext()
 
 
-def load_for_inference(config: Path, ckpt: Path, device: torch.device, precision: str):
-    """The one model loader of the commands: strict load, then move to the device."""
-    from ldm.checkpoint import load_model
-
-    loaded = load_model(config, ckpt)
-    model = loaded.model.float().to(device)  # fp32 masters; autocast picks per-op precision
-    return model
+# The name generate.py imports.
+precision_context = autocast_context

@@ -1,20 +1,38 @@
 """Planning and running generation jobs: the shared engine behind every generating command.
 
-A run is planned before any sampling: a list of items (global image index k, prompt, negative prompt,
-seed + k), grouped into batches. Image k always starts from noise drawn by a CPU generator seeded with
-seed + k, so it can be reproduced alone whatever the batch size or device.
+A run is planned before any sampling: a list of batches of items (global image index k, prompt,
+negative prompt, seed, sampling settings, size). Image k always starts from noise drawn by a CPU
+generator seeded with its own seed, so it can be reproduced alone whatever the batch size or device.
+The plan fixes each batch's composition from the job alone (never from the number of processes), and
+processes take whole batches: every image is computed in the same batch, at the same position, as in a
+one-process run, which is what makes multi-process runs byte-identical to single ones (batched
+convolutions round differently from single ones, ~3e-5 in the latents, enough to flip uint8 pixels).
+
+`run_job(job, mode)` is the entry point of every generating command. What a batch run adds around the
+loop (output names, manifest, --skip-existing, Lightning scale-out, --from-image) lives in ldm/batch/.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 
+from ldm.batch.prompts import PromptLine, read_prompt_lines
 from ldm.errors import SDError
 from ldm.runtime import load_for_inference, precision_context, resolve_device
+
+
+@dataclass
+class SamplingSettings:
+    steps: int = 50
+    sampler: str = "ddim"
+    schedule: Optional[str] = None  # None: the sampler's own default
+    eta: float = 0.0
+    scale: float = 9.0
 
 
 @dataclass(frozen=True)
@@ -23,46 +41,81 @@ class Item:
     prompt: str
     negative_prompt: str
     seed: int  # the seed of this image's generators (seed + k, or seed with --fixed_code)
+    sampling: Optional[SamplingSettings] = None  # this item's settings when a prompt-file line set them
+    size: Optional[tuple[int, int]] = None  # (W, H) of this item when a prompt-file line set it
+
+
+@dataclass
+class Batch:
+    """Items sampled together: they share sampling settings and size. `index` is b, the batch's place in
+    the plan; with `keep` set only the image at that position is saved (--from-image rebuilds the batch
+    an image was made in, to reproduce its float rounding)."""
+    index: int
+    items: list[Item]
+    sampling: SamplingSettings
+    size: tuple[int, int]  # (W, H)
+    keep: Optional[int] = None
+
+    def kept(self) -> list[int]:
+        """Positions whose images are saved."""
+        return [self.keep] if self.keep is not None else list(range(len(self.items)))
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
-    """One prompt a line; blank lines and lines starting with '#' are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise SDError(f"prompt file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise SDError(f"prompt file {path} is not UTF-8 text") from exc
-    prompts = [line.strip() for line in text.splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
-        raise SDError(f"prompt file {path} has no prompts (one prompt a line)")
-    return prompts
+    """One prompt a line; blank lines and lines starting with '#' are skipped (JSON Lines: the prompts)."""
+    return [line.prompt for line in read_prompt_lines(path)]
+
+
+def chunks(seq: list, size: int) -> Iterator[list]:
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]
+
+
+def _plan(lines: list[PromptLine], *, n_samples: int, n_iter: int, repeat: int, from_file: bool, seed: int,
+          fixed_code: bool, negative_prompt: str, sampling: SamplingSettings, size: tuple[int, int]) -> list[Batch]:
+    """The reference's batching, extended to prompt-file lines with their own settings.
+
+    Without a prompt file a batch is n_samples copies of the prompt; with one, the lines (each repeated
+    `repeat` times) are grouped n_samples to a batch, a new batch also starting where the settings or size
+    change. The whole set runs n_iter times. Image k gets seed + k, or, for a line with its own seed s,
+    s + (how many images of that line came before); --fixed_code drops the offsets.
+    """
+    order = [i for i in range(len(lines)) for _ in range(repeat)] if from_file else [0] * n_samples
+    plan: list[Batch] = []
+    copies = [0] * len(lines)  # images made so far from each line
+    k = 0
+    for _ in range(n_iter):
+        run: list[Item] = []
+        for i in order:
+            line = lines[i]
+            overrides = {key: getattr(line, key) for key in ("steps", "sampler", "schedule", "eta", "scale")
+                         if getattr(line, key) is not None}
+            base_seed = seed if line.seed is None else line.seed
+            offset = k if line.seed is None else copies[i]
+            run.append(Item(k, line.prompt, negative_prompt if line.negative_prompt is None else line.negative_prompt,
+                            base_seed if fixed_code else base_seed + offset,
+                            dataclasses.replace(sampling, **overrides), line.size or size))
+            copies[i] += 1
+            k += 1
+        start = 0
+        for end in range(1, len(run) + 1):  # cut where the batch is full or the settings change
+            if end == len(run) or end - start == n_samples or _batch_key(run[end]) != _batch_key(run[start]):
+                plan.append(Batch(len(plan), run[start:end], run[start].sampling, run[start].size))
+                start = end
+    return plan
+
+
+def _batch_key(item: Item) -> tuple:
+    return dataclasses.astuple(item.sampling), item.size
 
 
 def plan_batches(prompts: list[str], *, n_samples: int, n_iter: int, repeat: int, from_file: bool,
                  seed: int, fixed_code: bool, negative_prompt: str) -> list[list[Item]]:
-    """The reference's batching, as a plan of items.
-
-    Without a prompt file a batch is n_samples copies of the prompt; with one, the prompts (each
-    repeated `repeat` times) are grouped n_samples to a batch. The whole set runs n_iter times.
-    """
-    if from_file:
-        expanded = [p for p in prompts for _ in range(repeat)]
-        batches = [expanded[i:i + n_samples] for i in range(0, len(expanded), n_samples)]
-    else:
-        batches = [[prompts[0]] * n_samples]
-    plan: list[list[Item]] = []
-    k = 0
-    for _ in range(n_iter):
-        for batch in batches:
-            items = []
-            for prompt in batch:
-                items.append(Item(k, prompt, negative_prompt, seed if fixed_code else seed + k))
-                k += 1
-            plan.append(items)
-    return plan
+    """The reference's batching of plain prompts, as lists of items (see make_plan for whole jobs)."""
+    lines = [PromptLine(p) for p in prompts]
+    plan = _plan(lines, n_samples=n_samples, n_iter=n_iter, repeat=repeat, from_file=from_file, seed=seed,
+                 fixed_code=fixed_code, negative_prompt=negative_prompt, sampling=SamplingSettings(), size=(0, 0))
+    return [batch.items for batch in plan]
 
 
 def start_noise(items: list[Item], shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:
@@ -75,21 +128,17 @@ def start_noise(items: list[Item], shape: tuple[int, int, int]) -> tuple[torch.T
     return noise, generators
 
 
-@dataclass
-class SamplingSettings:
-    steps: int = 50
-    sampler: str = "ddim"
-    schedule: Optional[str] = None  # None: the sampler's own default
-    eta: float = 0.0
-    scale: float = 9.0
-
-
 class PromptEncoder:
-    """Encodes each distinct prompt once per run (prompt files often repeat prompts)."""
+    """Encodes each distinct prompt once (prompt files often repeat prompts).
 
-    def __init__(self, model):
+    The cache keeps the `capacity` most recently used embeddings (a (77, 1024) float32 embedding is
+    about 0.3 MB), so a file of many thousand distinct prompts does not grow memory without bound.
+    """
+
+    def __init__(self, model, capacity: int = 256):
         self.model = model
-        self.cache: dict[str, torch.Tensor] = {}
+        self.capacity = capacity
+        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         todo = list(dict.fromkeys(p for p in prompts if p not in self.cache))
@@ -97,28 +146,31 @@ class PromptEncoder:
             embeddings = self.model.get_learned_conditioning(todo)
             for prompt, emb in zip(todo, embeddings):
                 self.cache[prompt] = emb
-        return torch.stack([self.cache[p] for p in prompts])
+        out = torch.stack([self.cache[p] for p in prompts])
+        for p in dict.fromkeys(prompts):
+            self.cache.move_to_end(p)
+        while len(self.cache) > max(self.capacity, len(set(prompts))):
+            self.cache.popitem(last=False)
+        return out
 
 
-def chunks(seq: list, size: int) -> Iterator[list]:
-    for i in range(0, len(seq), size):
-        yield seq[i:i + size]
-
-
-def check_size(H: int, W: int, f: int) -> None:
-    for name, value in (("H", H), ("W", W)):
+def check_size(H: int, W: int, f: int, names: tuple[str, str] = ("--H", "--W")) -> None:
+    for name, value in zip(names, (H, W)):
         if value <= 0 or value % 8:
-            raise SDError(f"--{name} {value} is not a positive multiple of 8")
+            raise SDError(f"{name} {value} is not a positive multiple of 8")
         if value < 256:
-            raise SDError(f"--{name} {value} is below 256: every image carries the invisible watermark, "
+            raise SDError(f"{name} {value} is below 256: every image carries the invisible watermark, "
                           "which needs at least 256x256 pixels")
         if value % f:
-            raise SDError(f"--{name} {value} is not a multiple of the first stage's factor --f {f}")
+            raise SDError(f"{name} {value} is not a multiple of the first stage's factor --f {f}")
+
+
+ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
 
 
 @dataclass
 class Job:
-    """Everything a txt2img run needs, validated up front by `check()` before any model is loaded."""
+    """Everything a run needs, validated up front by `check()` before any model is loaded."""
     prompt: str
     negative_prompt: str
     from_file: Optional[Path]
@@ -138,31 +190,82 @@ class Job:
     device: str
     precision: str
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    # Batch jobs (ldm/batch): resume, scale-out, reproduction.
+    skip_existing: bool = False  # skip items whose file exists with matching metadata
+    devices: Optional[int] = None  # processes per node (Lightning DDP); None: one process, no Lightning
+    num_nodes: int = 1
+    accelerator: Optional[str] = None  # cpu | gpu | auto; None: from --device
+    from_image: Optional[Path] = None  # rebuild the job from this PNG's parameters (ldm.batch.reproduce)
+    reproduce: Optional[tuple[int, int]] = None  # (batch size, position) of the image --from-image rebuilds
+
+    @property
+    def distributed(self) -> bool:
+        """Run through Lightning's DDP predict loop (any scale-out flag given)."""
+        return self.devices is not None or self.num_nodes != 1 or self.accelerator is not None
+
+    @property
+    def indexed_names(self) -> bool:
+        """Sample names are base + k (resume, several processes) instead of the next free numbers."""
+        return self.skip_existing or self.distributed
+
+    def prompt_lines(self) -> list[PromptLine]:
+        """The run's prompts: the --from-file lines, or --prompt."""
+        if "_lines" not in self.__dict__:
+            self.__dict__["_lines"] = read_prompt_lines(self.from_file) if self.from_file else [PromptLine(self.prompt)]
+        return self.__dict__["_lines"]
 
     def check(self) -> list[str]:
         """Validate every input that needs no model; returns the prompts."""
-        for name in ("n_samples", "n_iter", "repeat"):
+        from ldm.models.diffusion.samplers import check_sampler
+
+        for name in ("n_samples", "n_iter", "repeat", "num_nodes"):
             if getattr(self, name) < 1:
                 raise SDError(f"--{name} must be at least 1 (got {getattr(self, name)})")
+        if self.devices is not None and self.devices < 1:
+            raise SDError(f"--devices must be at least 1 (got {self.devices})")
+        if self.accelerator is not None and self.accelerator not in ACCELERATORS:
+            raise SDError(f"--accelerator must be one of {', '.join(ACCELERATORS)} (got '{self.accelerator}')")
         if self.n_rows < 0:
             raise SDError("--n_rows must be 0 (= n_samples) or more")
         if self.sampling.steps < 1:
             raise SDError(f"--steps must be at least 1 (got {self.sampling.steps})")
         if self.sampling.eta < 0:
             raise SDError(f"--ddim_eta must be 0 or more (got {self.sampling.eta})")
-        if self.precision not in ("full", "autocast"):
-            raise SDError(f"--precision must be full or autocast (got '{self.precision}')")
         check_size(self.H, self.W, self.f)
-        from ldm.models.diffusion.samplers import check_sampler
         check_sampler(self.sampling.sampler, self.sampling.schedule)
-        prompts = read_prompt_file(self.from_file) if self.from_file else [self.prompt]
+        lines = self.prompt_lines()
+        for line in lines:  # a line's own settings, reported with its file and line number
+            try:
+                if line.size is not None:
+                    check_size(line.size[1], line.size[0], self.f, names=("height", "width"))
+                if line.sampler is not None or line.schedule is not None:
+                    check_sampler(line.sampler or self.sampling.sampler, line.schedule or self.sampling.schedule)
+            except SDError as exc:
+                raise SDError(f"{line.where}: {exc}") from None
         if self.ckpt is None:
             raise SDError("no checkpoint given: pass --ckpt FILE (.ckpt or .safetensors; see checkpoints/README.md)")
         if not Path(self.ckpt).exists():
             raise SDError(f"checkpoint not found: {self.ckpt} (see checkpoints/README.md)")
         if not Path(self.config).is_file():
             raise SDError(f"config file not found: {self.config}")
-        return prompts
+        return [line.prompt for line in lines]
+
+    def for_batch(self, batch: "Batch") -> "Job":
+        """This job with a batch's own settings and size (what the Mode hooks see for that batch)."""
+        W, H = batch.size
+        return dataclasses.replace(self, sampling=batch.sampling, H=H, W=W)
+
+
+def make_plan(job: Job) -> list[Batch]:
+    """The job's batches, fixed before any sampling (call job.check() first)."""
+    size = (job.W, job.H)
+    if job.reproduce is not None:  # --from-image: the image's batch, refilled with copies of the image
+        batch_size, position = job.reproduce
+        items = [Item(0, job.prompt, job.negative_prompt, job.seed, job.sampling, size)] * batch_size
+        return [Batch(0, items, job.sampling, size, keep=position)]
+    return _plan(job.prompt_lines(), n_samples=job.n_samples, n_iter=job.n_iter, repeat=job.repeat,
+                 from_file=job.from_file is not None, seed=job.seed, fixed_code=job.fixed_code,
+                 negative_prompt=job.negative_prompt, sampling=job.sampling, size=size)
 
 
 @dataclass
@@ -177,7 +280,8 @@ class Mode:
     """A generating command's own part of the shared run; plain txt2img adds nothing.
 
     The hooks are called in this order: check (before any model is loaded), prepare (after), then for
-    every batch `batch` before sampling and `finish` on the decoded images.
+    every batch `batch` before sampling and `finish` on the decoded images. The `job` the per-batch hooks
+    (latent_shape, image_size) see carries that batch's own settings and size (Job.for_batch).
     """
     name = "txt2img"
 
@@ -209,59 +313,77 @@ class Mode:
         return {}
 
 
-def run_job(job: Job, mode: Optional[Mode] = None) -> list[Path]:
-    """Plan, sample, decode and save a run of any generating command; returns the sample paths written."""
-    from tqdm import tqdm
+class Engine:
+    """One process's loaded model and what all its batches share: the model is loaded once per process."""
 
-    from ldm.cli import imageio
+    def __init__(self, job: Job, mode: Mode, device: Optional[str | torch.device] = None):
+        from ldm.cli import imageio
+
+        self.job, self.mode = job, mode
+        self.device = resolve_device(str(device) if device is not None else job.device)
+        self.model = load_for_inference(job.config, job.ckpt, self.device, job.precision)
+        if job.C != self.model.latent_channels or job.f != self.model.downsampling_factor:
+            raise SDError(f"--C {job.C} / --f {job.f} do not fit the model (it has {self.model.latent_channels} latent "
+                          f"channels and factor {self.model.downsampling_factor})")
+        mode.prepare(self.model, job, self.device)
+        self.encoder = PromptEncoder(self.model)
+        runtime = getattr(self.model, "runtime", None)  # the resolved precision, where the loader reports it
+        precision = getattr(getattr(runtime, "precision", None), "mode", job.precision)
+        self.common = {"Model hash": imageio.model_hash(job.ckpt), "Model": Path(job.ckpt).stem,
+                       "Config": Path(job.config).name, "Mode": mode.name, "Precision": precision, **mode.settings()}
+
+    def parameters(self, batch: Batch, position: int) -> str:
+        """The "parameters" text of the image at `position` of `batch` (known before sampling)."""
+        from ldm.cli import imageio
+
+        item, s = batch.items[position], batch.sampling
+        width, height = self.mode.image_size(self.job.for_batch(batch))
+        several = len(batch.items) > 1  # A1111 writes the batch fields only for batches of several images
+        fields = {"Steps": s.steps, "Sampler": s.sampler, "Schedule type": s.schedule, "CFG scale": s.scale,
+                  "Seed": item.seed, "Size": f"{width}x{height}", "Eta": s.eta, **self.common,
+                  "Batch size": len(batch.items) if several else None, "Batch pos": position if several else None}
+        return imageio.format_parameters(item.prompt, item.negative_prompt, fields)
+
+    def run(self, batch: Batch, progress: Callable[[int], None] = lambda n: None) -> list:
+        """Sample and decode one batch; PIL images for every position (saving is the caller's)."""
+        from ldm.cli import imageio
+
+        job, settings, items = self.job.for_batch(batch), batch.sampling, batch.items
+        noise, generators = start_noise(items, self.mode.latent_shape(job))
+        with torch.inference_mode(), precision_context(self.device, job.precision):
+            c = self.encoder([it.prompt for it in items]).to(self.device)
+            uc = self.encoder([it.negative_prompt for it in items]).to(self.device) if settings.scale != 1.0 else None
+            inputs = self.mode.batch(self.model, items, generators, self.device)
+            latents = sample_latents(self.model, noise.to(self.device), generators, c, uc, settings, progress=progress,
+                                     start_latents=inputs.start_latents, strength=inputs.strength,
+                                     extra_cond=inputs.extra_cond)
+            images = self.mode.finish(self.model.decode_first_stage(latents).float(), items)
+        return imageio.tensor_to_pil(images.cpu())
+
+
+def run_job(job: Job, mode: Optional[Mode] = None) -> list[Path]:
+    """Plan, sample, decode and save a run of any generating command; returns the sample paths written.
+
+    With --from-image the job is first rebuilt from the image; with --devices/--num-nodes/--accelerator
+    the plan runs through Lightning's DDP predict loop (ldm.batch.distributed), else in this process.
+    Everything a user can get wrong is checked before the model is loaded.
+    """
+    from ldm.batch import outputs
 
     mode = mode or Mode()
-    prompts = job.check()
+    if job.from_image is not None:
+        from ldm.batch.reproduce import job_from_image
+
+        job = job_from_image(job, mode.name)
+    job.check()
     mode.check(job)
-    samples_dir = job.outdir / "samples"
-    imageio.ensure_writable_dir(samples_dir)
-    device = resolve_device(job.device)
-    model = load_for_inference(job.config, job.ckpt, device, job.precision)
-    if job.C != model.latent_channels or job.f != model.downsampling_factor:
-        raise SDError(f"--C {job.C} / --f {job.f} do not fit the model (it has {model.latent_channels} latent "
-                      f"channels and factor {model.downsampling_factor})")
-    mode.prepare(model, job, device)
-    plan = plan_batches(prompts, n_samples=job.n_samples, n_iter=job.n_iter, repeat=job.repeat,
-                        from_file=job.from_file is not None, seed=job.seed, fixed_code=job.fixed_code,
-                        negative_prompt=job.negative_prompt)
-    encoder = PromptEncoder(model)
-    settings = job.sampling
-    width, height = mode.image_size(job)
-    base_settings = {
-        "Steps": settings.steps, "Sampler": settings.sampler, "CFG scale": settings.scale,
-        "Size": f"{width}x{height}", "Model hash": imageio.model_hash(job.ckpt), "Model": Path(job.ckpt).stem,
-        "Config": Path(job.config).name, "Eta": settings.eta, "Mode": mode.name, **mode.settings(),
-    }
-    if settings.schedule:
-        base_settings["Schedule type"] = settings.schedule
-    written: list[Path] = []
-    all_images = []
-    total_steps = len(plan) * mode.steps_run(settings.steps)
-    with tqdm(total=total_steps, desc="sampling", unit="step", dynamic_ncols=True) as bar, torch.inference_mode():
-        for items in plan:
-            noise, generators = start_noise(items, mode.latent_shape(job))
-            with precision_context(device, job.precision):
-                c = encoder([it.prompt for it in items]).to(device)
-                uc = encoder([it.negative_prompt for it in items]).to(device) if settings.scale != 1.0 else None
-                inputs = mode.batch(model, items, generators, device)
-                latents = sample_latents(model, noise.to(device), generators, c, uc, settings, progress=bar.update,
-                                         start_latents=inputs.start_latents, strength=inputs.strength,
-                                         extra_cond=inputs.extra_cond)
-                images = mode.finish(model.decode_first_stage(latents).float(), items)
-            for item, pil in zip(items, imageio.tensor_to_pil(images.cpu())):
-                meta = imageio.format_parameters(item.prompt, item.negative_prompt, {**base_settings, "Seed": item.seed})
-                written.append(imageio.save_numbered(pil, samples_dir, digits=5, metadata={"parameters": meta}))
-                all_images.append(pil)
-    n_rows = job.n_rows or job.n_samples
-    grid = imageio.make_grid(all_images, n_rows)
-    imageio.save_numbered(grid, job.outdir, digits=4, prefix="grid-", metadata=None)
-    print(f"Your samples are ready and waiting for you here: {job.outdir}")
-    return written
+    plan = make_plan(job)
+    if job.distributed:
+        from ldm.batch.distributed import run_distributed
+
+        return run_distributed(job, mode, plan)
+    outputs.prepare_outdir(job.outdir)
+    return outputs.run_plan(Engine(job, mode), plan)
 
 
 def sample_latents(model, noise: torch.Tensor, generators: list[torch.Generator], c: torch.Tensor,

@@ -1,0 +1,302 @@
+"""Where a run's images go, and the record that lets an interrupted run finish.
+
+Names. A plain run keeps the reference layout: OUTDIR/samples/NNNNN.png under the next free numbers.
+A run with --skip-existing or with scale-out flags names image k `base + k` instead, where `base` is
+fixed when the run starts (after every existing sample and every number an earlier unfinished run has
+reserved) and written into the run's manifest. A resumed run finds its manifest again by the run id, a
+hash of every image's "parameters" text and batch place, so it reuses the same base and the same names,
+whichever number of processes runs it. When nothing else writes into the folder meanwhile, the plain
+run's names are base + k too, so a plain run that was interrupted can be finished with --skip-existing.
+
+Manifest. OUTDIR/manifest-BBBBB.jsonl (BBBBB = base): a header line {"sd_manifest": 1, "run", "base",
+"images", ...}, then one line per image written {"item", "file", "seed", "prompt", "batch", "rank",
+"batch_seconds", ...} and one {"event": "end", ...} line per finished attempt. Processes other than
+rank 0 write their lines into hidden part files (.manifest-BBBBB.rankR.jsonl) that rank 0 merges at the
+end, so no two processes (possibly on two machines sharing a file system) append to one file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from PIL import Image
+
+from ldm.cli import imageio
+from ldm.errors import SDError
+
+if TYPE_CHECKING:
+    from ldm.generate import Batch, Engine
+
+MANIFEST_PREFIX = "manifest-"
+MANIFEST_VERSION = 1
+
+
+def sample_name(number: int) -> str:
+    return f"{number:0{imageio.SAMPLE_DIGITS}d}.png"
+
+
+def prepare_outdir(outdir: str | os.PathLike) -> Path:
+    """Create OUTDIR/samples and prove it writable (SDError otherwise); returns the samples folder."""
+    return imageio.ensure_writable_dir(Path(outdir) / "samples")
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one JSON line with a single write() on an O_APPEND descriptor (no torn or mixed lines)."""
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON Lines file; a line cut short by a crash is left out."""
+    records = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return records
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def manifests(outdir: Path) -> list[tuple[Path, dict]]:
+    """(path, header) of every run manifest in `outdir`, oldest base first."""
+    found = []
+    for path in sorted(Path(outdir).glob(f"{MANIFEST_PREFIX}*.jsonl")):
+        records = read_jsonl(path)
+        if records and records[0].get("sd_manifest") and isinstance(records[0].get("base"), int):
+            found.append((path, records[0]))
+    return found
+
+
+def next_base(outdir: Path) -> int:
+    """The first sample number after every existing sample and every range a run's manifest reserves."""
+    reserved = [header["base"] + int(header.get("images", 0)) for _, header in manifests(outdir)]
+    return max([imageio.next_index(Path(outdir) / "samples", imageio.SAMPLE_DIGITS), *reserved])
+
+
+def create_manifest(outdir: Path, header: dict) -> tuple[Path, int]:
+    """Reserve a base and write the manifest's header line; returns (path, base)."""
+    while True:
+        base = next_base(outdir)
+        path = Path(outdir) / f"{MANIFEST_PREFIX}{base:05d}.jsonl"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # another run took this base a moment ago: look again
+            continue
+        except OSError as exc:
+            raise SDError(f"cannot write {path}: {exc.strerror or exc}") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"sd_manifest": MANIFEST_VERSION, **header, "base": base}, ensure_ascii=False) + "\n")
+        return path, base
+
+
+def part_path(manifest: Path, rank: int) -> Path:
+    """Where process `rank` writes its manifest lines: the manifest itself for rank 0."""
+    return manifest if rank == 0 else manifest.with_name(f".{manifest.stem}.rank{rank}.jsonl")
+
+
+def merge_parts(manifest: Path) -> None:
+    """Append the other processes' manifest lines (in item order) to the manifest and remove the parts."""
+    parts = sorted(manifest.parent.glob(f".{manifest.stem}.rank*.jsonl"))
+    records = [r for part in parts for r in read_jsonl(part)]
+    for record in sorted(records, key=lambda r: r.get("item", -1)):
+        append_jsonl(manifest, record)
+    for part in parts:
+        part.unlink(missing_ok=True)
+
+
+def run_id(engine: "Engine", plan: list["Batch"]) -> str:
+    """A hash of what the run's images are: each image's parameters text and place in its batch."""
+    digest = hashlib.sha256()
+    for batch in plan:
+        for pos in batch.kept():
+            digest.update(f"{batch.index}/{pos}/{len(batch.items)}/{batch.items[pos].index}\0".encode())
+            digest.update(engine.parameters(batch, pos).encode("utf-8") + b"\0")
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class RunState:
+    """What rank 0 decides before sampling and every process then follows (it is broadcast as is)."""
+    run: str  # run id
+    base: int  # image k is named base + k (indexed names)
+    manifest: str
+    indexed: bool
+    todo: list[int]  # plan batches still to sample, in plan order
+    present: list[int] = field(default_factory=list)  # items whose file is already there (--skip-existing)
+    total: int = 0  # images the plan saves
+    had_grid: bool = False  # a previous attempt of this run made its grid
+
+
+def begin_run(engine: "Engine", plan: list["Batch"], processes: int = 1) -> RunState:
+    """Rank 0: find or create the run's manifest, fix the base, and list what is left to do."""
+    job = engine.job
+    outdir = Path(job.outdir)
+    samples = prepare_outdir(outdir)
+    rid = run_id(engine, plan)
+    total = sum(len(batch.kept()) for batch in plan)
+    found = next(((p, h) for p, h in manifests(outdir) if h.get("run") == rid), None) if job.skip_existing else None
+    if found is None:
+        header = {"run": rid, "images": total, "batches": len(plan),
+                  "names": "base+k" if job.indexed_names else "sequential", "mode": engine.mode.name,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "processes": processes}
+        path, base = create_manifest(outdir, header)
+        return RunState(rid, base, str(path), job.indexed_names, [b.index for b in plan], [], total)
+    path, header = found
+    base = header["base"]
+    _remove_stale_temps(samples, base, total)
+    present, todo = [], []
+    for batch in plan:
+        missing = False
+        for pos in batch.kept():
+            item = batch.items[pos]
+            target = samples / sample_name(base + item.index)
+            if not target.exists():
+                missing = True
+                continue
+            if imageio.read_png_text(target).get(imageio.PARAMETERS_KEY) != engine.parameters(batch, pos):
+                raise SDError(f"{target} exists but is not image {item.index} of this run (its parameters differ); "
+                              "move it away or use another --outdir")
+            present.append(item.index)
+        if missing:
+            todo.append(batch.index)
+    had_grid = any(r.get("grid") for r in read_jsonl(path))
+    return RunState(rid, base, str(path), True, todo, present, total, had_grid)
+
+
+def _remove_stale_temps(samples: Path, base: int, total: int) -> None:
+    """Hidden temp files of this run's names left by a process that was killed mid-write."""
+    for tmp in samples.glob(".*.tmp"):
+        stem = tmp.name[1:].split(".", 1)[0]
+        if stem.isdigit() and base <= int(stem) < base + total:
+            tmp.unlink(missing_ok=True)
+
+
+class PlanRunner:
+    """Samples this process's share of the plan's batches and saves their images.
+
+    Processes take whole batches (rank r the batches todo[r::world]), so every image is computed in
+    the batch and at the position the plan gave it, whatever the number of processes.
+    """
+
+    def __init__(self, engine: "Engine", plan: list["Batch"], state: RunState, rank: int = 0, world: int = 1):
+        from tqdm import tqdm
+
+        self.engine, self.plan, self.state, self.rank = engine, plan, state, rank
+        self.share = state.todo[rank::world]
+        self.outdir = Path(engine.job.outdir)
+        self.samples = self.outdir / "samples"
+        self.manifest = Path(state.manifest)
+        self.lines = part_path(self.manifest, rank)
+        self.present = set(state.present)
+        self.next_number = state.base  # sequential names continue from here
+        self.written: list[Path] = []
+        self.grid_images: list = []  # sequential runs make the grid from memory, as the reference
+        self.started = time.perf_counter()
+        steps = sum(engine.mode.steps_run(plan[b].sampling.steps) for b in self.share)
+        self.bar = tqdm(total=steps, desc="sampling", unit="step", dynamic_ncols=True, disable=rank != 0)
+
+    def run_batch(self, b: int) -> list[Path]:
+        batch = self.plan[b]
+        start = time.perf_counter()
+        images = self.engine.run(batch, self.bar.update)
+        seconds = round(time.perf_counter() - start, 3)
+        paths = []
+        for pos in batch.kept():
+            item = batch.items[pos]
+            if item.index in self.present:  # a resumed batch: only its missing images are written
+                continue
+            path = self._save(images[pos], item.index, self.engine.parameters(batch, pos))
+            append_jsonl(self.lines, {
+                "item": item.index, "file": path.relative_to(self.outdir).as_posix(), "seed": item.seed,
+                "prompt": item.prompt, "negative_prompt": item.negative_prompt, "batch": batch.index,
+                "position": pos, "rank": self.rank, "batch_seconds": seconds,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            paths.append(path)
+            if not self.state.indexed:
+                self.grid_images.append(images[pos])
+        self.written += paths
+        return paths
+
+    def _save(self, image, k: int, text: str) -> Path:
+        metadata = {imageio.PARAMETERS_KEY: text}
+        if self.state.indexed:
+            return imageio.save_png(image, self.samples / sample_name(self.state.base + k), metadata, overwrite=False)
+        path = imageio.save_numbered(image, self.samples, imageio.SAMPLE_DIGITS, metadata=metadata,
+                                     start=self.next_number)
+        self.next_number = int(path.stem) + 1
+        return path
+
+    def run_share(self) -> list[Path]:
+        try:
+            for b in self.share:
+                self.run_batch(b)
+        except KeyboardInterrupt:
+            self.bar.close()
+            self.note_interrupted()
+            raise
+        return self.written
+
+    def note_interrupted(self) -> None:
+        done = len(self.present) + len(self.written)
+        print(f"note: stopped; {done} of {self.state.total} images are saved"
+              f"{' by this process' if self.rank or len(self.share) != len(self.state.todo) else ''} and the image in "
+              f"flight was discarded. To finish, run the same command again with --skip-existing "
+              f"(run {self.state.run}, {self.manifest.name})", file=sys.stderr)
+
+    def finish(self, processes: int = 1) -> Optional[Path]:
+        """Rank 0, after every process is done: merge the manifest, make the grid, report."""
+        self.bar.close()
+        merge_parts(self.manifest)
+        grid = self._grid()
+        append_jsonl(self.manifest, {
+            "event": "end", "run": self.state.run, "processes": processes, "written_by_rank0": len(self.written),
+            "existing": len(self.present), "seconds": round(time.perf_counter() - self.started, 3),
+            "grid": grid.name if grid else None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        print(f"Your samples are ready and waiting for you here: {self.outdir}")
+        return grid
+
+    def _grid(self) -> Optional[Path]:
+        job = self.engine.job
+        if self.state.indexed:
+            if self.state.had_grid and not self.state.todo:
+                return None  # a finished run re-run with --skip-existing: its grid exists
+            # Several processes wrote the images: the grid is made from the files, in plan order.
+            images = []
+            for batch in self.plan:
+                for pos in batch.kept():
+                    path = self.samples / sample_name(self.state.base + batch.items[pos].index)
+                    with Image.open(path) as im:
+                        images.append(im.convert("RGB"))
+        else:
+            images = self.grid_images
+        if not images:
+            return None
+        if len({im.size for im in images}) > 1:
+            print("note: no grid: the images of this run differ in size", file=sys.stderr)
+            return None
+        grid = imageio.make_grid(images, job.n_rows or job.n_samples)
+        return imageio.save_numbered(grid, self.outdir, imageio.GRID_DIGITS, prefix=imageio.GRID_PREFIX)
+
+
+def run_plan(engine: "Engine", plan: list["Batch"]) -> list[Path]:
+    """Run the whole plan in this process; returns the sample paths written."""
+    runner = PlanRunner(engine, plan, begin_run(engine, plan))
+    written = runner.run_share()
+    runner.finish()
+    return written

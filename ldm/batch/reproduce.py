@@ -1,0 +1,80 @@
+"""`--from-image IMAGE`: rebuild a job from the "parameters" text of a PNG we wrote.
+
+The text gives prompt, negative prompt, seed, steps, sampler, schedule, scale, size, eta and precision;
+checkpoint and config stay the command's (a different model hash is noted). To give the same pixels,
+and not merely the same picture, the image is recomputed in a batch of the size it was made in and at
+its position ("Batch size" / "Batch pos"), filled with copies of itself: our kernels round each image
+of a batch the same whatever the other images are, but not whatever the batch size or position is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from ldm.cli import imageio
+from ldm.errors import SDError
+
+if TYPE_CHECKING:
+    from ldm.generate import Job
+
+
+def parameters_text(path: str | Path) -> str:
+    """The "parameters" text of the PNG at `path`; SDError if it carries none."""
+    text = imageio.read_png_text(path).get(imageio.PARAMETERS_KEY)
+    if text is None:
+        raise SDError(f"{path} carries no generation parameters (no PNG \"{imageio.PARAMETERS_KEY}\" text chunk)")
+    return text
+
+
+def read_parameters(path: str | Path) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, fields) of the PNG at `path`; SDError if it carries none."""
+    return imageio.parse_parameters(parameters_text(path))
+
+
+def _field(fields: dict[str, str], key: str, cast: Callable, default, path: Path):
+    if key not in fields:
+        return default
+    try:
+        return cast(fields[key])
+    except ValueError:
+        raise SDError(f"{path}: its {key} '{fields[key]}' is not readable") from None
+
+
+def _size(value: str) -> tuple[int, int]:
+    width, height = value.lower().split("x")
+    return int(width), int(height)
+
+
+def job_from_image(job: "Job", mode_name: str = "txt2img") -> "Job":
+    """`job` with everything the image records; checkpoint, config, outdir and device stay the job's."""
+    path = Path(job.from_image)
+    if job.from_file is not None:
+        raise SDError("--from-image and --from-file both give the prompts; use one of them")
+    prompt, negative, fields = read_parameters(path)
+    made_by = fields.get("Mode", "txt2img")
+    if made_by != mode_name:
+        raise SDError(f"{path} was made by `sd {made_by}`; reproduce it with that command")
+    width, height = _field(fields, "Size", _size, (job.W, job.H), path)
+    sampling = dataclasses.replace(
+        job.sampling,
+        steps=_field(fields, "Steps", int, job.sampling.steps, path),
+        sampler=fields.get("Sampler", job.sampling.sampler),
+        schedule=fields.get("Schedule type"),
+        eta=_field(fields, "Eta", float, job.sampling.eta, path),
+        scale=_field(fields, "CFG scale", float, job.sampling.scale, path),
+    )
+    batch_size = _field(fields, "Batch size", int, 1, path)
+    position = _field(fields, "Batch pos", int, 0, path)
+    if not 0 <= position < batch_size:
+        raise SDError(f"{path}: Batch pos {position} does not fit Batch size {batch_size}")
+    if job.ckpt is not None and Path(job.ckpt).is_file() and "Model hash" in fields:
+        ours = imageio.model_hash(job.ckpt)
+        if ours != fields["Model hash"]:
+            print(f"note: {path} was made with model hash {fields['Model hash']} ({fields.get('Model', '?')}), "
+                  f"--ckpt has {ours}: the image will differ", file=sys.stderr)
+    return dataclasses.replace(
+        job, prompt=prompt, negative_prompt=negative, seed=_field(fields, "Seed", int, job.seed, path),
+        W=width, H=height, sampling=sampling, precision=fields.get("Precision", job.precision),
+        from_file=None, n_samples=1, n_iter=1, repeat=1, fixed_code=False, reproduce=(batch_size, position))

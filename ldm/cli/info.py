@@ -1,0 +1,26 @@
+"""`sd info IMAGE`: the generation parameters a PNG carries (AUTOMATIC1111's "parameters" text)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ldm.cli import app
+
+
+@app.command("info", help="Print the generation parameters stored in an image (AUTOMATIC1111's \"parameters\" text).")
+def info(
+    image: Annotated[Path, typer.Argument(help="A PNG written by sd (or by AUTOMATIC1111's web UI).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print {prompt, negative_prompt, settings} as JSON.")] = False,
+) -> None:
+    from ldm.batch.reproduce import parameters_text
+    from ldm.cli import imageio
+
+    text = parameters_text(image)
+    if as_json:
+        prompt, negative, settings = imageio.parse_parameters(text)
+        print(json.dumps({"prompt": prompt, "negative_prompt": negative, "settings": settings}, ensure_ascii=False, indent=2))
+    else:
+        print(text)

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ldm.cli import app
+from ldm.batch import options as bopt
 from ldm.cli import options as opt
 from ldm.errors import SDError
 
@@ -41,6 +42,11 @@ def txt2img(
     torchscript: opt.Torchscript = False,
     ipex: opt.Ipex = False,
     bf16: opt.Bf16 = False,
+    skip_existing: bopt.SkipExisting = False,
+    devices: bopt.Devices = None,
+    num_nodes: bopt.NumNodes = 1,
+    accelerator: bopt.Accelerator = None,
+    from_image: bopt.FromImage = None,
 ) -> None:
     from ldm import generate
 
@@ -51,5 +57,6 @@ def txt2img(
         n_samples=n_samples, n_iter=n_iter, n_rows=n_rows, seed=seed, fixed_code=fixed_code,
         H=H, W=W, C=C, f=f, outdir=outdir, config=config, ckpt=ckpt, device=device, precision=precision,
         sampling=generate.SamplingSettings(steps=steps, sampler=sampler_name, schedule=schedule, eta=ddim_eta, scale=scale),
+        skip_existing=skip_existing, devices=devices, num_nodes=num_nodes, accelerator=accelerator, from_image=from_image,
     )
     generate.run_job(job)

@@ -361,6 +361,11 @@ class Engine:
         return imageio.tensor_to_pil(images.cpu())
 
 
+def mode_sets_size(mode: Mode) -> bool:
+    """True for modes whose input image, not --H/--W, gives the size (they override Mode.image_size)."""
+    return type(mode).image_size is not Mode.image_size
+
+
 def run_job(job: Job, mode: Optional[Mode] = None) -> list[Path]:
     """Plan, sample, decode and save a run of any generating command; returns the sample paths written.
 
@@ -374,9 +379,12 @@ def run_job(job: Job, mode: Optional[Mode] = None) -> list[Path]:
     if job.from_image is not None:
         from ldm.batch.reproduce import job_from_image
 
-        job = job_from_image(job, mode.name)
+        job = job_from_image(job, mode.name, sized=not mode_sets_size(mode))
     job.check()
     mode.check(job)
+    sized = [line for line in job.prompt_lines() if line.size is not None]
+    if sized and mode_sets_size(mode):
+        raise SDError(f"{sized[0].where}: \"size\" cannot be set for `sd {mode.name}`: the input image gives the size")
     plan = make_plan(job)
     if job.distributed:
         from ldm.batch.distributed import run_distributed

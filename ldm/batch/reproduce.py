@@ -47,8 +47,11 @@ def _size(value: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def job_from_image(job: "Job", mode_name: str = "txt2img") -> "Job":
-    """`job` with everything the image records; checkpoint, config, outdir and device stay the job's."""
+def job_from_image(job: "Job", mode_name: str = "txt2img", sized: bool = True) -> "Job":
+    """`job` with everything the image records; checkpoint, config, outdir and device stay the job's.
+
+    sized=False for modes whose input image gives the size: the recorded Size is then not applied.
+    """
     path = Path(job.from_image)
     if job.from_file is not None:
         raise SDError("--from-image and --from-file both give the prompts; use one of them")
@@ -56,7 +59,7 @@ def job_from_image(job: "Job", mode_name: str = "txt2img") -> "Job":
     made_by = fields.get("Mode", "txt2img")
     if made_by != mode_name:
         raise SDError(f"{path} was made by `sd {made_by}`; reproduce it with that command")
-    width, height = _field(fields, "Size", _size, (job.W, job.H), path)
+    width, height = _field(fields, "Size", _size, (job.W, job.H), path) if sized else (job.W, job.H)
     sampling = dataclasses.replace(
         job.sampling,
         steps=_field(fields, "Steps", int, job.sampling.steps, path),

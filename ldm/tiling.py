@@ -37,7 +37,7 @@ def spans(size: int, tile: int, overlap: int) -> list[slice]:
     return [slice(s, s + tile) for s in starts]
 
 
-def _ramp(length: int, fade_start: int, fade_end: int, dtype=torch.float32) -> torch.Tensor:
+def _ramp(length: int, fade_start: int, fade_end: int) -> torch.Tensor:
     """(length,) weights: raised-cosine rise over the first `fade_start` cells, fall over the last
     `fade_end`, 1 in between. Values are sampled at cell centres, so none is 0."""
     w = torch.ones(length, dtype=torch.float64)
@@ -50,7 +50,7 @@ def _ramp(length: int, fade_start: int, fade_end: int, dtype=torch.float32) -> t
                 w[length - n:] *= rise
             else:
                 w[:n] *= rise
-    return w.to(dtype)
+    return w
 
 
 def _fades(index: int, all_spans: list[slice], scale: int) -> tuple[int, int]:
@@ -72,17 +72,19 @@ def tiled(fn: TileFn, x: torch.Tensor, tile: int, overlap: int, scale: int = 1) 
     if len(rows) == 1 and len(cols) == 1:
         return fn(x, rows[0], cols[0])
     out: Optional[torch.Tensor] = None
-    total = torch.zeros((h * scale, w * scale), dtype=torch.float32, device=x.device)
+    total: Optional[torch.Tensor] = None
     for i, r in enumerate(rows):
         wy = _ramp((r.stop - r.start) * scale, *_fades(i, rows, scale))
         for j, c in enumerate(cols):
             wx = _ramp((c.stop - c.start) * scale, *_fades(j, cols, scale))
             y = fn(x[..., r, c], r, c)  # (B, C', th * scale, tw * scale)
-            if out is None:
-                out = torch.zeros((*y.shape[:2], h * scale, w * scale), dtype=torch.float32, device=x.device)
-            window = (wy[:, None] * wx[None, :]).to(x.device)  # (th * scale, tw * scale)
+            if out is None:  # accumulate in at least float32, whatever the tiles' dtype
+                acc = torch.promote_types(y.dtype, torch.float32)
+                out = torch.zeros((*y.shape[:2], h * scale, w * scale), dtype=acc, device=x.device)
+                total = torch.zeros((h * scale, w * scale), dtype=acc, device=x.device)
+            window = (wy[:, None] * wx[None, :]).to(out)  # (th * scale, tw * scale)
             ys, xs = slice(r.start * scale, r.stop * scale), slice(c.start * scale, c.stop * scale)
-            out[..., ys, xs] += y.float() * window
+            out[..., ys, xs] += y.to(out) * window
             total[ys, xs] += window
     return (out / total).to(y.dtype)
 
@@ -132,23 +134,27 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-# Live float32 activations at the peak, in units of (channels x cells) of the stage that dominates,
-# measured on the full-size x4 upscaler with random weights (docs in ldm/modes.py, Upscale):
-UNET_LIVE_TENSORS = 12.0  # UNet: skip connections + working tensors at the top level (model_channels)
-DECODER_LIVE_TENSORS = 4.0  # VAE decoder: tensors of the widest full-resolution stage
+# Peak activation memory, measured on the full-size x4 upscaler (random weights, float32, CPU) by one
+# UNet call (batch 2, i.e. with guidance) at latent 32, 64 and 96 and one VAE decode at latent 32, 64 and
+# 128 per side: the UNet holds about 17 float32 tensors of model_channels per latent cell and image; the
+# decoder about 4.5 of its full-resolution width per output pixel, plus its middle attention, which on
+# the CPU holds two (N, N) float32 matrices for N latent cells (2.5 GiB at 128x128: measured 2.497).
+UNET_LIVE_TENSORS = 17.0
+DECODER_LIVE_TENSORS = 4.5
+DECODER_ATTENTION_MATRICES = 2
 
 
 def untiled_peak_bytes(model, latent_h: int, latent_w: int, batch: int, guided: bool) -> int:
-    """Estimate of the activation memory of one untiled UNet call and one untiled VAE decode.
+    """Estimate of the activation memory of the larger of one untiled UNet call and one untiled VAE decode.
 
-    UNet: batch (x2 with guidance) x model_channels x h x w x UNET_LIVE_TENSORS float32 values.
-    Decoder: batch x H x W x (channels entering the last upsampling) x DECODER_LIVE_TENSORS, with
-    H, W the output size. Attention runs through SDPA's fused kernels, which keep no (N, N) matrix.
+    For the x4 upscaler at 512x512 -> 2048x2048 this gives about 8.5 GiB for the UNet with guidance and
+    about 0.5 TiB for the decoder (its attention over 262144 cells), so such a run is tiled; 128x128
+    tiles need about 0.5 GiB (UNet) and 2.5 GiB (decoder) on top of the weights.
     """
     unet = model.model.diffusion_model
-    ddconfig_ch = model.first_stage_model.decoder.conv_out.in_channels  # channels at full resolution
+    width = model.first_stage_model.decoder.conv_out.in_channels  # decoder channels at full resolution
     f = model.downsampling_factor
-    mult = 2 if ddconfig_ch and f > 1 else 1
-    unet_bytes = 4 * batch * (2 if guided else 1) * unet.model_channels * latent_h * latent_w * UNET_LIVE_TENSORS
-    decoder_bytes = 4 * batch * (latent_h * f) * (latent_w * f) * ddconfig_ch * mult * DECODER_LIVE_TENSORS
+    cells = latent_h * latent_w
+    unet_bytes = 4 * batch * (2 if guided else 1) * unet.model_channels * cells * UNET_LIVE_TENSORS
+    decoder_bytes = batch * (4 * cells * f * f * width * DECODER_LIVE_TENSORS + 4 * DECODER_ATTENTION_MATRICES * cells ** 2)
     return int(max(unet_bytes, decoder_bytes))

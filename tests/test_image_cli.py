@@ -252,3 +252,25 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, ckpts, images, tmp_pa
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("note:")]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert not list(out.rglob("*.png")) if out.exists() else True
+
+
+def test_each_command_has_the_reference_demos_defaults():
+    import inspect
+
+    from ldm.cli import _register_commands, app
+
+    _register_commands()
+    commands = {c.name: c.callback for c in app.registered_commands}
+    expected = {
+        "img2img": {"steps": 50, "n_samples": 2, "n_iter": 1, "scale": 9.0, "strength": 0.8, "ddim_eta": 0.0,
+                    "seed": 42, "outdir": Path("outputs/img2img-samples")},
+        "inpaint": {"steps": 45, "n_samples": 4, "scale": 10.0, "ddim_eta": 1.0, "outdir": Path("outputs/inpaint-samples")},
+        "depth2img": {"steps": 50, "n_samples": 1, "scale": 9.0, "strength": 0.9, "ddim_eta": 0.0,
+                      "outdir": Path("outputs/depth2img-samples")},
+        "upscale": {"steps": 75, "n_samples": 1, "scale": 10.0, "ddim_eta": 0.0, "noise_level": 20,
+                    "outdir": Path("outputs/upscale-samples")},
+    }
+    for name, values in expected.items():
+        params = inspect.signature(commands[name]).parameters
+        assert {key: params[key].default for key in values} == values, name
+    assert "C" not in inspect.signature(commands["upscale"]).parameters  # the x4 model fixes C=4, f=4

@@ -1,12 +1,14 @@
 """`sd img2img`: the reference's scripts/img2img.py flags and defaults, on the shared run loop.
 
-Also the options the image commands (img2img, inpaint, depth2img, upscale) share beyond ldm.cli.options,
-and `run_image_command`, which turns their common flags into a Job.
+Also what the image commands (img2img, inpaint, depth2img, upscale) share: their common flags are
+declared once here (`_shared`), and `image_command` registers a command from a function that takes only
+the command's own flags and returns its Mode (ldm.modes); each command sets its own defaults.
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -22,6 +24,34 @@ Strength = Annotated[float, typer.Option(
     "--strength", help="How much of the input is redone, 0..1: 0 returns it, 1 ignores it (runs int(strength * steps) steps).")]
 
 
+def _shared(
+    prompt: opt.Prompt = "",
+    negative_prompt: opt.NegativePrompt = "",
+    outdir: opt.Outdir = Path("outputs"),
+    steps: Steps = 50,
+    plms: opt.Plms = False,
+    dpm: opt.Dpm = False,
+    sampler: opt.Sampler = None,
+    schedule: opt.Schedule = None,
+    fixed_code: opt.FixedCode = False,
+    ddim_eta: opt.DdimEta = 0.0,
+    n_iter: NIter = 1,
+    C: opt.LatentChannels = 4,
+    f: opt.Factor = 8,
+    n_samples: NSamples = 1,
+    n_rows: opt.NRows = 0,
+    scale: opt.Scale = 9.0,
+    from_file: opt.FromFile = None,
+    config: opt.Config = Path("configs/stable-diffusion/v2-inference.yaml"),
+    ckpt: opt.Ckpt = None,
+    seed: opt.Seed = 42,
+    precision: opt.Precision = "autocast",
+    repeat: opt.Repeat = 1,
+    device: opt.Device = "auto",
+) -> None:
+    """The flags every image command takes (the signature is what counts)."""
+
+
 def run_image_command(mode, *, steps: int, plms: bool, dpm: bool, sampler: Optional[str], schedule: Optional[str],
                       ddim_eta: float, scale: float, **fields) -> None:
     """Run an image command's mode with the shared flags (prompt, seeds, batching, outdir, model...)."""
@@ -33,39 +63,38 @@ def run_image_command(mode, *, steps: int, plms: bool, dpm: bool, sampler: Optio
     generate.run_job(job, mode)
 
 
-@app.command("img2img", help="Redraw an image guided by a prompt (the reference's scripts/img2img.py).")
-def img2img(
-    init_img: InitImg,
-    prompt: opt.Prompt = "a painting of a virus monster playing guitar",
-    negative_prompt: opt.NegativePrompt = "",
-    strength: Strength = 0.8,
-    outdir: opt.Outdir = Path("outputs/img2img-samples"),
-    steps: Steps = 50,
-    plms: opt.Plms = False,
-    dpm: opt.Dpm = False,
-    sampler: opt.Sampler = None,
-    schedule: opt.Schedule = None,
-    fixed_code: opt.FixedCode = False,
-    ddim_eta: opt.DdimEta = 0.0,
-    n_iter: NIter = 1,
-    C: opt.LatentChannels = 4,
-    f: opt.Factor = 8,
-    n_samples: NSamples = 2,
-    n_rows: opt.NRows = 0,
-    scale: opt.Scale = 9.0,
-    from_file: opt.FromFile = None,
-    config: opt.Config = Path("configs/stable-diffusion/v2-inference.yaml"),
-    ckpt: opt.Ckpt = None,
-    seed: opt.Seed = 42,
-    precision: opt.Precision = "autocast",
-    repeat: opt.Repeat = 1,
-    device: opt.Device = "auto",
-) -> None:
+def image_command(name: str, help: str, fixed: Optional[dict] = None, **defaults) -> Callable:
+    """Register `sd NAME` from a function of the command's own flags that returns its Mode.
+
+    The command takes those flags first, then the shared ones with `defaults` replacing theirs; flags in
+    `fixed` are not offered and take the given values (the upscaler's C and f).
+    """
+    fixed = fixed or {}
+
+    def register(make_mode: Callable) -> Callable:
+        own = list(inspect.signature(make_mode, eval_str=True).parameters.values())
+        shared = [p.replace(default=defaults.pop(p.name, p.default))
+                  for p in inspect.signature(_shared, eval_str=True).parameters.values() if p.name not in fixed]
+        if defaults:
+            raise TypeError(f"unknown defaults for {name}: {sorted(defaults)}")
+
+        def command(**kwargs) -> None:
+            mode = make_mode(**{p.name: kwargs.pop(p.name) for p in own})
+            run_image_command(mode, **kwargs, **fixed)
+
+        command.__signature__ = inspect.Signature(own + shared)
+        command.__annotations__ = {p.name: p.annotation for p in own + shared}
+        command.__name__ = command.__qualname__ = name
+        app.command(name, help=help)(command)
+        return make_mode
+
+    return register
+
+
+@image_command("img2img", help="Redraw an image guided by a prompt (the reference's scripts/img2img.py).",
+               prompt="a painting of a virus monster playing guitar", outdir=Path("outputs/img2img-samples"),
+               n_samples=2)
+def img2img(init_img: InitImg, strength: Strength = 0.8):
     from ldm.modes import Img2Img
 
-    mode = Img2Img(init_img, strength)
-    run_image_command(
-        mode, steps=steps, plms=plms, dpm=dpm, sampler=sampler, schedule=schedule, ddim_eta=ddim_eta, scale=scale,
-        prompt=prompt, negative_prompt=negative_prompt, from_file=from_file, repeat=repeat, n_samples=n_samples,
-        n_iter=n_iter, n_rows=n_rows, seed=seed, fixed_code=fixed_code, C=C, f=f, outdir=outdir, config=config,
-        ckpt=ckpt, device=device, precision=precision)
+    return Img2Img(init_img, strength)

@@ -63,13 +63,18 @@ def run_image_command(mode, *, steps: int, plms: bool, dpm: bool, sampler: Optio
     generate.run_job(job, mode)
 
 
-def image_command(name: str, help: str, fixed: Optional[dict] = None, **defaults) -> Callable:
+def image_command(name: str, help: str, fixed: Optional[dict] = None, stochastic_eta: Optional[float] = None,
+                  **defaults) -> Callable:
     """Register `sd NAME` from a function of the command's own flags that returns its Mode.
 
     The command takes those flags first, then the shared ones with `defaults` replacing theirs; flags in
-    `fixed` are not offered and take the given values (the upscaler's C and f).
+    `fixed` are not offered and take the given values (the upscaler's C and f). With `stochastic_eta`
+    (the inpainting demo's DDIM eta 1.0), --ddim_eta defaults to that value for samplers that take an
+    eta and to none for the deterministic ones, which refuse any.
     """
     fixed = fixed or {}
+    if stochastic_eta is not None:
+        defaults["ddim_eta"] = None
 
     def register(make_mode: Callable) -> Callable:
         own = list(inspect.signature(make_mode, eval_str=True).parameters.values())
@@ -80,6 +85,11 @@ def image_command(name: str, help: str, fixed: Optional[dict] = None, **defaults
 
         def command(**kwargs) -> None:
             mode = make_mode(**{p.name: kwargs.pop(p.name) for p in own})
+            if kwargs.get("ddim_eta") is None:
+                from ldm.models.diffusion.samplers import check_sampler
+
+                sampler = opt.pick_sampler(kwargs["sampler"], plms=kwargs["plms"], dpm=kwargs["dpm"])
+                kwargs["ddim_eta"] = stochastic_eta if check_sampler(sampler).eta is not None else 0.0
             run_image_command(mode, **kwargs, **fixed)
 
         command.__signature__ = inspect.Signature(own + shared)

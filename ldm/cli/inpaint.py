@@ -16,7 +16,7 @@ Mask = Annotated[Path, typer.Option(
 
 @image_command("inpaint", help="Repaint the masked part of an image. An inpainting checkpoint uses its 9-channel "
                "UNet; any txt2img checkpoint inpaints by latent blending. Unmasked pixels are kept exactly.",
-               outdir=Path("outputs/inpaint-samples"), steps=45, ddim_eta=1.0, n_samples=4, scale=10.0,
+               outdir=Path("outputs/inpaint-samples"), steps=45, stochastic_eta=1.0, n_samples=4, scale=10.0,
                config=Path("configs/stable-diffusion/v2-inpainting-inference.yaml"))
 def inpaint(image: Image, mask: Mask):
     from ldm.modes import Inpaint

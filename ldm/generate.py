@@ -14,6 +14,7 @@ loop (output names, manifest, --skip-existing, Lightning scale-out, --from-image
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +224,10 @@ class Job:
                 raise SDError(f"--{name} must be at least 1 (got {getattr(self, name)})")
         if self.devices is not None and self.devices < 1:
             raise SDError(f"--devices must be at least 1 (got {self.devices})")
+        world = os.environ.get("WORLD_SIZE", "1")
+        if not self.distributed and world != "1":  # torchrun/SLURM started several of us: share, do not repeat
+            raise SDError(f"this is one of {world} processes started by a launcher (WORLD_SIZE={world}): pass --devices "
+                          "(processes per node) and --num-nodes so that they share the run")
         if self.accelerator is not None and self.accelerator not in ACCELERATORS:
             raise SDError(f"--accelerator must be one of {', '.join(ACCELERATORS)} (got '{self.accelerator}')")
         if self.n_rows < 0:

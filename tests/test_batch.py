@@ -285,3 +285,14 @@ def test_two_process_ddp_run_writes_the_files_of_a_one_process_run(tiny_ckpts, t
     assert [(r["item"], r["batch"], r["rank"]) for r in records if "item" in r] == [(0, 0, 0), (1, 0, 0), (2, 1, 1)]
     assert records[-1]["processes"] == 2 and records[-1]["grid"] == "grid-0000.png"
     assert not list(two.glob(".manifest-*")) and (two / "grid-0000.png").is_file()
+
+
+def test_scale_out_refuses_launches_that_would_repeat_or_misfire(tiny_ckpts, tmp_path, capsys, monkeypatch):
+    # Inside pytest, Lightning's launcher would re-run pytest's command line for the second process.
+    code, out = txt2img([*model_args(tiny_ckpts), *FAST, "--devices", "2", "--outdir", str(tmp_path / "a")], capsys)
+    assert code == 1 and "run sd from a shell, or start the processes with torchrun" in out.err
+    # Started by torchrun as one of 4 processes but without --devices: each would make the whole run.
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    code, out = txt2img([*model_args(tiny_ckpts), *FAST, "--outdir", str(tmp_path / "b")], capsys)
+    assert code == 1 and "one of 4 processes" in out.err and "--devices" in out.err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

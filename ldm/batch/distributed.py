@@ -23,6 +23,8 @@ OMP_NUM_THREADS to the same value.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -46,6 +48,21 @@ def lightning_accelerator(job: "Job") -> str:
     return "gpu" if chosen == "cuda" else chosen
 
 
+def check_relaunch(job: "Job", command: str) -> None:
+    """Refuse a run whose other processes Lightning would start by re-running a foreign command line.
+
+    Lightning's launcher starts processes 1..N-1 by running sys.argv again; from inside another program
+    (a notebook, a test runner) that would start copies of that program instead of `sd`.
+    """
+    launched_outside = any(name in os.environ for name in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"))
+    if launched_outside or (job.devices or 1) * job.num_nodes == 1:
+        return
+    if not any(command in Path(arg).name for arg in sys.argv[:2]):
+        raise SDError(f"--devices {job.devices} starts the other processes by running this program's command line "
+                      f"again, which is not `sd {command}` here ({Path(sys.argv[0]).name}); run sd from a shell, "
+                      "or start the processes with torchrun")
+
+
 def _quiet_lightning() -> None:
     # Lightning's start-up banner (GPU/TPU availability, hints) is noise on a generating command's stderr.
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
@@ -61,6 +78,7 @@ def run_distributed(job: "Job", mode: "Mode", plan: list["Batch"]) -> list[Path]
     import pytorch_lightning as pl
     from pytorch_lightning.strategies import DDPStrategy
 
+    check_relaunch(job, mode.name)
     _quiet_lightning()
     accelerator = lightning_accelerator(job)
     module = _plan_module(pl)(job, mode, plan)

@@ -281,6 +281,9 @@ class PlanRunner:
             for batch in self.plan:
                 for pos in batch.kept():
                     path = self.samples / sample_name(self.state.base + batch.items[pos].index)
+                    if not path.is_file():
+                        raise SDError(f"{path} is missing after every process finished: is --outdir on a file "
+                                      "system all nodes share?")
                     with Image.open(path) as im:
                         images.append(im.convert("RGB"))
         else:

@@ -3,6 +3,7 @@ after an interrupt, and a two-process Lightning DDP run, all on the tiny checkpo
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -273,11 +274,7 @@ def test_two_process_ddp_run_writes_the_files_of_a_one_process_run(tiny_ckpts, t
         torch.set_num_threads(threads)
     assert code == 0, res.err
 
-    sd = shutil.which("sd", path=str(Path(sys.executable).parent))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = subprocess.run([sd, "txt2img", *args, "--outdir", str(two), "--devices", "2", "--accelerator", "cpu"],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    run_sd_ddp([*args, "--outdir", str(two), "--devices", "2", "--accelerator", "cpu"], tmp_path)
     assert sorted(os.listdir(two / "samples")) == ["00000.png", "00001.png", "00002.png"]
     assert files(two / "samples") == files(one / "samples")
     records = [json.loads(l) for l in (two / "manifest-00000.jsonl").read_text().splitlines()]
@@ -285,6 +282,31 @@ def test_two_process_ddp_run_writes_the_files_of_a_one_process_run(tiny_ckpts, t
     assert [(r["item"], r["batch"], r["rank"]) for r in records if "item" in r] == [(0, 0, 0), (1, 0, 0), (2, 1, 1)]
     assert records[-1]["processes"] == 2 and records[-1]["grid"] == "grid-0000.png"
     assert not list(two.glob(".manifest-*")) and (two / "grid-0000.png").is_file()
+
+    # As if killed half-way: one image of batch 0 and all of batch 1 gone, a temp file left behind.
+    for name in ("00001.png", "00002.png"):
+        (two / "samples" / name).unlink()
+    (two / "samples" / ".00002.0badf00d.tmp").write_bytes(b"partial")
+    run_sd_ddp([*args, "--outdir", str(two), "--devices", "2", "--accelerator", "cpu", "--skip-existing"], tmp_path)
+    assert files(two / "samples") == files(one / "samples")
+    records = [json.loads(l) for l in (two / "manifest-00000.jsonl").read_text().splitlines()]
+    assert [r["item"] for r in records if "item" in r][3:] == [1, 2] and records[-1]["existing"] == 1
+
+
+def run_sd_ddp(args, cwd):
+    """`sd txt2img ARGS` in its own session, so that on a timeout the whole group (Lightning's second
+    process too) is killed rather than left waiting at a barrier."""
+    sd = shutil.which("sd", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sd, "txt2img", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=cwd, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr
 
 
 def test_scale_out_refuses_launches_that_would_repeat_or_misfire(tiny_ckpts, tmp_path, capsys, monkeypatch):

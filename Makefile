@@ -22,7 +22,7 @@ test:
 # `make bench` times sd against diffusers on full-size random weights (minutes; not part of the tests).
 # BENCH_ARGS passes options through, e.g. `make bench BENCH_ARGS="--quick"`. When .venv-ipex exists the
 # IPEX rows are measured in that environment by a child process.
-bench: $(BIN)/sd
+bench: | $(BIN)/sd
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 # A second environment for --ipex: intel-extension-for-pytorch 2.8 needs exactly torch 2.8.

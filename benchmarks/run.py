@@ -66,14 +66,16 @@ def build_unet_variants(names: list[str], ckpt: Path):
     raw = None
     for name in names:
         kind, _, flavour = name.partition("-")
-        if kind == "sd":
+        if kind == "sd":  # sd-<fp32|bf16>[-ipex][-compile|-torchscript]
             precision = "full" if flavour.startswith("fp32") else "bf16"
-            if precision not in sd_models:
-                sd_models[precision] = _sd_model(BASE, ckpt, precision).model.diffusion_model
-            unet = sd_models[precision]
-            if flavour.endswith("compile") or flavour.endswith("ipex"):
-                opts = RuntimeOptions(device="cpu", precision=precision, compile=flavour.endswith("compile"),
-                                      ipex=flavour.endswith("ipex"))
+            flags = set(flavour.split("-")[1:])
+            key = (precision, "ipex" in flags)  # IPEX rewrites the module in place: its own copy
+            if key not in sd_models:
+                sd_models[key] = _sd_model(BASE, ckpt, precision).model.diffusion_model
+            unet = sd_models[key]
+            if flags:
+                opts = RuntimeOptions(device="cpu", precision=precision, compile="compile" in flags,
+                                      ipex="ipex" in flags, torchscript="torchscript" in flags)
                 unet = speed_up(unet, opts, resolve_precision(precision, torch.device("cpu")), torch.device("cpu"))
             calls[name] = (lambda u: lambda x, t, c: u(x, t, c))(unet)
         elif kind == "diffusers":
@@ -128,6 +130,8 @@ def worker_unet(args: dict) -> dict:
         if "sd-fp32" in outputs and "diffusers-fp32" in outputs:
             errors["sd-fp32 vs diffusers-fp32"] = rel_err(outputs["sd-fp32"], outputs["diffusers-fp32"])
         result["sizes"][str(size)] = {"times": times, "first": first, "rel_err": errors}
+        if args.get("partial"):  # what is measured survives an interrupted run
+            Path(args["partial"]).write_text(json.dumps({**result, "peak_rss_gb": peak_rss_gb()}))
         print(f"  unet {size}: " + ", ".join(f"{k} {statistics.median(v):.2f}s" for k, v in times.items()),
               file=sys.stderr, flush=True)
     result["peak_rss_gb"] = peak_rss_gb()
@@ -230,6 +234,9 @@ def child(task: str, args: dict, python: str = sys.executable, env: dict | None 
     proc = subprocess.run([python, __file__, "--worker", task, json.dumps(args)], cwd=REPO,
                           stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     if proc.returncode:
+        partial = Path(args.get("partial", "/nonexistent"))
+        if partial.exists():
+            return {**json.loads(partial.read_text()), "error_after": f"exit {proc.returncode}"}
         return {"error": f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -264,6 +271,9 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (slow first compile)")
     parser.add_argument("--quick", action="store_true", help="512 only, 2 reps, no compile, no 768 e2e")
     parser.add_argument("--only", default="unet,ipex,vae,load,e2e", help="comma-separated parts to run")
+    parser.add_argument("--variants", default="sd-fp32,diffusers-fp32,sd-bf16,diffusers-bf16",
+                        help="UNet variants of the main group (sd-<fp32|bf16>[-compile|-torchscript], "
+                             "diffusers-<fp32|bf16>)")
     ns = parser.parse_args()
     if ns.quick:
         ns.reps, ns.sizes, ns.no_compile = 2, "512", True
@@ -280,13 +290,16 @@ def main() -> None:
     common = {"ckpt": str(ckpt), "reps": ns.reps, "sizes": sizes}
 
     if "unet" in parts:
-        variants = ["sd-fp32", "diffusers-fp32", "sd-bf16", "diffusers-bf16"]
-        if not ns.no_compile:
+        variants = ns.variants.split(",")
+        if not ns.no_compile and "sd-bf16-compile" not in variants:
             variants.append("sd-bf16-compile")
-        results["unet"] = child("unet", {**common, "variants": variants, "compile_sizes": sizes[:1]})
+        results["unet"] = child("unet", {**common, "variants": variants, "compile_sizes": sizes[:1],
+                                         "partial": str(cache_dir() / "partial-unet.json")})
     ipex_python = REPO / ".venv-ipex" / "bin" / "python"
     if "ipex" in parts and ipex_python.exists():
-        results["ipex"] = child("unet", {**common, "variants": ["sd-bf16-ipex", "sd-bf16", "diffusers-bf16"]},
+        results["ipex"] = child("unet", {**common, "variants": ["sd-bf16-ipex", "sd-bf16-ipex-torchscript", "sd-bf16",
+                                                         "diffusers-bf16"],
+                                         "partial": str(cache_dir() / "partial-ipex.json")},
                                 python=str(ipex_python))
     if "vae" in parts:
         results["vae"] = child("vae", {"ckpt": str(ckpt), "reps": ns.reps, "size": 512})

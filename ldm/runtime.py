@@ -119,13 +119,17 @@ def resolve_device(device: str) -> torch.device:
 VAE_DTYPE_IN_HALF_MODES = torch.float32
 
 
-def resolve_precision(precision: str, device: torch.device) -> Precision:
-    """Turn --precision (auto|full|autocast|bf16|fp16) into per-part weight dtypes for `device`."""
+def resolve_precision(precision: str, device: torch.device, config_hint: Optional[str] = None) -> Precision:
+    """Turn --precision (auto|full|autocast|bf16|fp16) into per-part weight dtypes for `device`.
+
+    config_hint: "bf16" when the config's UNet says use_bf16 (the reference's intel/*-bf16.yaml), which
+    "auto" then follows on any CPU, as the reference's --bf16 with those configs does.
+    """
     if precision == "auto":
         if device.type == "cuda":
             precision = "fp16"
         else:
-            precision = "bf16" if cpu_has_fast_bf16() else "full"
+            precision = "bf16" if cpu_has_fast_bf16() or config_hint == "bf16" else "full"
     f32 = torch.float32
     if precision == "full":
         return Precision("full", f32, f32, f32, None)
@@ -216,16 +220,24 @@ def cast_state_dict(state_dict: Mapping[str, torch.Tensor], dtype_of: Callable[[
     return out
 
 
-def read_weights(config: Path, ckpt: Path, precision: Precision, unet_channels_last: bool = False):
+def read_weights(config: Path, ckpt: Path, precision: Precision, unet_channels_last: bool = False,
+                 loaded_config=None):
     """Meta-built model of `config` holding `ckpt`'s weights cast per `precision` (CPU, eval mode)."""
     from ldm.checkpoint import assign_weights, build_on_meta, read_state_dict
     from ldm.util import load_config
 
+    loaded_config = loaded_config if loaded_config is not None else load_config(config)
     state_dict = read_state_dict(ckpt)
     state_dict = cast_state_dict(state_dict, lambda key: part_dtype(key, precision),
                                  lambda key: unet_channels_last and key.startswith(UNET_PREFIX))
-    model = build_on_meta(load_config(config).model)
+    model = build_on_meta(loaded_config.model)
     return assign_weights(model, state_dict, str(ckpt), str(config))
+
+
+def config_precision_hint(config) -> Optional[str]:
+    """"bf16" when the config's UNet asks for use_bf16 (the reference's intel/*-bf16.yaml), else None."""
+    unet = config.model.get("params", {}).get("unet_config", {}).get("params", {})
+    return "bf16" if unet.get("use_bf16", False) else None
 
 
 def ipex_module():
@@ -261,12 +273,15 @@ def load_for_inference(config: str | Path, ckpt: str | Path, opts: RuntimeOption
         opts = RuntimeOptions(device=str(opts or "auto"), precision=precision or "auto")
     opts.check()
     set_threads(opts.threads)
+    from ldm.util import load_config
+
     device = resolve_device(opts.device)
-    prec = resolve_precision(opts.precision, device)
+    loaded_config = load_config(config)
+    prec = resolve_precision(opts.precision, device, config_precision_hint(loaded_config))
     # channels_last: oneDNN's convolutions and torch's CPU group norm work on NHWC without reorders;
     # the UNet's attention blocks then reshape (B, C, H, W) -> (B, HW, C) as a free view.
     channels_last = opts.channels_last if opts.channels_last is not None else device.type == "cpu"
-    model = read_weights(Path(config), Path(ckpt), prec, unet_channels_last=channels_last)
+    model = read_weights(Path(config), Path(ckpt), prec, unet_channels_last=channels_last, loaded_config=loaded_config)
     if device.type != "cpu":
         model = model.to(device)
         if channels_last:

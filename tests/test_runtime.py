@@ -225,3 +225,14 @@ def test_compile_cache_points_inductor_at_the_cache_dir(tmp_path, monkeypatch):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cc")
     assert os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1"
     assert (tmp_path / "cc").is_dir()
+
+
+def test_intel_bf16_configs_make_auto_bf16_on_any_cpu(monkeypatch):
+    from ldm.util import load_config
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})
+    root = __import__("pathlib").Path(__file__).parent.parent / "configs" / "stable-diffusion"
+    hint = runtime.config_precision_hint(load_config(root / "intel" / "v2-inference-v-bf16.yaml"))
+    assert hint == "bf16" and resolve_precision("auto", CPU, hint).mode == "bf16"
+    hint = runtime.config_precision_hint(load_config(root / "intel" / "v2-inference-v-fp32.yaml"))
+    assert hint is None and resolve_precision("auto", CPU, hint).mode == "full"

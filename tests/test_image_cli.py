@@ -278,3 +278,18 @@ def test_each_command_has_the_reference_demos_defaults():
         params = inspect.signature(commands[name]).parameters
         assert {key: params[key].default for key in values} == values, name
     assert "C" not in inspect.signature(commands["upscale"]).parameters  # the x4 model fixes C=4, f=4
+
+
+def test_image_commands_resume_with_skip_existing(ckpts, images, tmp_path, capsys):
+    """The batch flags reach the image commands: a finished run re-run with --skip-existing rewrites nothing."""
+    args = [*model_args(ckpts, "eps"), *FAST, "--init-img", str(images["photo"]), "--strength", "0.5",
+            "--n_samples", "2", "--outdir", str(tmp_path / "o"), "--skip-existing"]
+    code, err = run("img2img", args, capsys)
+    assert code == 0, err
+    files = sorted((tmp_path / "o/samples").glob("*.png"))
+    assert [p.name for p in files] == ["00000.png", "00001.png"]
+    stamps = [p.stat().st_mtime_ns for p in files]
+    code, err = run("img2img", args, capsys)
+    assert code == 0, err
+    assert sorted((tmp_path / "o/samples").glob("*.png")) == files
+    assert [p.stat().st_mtime_ns for p in files] == stamps

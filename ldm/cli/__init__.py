@@ -52,12 +52,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _register_commands()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args, prog_name="sd", standalone_mode=False)
+        # With standalone_mode=False typer returns a command's exit code instead of exiting; it turns
+        # Ctrl-C into 130.
+        code = app(args, prog_name="sd", standalone_mode=False)
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            return code
     except SDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: no partial image was written", file=sys.stderr)
+        print("interrupted: no partial image was written (a batch run resumes with --skip-existing)", file=sys.stderr)
         return 130
     except typer.Exit as exc:
         return exc.exit_code

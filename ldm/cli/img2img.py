@@ -12,6 +12,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
+from ldm.batch import options as bopt
 from ldm.cli import app
 from ldm.cli import options as opt
 
@@ -48,6 +49,11 @@ def _shared(
     precision: opt.Precision = "autocast",
     repeat: opt.Repeat = 1,
     device: opt.Device = "auto",
+    skip_existing: bopt.SkipExisting = False,
+    devices: bopt.Devices = None,
+    num_nodes: bopt.NumNodes = 1,
+    accelerator: bopt.Accelerator = None,
+    from_image: bopt.FromImage = None,
 ) -> None:
     """The flags every image command takes (the signature is what counts)."""
 

@@ -174,3 +174,15 @@ def test_samplers_command_lists_every_sampler(capsys):
 def test_later_flags_are_refused_not_ignored(flag, tiny_ckpts, tmp_path, capsys):
     code, err = run([*tiny_args(tiny_ckpts), *FAST, flag, "--outdir", str(tmp_path)], capsys)
     assert code == 1 and "not available yet" in err
+
+
+def test_ctrl_c_exits_130_with_one_line(tiny_ckpts, tmp_path, capsys, monkeypatch):
+    from ldm import generate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "run_job", interrupted)
+    code, err = run([*tiny_args(tiny_ckpts), *FAST, "--outdir", str(tmp_path)], capsys)
+    assert code == 130
+    assert err.strip().startswith("interrupted:") and err.strip().count("\n") == 0

@@ -271,6 +271,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (slow first compile)")
     parser.add_argument("--quick", action="store_true", help="512 only, 2 reps, no compile, no 768 e2e")
     parser.add_argument("--only", default="unet,ipex,vae,load,e2e", help="comma-separated parts to run")
+    parser.add_argument("--load-reps", type=int, default=2, help="fresh-process loads per variant")
     parser.add_argument("--variants", default="sd-fp32,diffusers-fp32,sd-bf16,diffusers-bf16",
                         help="UNet variants of the main group (sd-<fp32|bf16>[-compile|-torchscript], "
                              "diffusers-<fp32|bf16>)")
@@ -307,7 +308,7 @@ def main() -> None:
         from peer import save_pretrained_peer
         folder = save_pretrained_peer(BASE, ckpt, cache_dir() / "diffusers-v2-base")
         results["load"] = {}
-        for rep in range(2):  # alternate, keep the faster of two (first-touch effects)
+        for rep in range(ns.load_reps):  # alternate; the report keeps the fastest (first-touch effects)
             for who, precision in (("sd", "full"), ("diffusers", "full"), ("sd", "bf16"), ("diffusers", "bf16")):
                 key = f"{who}-{'fp32' if precision == 'full' else 'bf16'}"
                 r = child("load", {"who": who, "precision": precision, "config": str(BASE), "ckpt": str(ckpt),
@@ -360,7 +361,7 @@ def report(results: dict) -> str:
                   + f"; PSNR bf16 vs fp32 decode {vae['psnr_bf16_vs_fp32_db']:.1f} dB", ""]
     load = results.get("load")
     if load:
-        lines += ["Load (fresh process, file in the page cache; best of 2)", "",
+        lines += ["Load (fresh process, file in the page cache; fastest of the runs)", "",
                   "| who | imports s | load s | peak RSS GB |", "| --- | --- | --- | --- |"]
         for key, runs in load.items():
             ok = [r for r in runs if "error" not in r]

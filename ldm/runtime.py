@@ -220,6 +220,36 @@ def cast_state_dict(state_dict: Mapping[str, torch.Tensor], dtype_of: Callable[[
     return out
 
 
+def import_targets(config) -> None:
+    """Import the config's classes (and open_clip, which the text encoder imports when built) before the
+    meta-device build: under torch 2.8 (the IPEX environment) torch._dynamo, which those imports pull in,
+    fails to initialise inside a `torch.device("meta")` context. The imports happen anyway; only earlier."""
+    import importlib
+
+    from omegaconf import OmegaConf
+
+    targets: list[str] = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("target"), str):
+                targets.append(node["target"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(OmegaConf.to_container(config.model, resolve=True))
+    for target in targets:
+        module = target.rsplit(".", 1)[0]
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+        if module == "ldm.modules.encoders.modules":
+            with contextlib.suppress(ImportError):
+                importlib.import_module("open_clip")
+
+
 def read_weights(config: Path, ckpt: Path, precision: Precision, unet_channels_last: bool = False,
                  loaded_config=None):
     """Meta-built model of `config` holding `ckpt`'s weights cast per `precision` (CPU, eval mode)."""
@@ -227,6 +257,7 @@ def read_weights(config: Path, ckpt: Path, precision: Precision, unet_channels_l
     from ldm.util import load_config
 
     loaded_config = loaded_config if loaded_config is not None else load_config(config)
+    import_targets(loaded_config)
     state_dict = read_state_dict(ckpt)
     state_dict = cast_state_dict(state_dict, lambda key: part_dtype(key, precision),
                                  lambda key: unet_channels_last and key.startswith(UNET_PREFIX))

@@ -24,7 +24,7 @@ import torch
 
 from ldm.batch.prompts import PromptLine, read_prompt_lines
 from ldm.errors import SDError
-from ldm.runtime import load_for_inference, precision_context, resolve_device
+from ldm.runtime import RuntimeOptions, autocast_context, load_for_inference, resolve_device
 
 
 @dataclass
@@ -190,6 +190,10 @@ class Job:
     ckpt: Optional[Path]
     device: str
     precision: str
+    compile: bool = False  # --compile: torch.compile the UNet (artefacts cached on disk)
+    torchscript: bool = False  # --torchscript: trace and freeze the UNet
+    ipex: bool = False  # --ipex: intel_extension_for_pytorch's optimize
+    threads: Optional[int] = None  # --threads (default: OMP_NUM_THREADS or all cores)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     # Batch jobs (ldm/batch): resume, scale-out, reproduction.
     skip_existing: bool = False  # skip items whose file exists with matching metadata
@@ -215,9 +219,16 @@ class Job:
             self.__dict__["_lines"] = read_prompt_lines(self.from_file) if self.from_file else [PromptLine(self.prompt)]
         return self.__dict__["_lines"]
 
+    def runtime_options(self, device: Optional[torch.device] = None) -> RuntimeOptions:
+        """How to run the model: device, precision and the fast-path flags."""
+        return RuntimeOptions(device=str(device) if device is not None else self.device, precision=self.precision,
+                              compile=self.compile, torchscript=self.torchscript, ipex=self.ipex, threads=self.threads)
+
     def check(self) -> list[str]:
         """Validate every input that needs no model; returns the prompts."""
         from ldm.models.diffusion.samplers import check_sampler
+
+        self.runtime_options().check()
 
         for name in ("n_samples", "n_iter", "repeat", "num_nodes"):
             if getattr(self, name) < 1:
@@ -326,7 +337,7 @@ class Engine:
 
         self.job, self.mode = job, mode
         self.device = resolve_device(str(device) if device is not None else job.device)
-        self.model = load_for_inference(job.config, job.ckpt, self.device, job.precision)
+        self.model = load_for_inference(job.config, job.ckpt, job.runtime_options(self.device))
         if job.C != self.model.latent_channels or job.f != self.model.downsampling_factor:
             raise SDError(f"--C {job.C} / --f {job.f} do not fit the model (it has {self.model.latent_channels} latent "
                           f"channels and factor {self.model.downsampling_factor})")
@@ -355,7 +366,7 @@ class Engine:
 
         job, settings, items = self.job.for_batch(batch), batch.sampling, batch.items
         noise, generators = start_noise(items, self.mode.latent_shape(job))
-        with torch.inference_mode(), precision_context(self.device, job.precision):
+        with torch.inference_mode(), autocast_context(self.model):
             c = self.encoder([it.prompt for it in items]).to(self.device)
             uc = self.encoder([it.negative_prompt for it in items]).to(self.device) if settings.scale != 1.0 else None
             inputs = self.mode.batch(self.model, items, generators, self.device)

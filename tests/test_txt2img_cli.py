@@ -170,10 +170,35 @@ def test_samplers_command_lists_every_sampler(capsys):
     assert {"ddim", "plms", "dpm", "euler", "euler_a", "heun", "dpm2", "dpmpp_2m", "dpmpp_2m_sde"} <= set(listed)
 
 
-@pytest.mark.parametrize("flag", ["--ipex", "--torchscript", "--bf16"])
-def test_later_flags_are_refused_not_ignored(flag, tiny_ckpts, tmp_path, capsys):
-    code, err = run([*tiny_args(tiny_ckpts), *FAST, flag, "--outdir", str(tmp_path)], capsys)
-    assert code == 1 and "not available yet" in err
+def test_ipex_without_ipex_says_how_to_get_it(tiny_ckpts, tmp_path, capsys):
+    pytest.importorskip("torch")
+    try:
+        import intel_extension_for_pytorch  # noqa: F401
+        pytest.skip("IPEX is installed in this environment")
+    except ImportError:
+        pass
+    code, err = run([*tiny_args(tiny_ckpts), *FAST, "--ipex", "--outdir", str(tmp_path)], capsys)
+    assert code == 1 and "make install-ipex" in err and err.count("\n") == 1
+
+
+def test_bf16_and_torchscript_paths_match_fp32(tiny_ckpts, tmp_path, capsys):
+    """--bf16 (the reference's flag) and --torchscript run and stay close to the fp32 image."""
+    base = [*tiny_args(tiny_ckpts, "v"), "--steps", "3", "--H", "256", "--W", "256", "--device", "cpu",
+            "--n_samples", "1", "--n_iter", "1"]
+    images = {}
+    for name, flags in (("full", ["--precision", "full"]), ("bf16", ["--bf16"]),
+                        ("ts", ["--precision", "full", "--torchscript"])):
+        code, err = run([*base, *flags, "--outdir", str(tmp_path / name)], capsys)
+        assert code == 0, err
+        images[name] = pixels(tmp_path / name / "samples" / "00000.png").astype(np.float64)
+
+    def psnr(a, b):
+        return 10 * np.log10(255.0 ** 2 / max(np.mean((a - b) ** 2), 1e-12))
+
+    assert psnr(images["ts"], images["full"]) > 45
+    assert psnr(images["bf16"], images["full"]) > 20
+    code, err = run([*base, "--bf16", "--precision", "full", "--outdir", str(tmp_path / "x")], capsys)
+    assert code == 1 and "disagree" in err
 
 
 def test_ctrl_c_exits_130_with_one_line(tiny_ckpts, tmp_path, capsys, monkeypatch):

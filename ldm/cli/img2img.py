@@ -46,9 +46,14 @@ def _shared(
     config: opt.Config = Path("configs/stable-diffusion/v2-inference.yaml"),
     ckpt: opt.Ckpt = None,
     seed: opt.Seed = 42,
-    precision: opt.Precision = "autocast",
+    precision: opt.Precision = "auto",
     repeat: opt.Repeat = 1,
     device: opt.Device = "auto",
+    torchscript: opt.Torchscript = False,
+    ipex: opt.Ipex = False,
+    bf16: opt.Bf16 = False,
+    compile: opt.Compile = False,
+    threads: opt.Threads = None,
     skip_existing: bopt.SkipExisting = False,
     devices: bopt.Devices = None,
     num_nodes: bopt.NumNodes = 1,
@@ -64,6 +69,7 @@ def run_image_command(mode, *, steps: int, plms: bool, dpm: bool, sampler: Optio
     from ldm import generate, modes
 
     sampler_name = opt.pick_sampler(sampler, plms=plms, dpm=dpm)
+    fields["precision"] = opt.pick_precision(fields["precision"], fields.pop("bf16"))
     job = modes.image_job(mode, sampling=generate.SamplingSettings(
         steps=steps, sampler=sampler_name, schedule=schedule, eta=ddim_eta, scale=scale), **fields)
     generate.run_job(job, mode)

@@ -50,12 +50,16 @@ Config = Annotated[Path, typer.Option("--config", help="The model's YAML config.
 Ckpt = Annotated[Optional[Path], typer.Option("--ckpt", help="Checkpoint (.ckpt or .safetensors).")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed: image k of the run uses seed + k.")]
 Precision = Annotated[str, typer.Option(
-    "--precision", help="full (fp32) or autocast (bf16 on CPU, fp16 on CUDA).")]
+    "--precision", help="auto (bf16 on CPUs with AVX512-BF16/AMX, fp32 on other CPUs, fp16 on CUDA), full (fp32), "
+    "autocast (the reference's: fp32 weights under torch.autocast), bf16 or fp16 (weights cast once).")]
 Repeat = Annotated[int, typer.Option("--repeat", help="Repeat each prompt of --from-file this often.")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, or auto (cuda when available).")]
-Torchscript = Annotated[bool, typer.Option("--torchscript", help="Run the UNet through TorchScript.")]
-Ipex = Annotated[bool, typer.Option("--ipex", help="Use Intel Extension for PyTorch.")]
-Bf16 = Annotated[bool, typer.Option("--bf16", help="Run in bfloat16.")]
+Torchscript = Annotated[bool, typer.Option("--torchscript", help="Trace and freeze the UNet with TorchScript.")]
+Ipex = Annotated[bool, typer.Option("--ipex", help="Optimise the UNet with Intel Extension for PyTorch (make install-ipex).")]
+Bf16 = Annotated[bool, typer.Option("--bf16", help="The reference's flag: same as --precision bf16.")]
+Compile = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile the UNet (oneDNN fusions); compiled kernels are cached in ~/.cache/sd.")]
+Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: OMP_NUM_THREADS, else all cores).")]
 
 
 def pick_sampler(sampler: Optional[str], *, plms: bool, dpm: bool) -> str:
@@ -68,8 +72,8 @@ def pick_sampler(sampler: Optional[str], *, plms: bool, dpm: bool) -> str:
     return chosen[0] if chosen else "ddim"
 
 
-def refuse_unavailable(**flags: bool) -> None:
-    """Flags of later work fail clearly instead of being silently ignored."""
-    for name, on in flags.items():
-        if on:
-            raise SDError(f"--{name} is not available yet in sd (run without it)")
+def pick_precision(precision: str, bf16: bool) -> str:
+    """--bf16 is the reference's spelling of --precision bf16."""
+    if bf16 and precision not in ("auto", "bf16"):
+        raise SDError(f"--bf16 and --precision {precision} disagree; pick one")
+    return "bf16" if bf16 else precision

@@ -36,12 +36,14 @@ def txt2img(
     config: opt.Config = Path("configs/stable-diffusion/v2-inference.yaml"),
     ckpt: opt.Ckpt = None,
     seed: opt.Seed = 42,
-    precision: opt.Precision = "autocast",
+    precision: opt.Precision = "auto",
     repeat: opt.Repeat = 1,
     device: opt.Device = "auto",
     torchscript: opt.Torchscript = False,
     ipex: opt.Ipex = False,
     bf16: opt.Bf16 = False,
+    compile: opt.Compile = False,
+    threads: opt.Threads = None,
     skip_existing: bopt.SkipExisting = False,
     devices: bopt.Devices = None,
     num_nodes: bopt.NumNodes = 1,
@@ -51,11 +53,11 @@ def txt2img(
     from ldm import generate
 
     sampler_name = opt.pick_sampler(sampler, plms=plms, dpm=dpm)
-    opt.refuse_unavailable(torchscript=torchscript, ipex=ipex, bf16=bf16)
     job = generate.Job(
         prompt=prompt, negative_prompt=negative_prompt, from_file=from_file, repeat=repeat,
         n_samples=n_samples, n_iter=n_iter, n_rows=n_rows, seed=seed, fixed_code=fixed_code,
-        H=H, W=W, C=C, f=f, outdir=outdir, config=config, ckpt=ckpt, device=device, precision=precision,
+        H=H, W=W, C=C, f=f, outdir=outdir, config=config, ckpt=ckpt, device=device, precision=opt.pick_precision(precision, bf16),
+        compile=compile, torchscript=torchscript, ipex=ipex, threads=threads,
         sampling=generate.SamplingSettings(steps=steps, sampler=sampler_name, schedule=schedule, eta=ddim_eta, scale=scale),
         skip_existing=skip_existing, devices=devices, num_nodes=num_nodes, accelerator=accelerator, from_image=from_image,
     )

@@ -67,6 +67,11 @@ def test_crops_come_from_the_full_render():
         assert small.shape == (3, 24, 24)
         windows = big.unfold(1, 24, 1).unfold(2, 24, 1)  # (3, 41, 41, 24, 24)
         assert (windows == small[:, None, None]).all(dim=(0, 3, 4)).any()
+    # shape-centred crops (the default) always show two colours; uniformly random ones often show one
+    shaped = ShapesDataset(length=40, seed=2, crop=128)
+    assert all(len(torch.unique(shaped[i]["image"].flatten(1), dim=1).T) >= 2 for i in range(40))
+    anywhere = ShapesDataset(length=40, seed=2, crop=64, crop_mode="random")
+    assert sum(len(torch.unique(anywhere[i]["image"].flatten(1), dim=1).T) == 1 for i in range(40)) >= 10
 
 
 def test_captions_name_the_scene_and_splits_use_disjoint_wording():
@@ -241,3 +246,26 @@ def test_train_config_errors(tmp_path):
     bad.write_text(yaml.safe_dump({"model": TINY_VAE, "trainer": {"module": "gan", "output": "x"}}))
     with pytest.raises(SDError, match="trainer.module"):
         train(bad)
+
+
+def test_decoder_only_finetuning_and_merge(tmp_path):
+    from ldm.checkpoint import read_state_dict
+    from ldm.errors import SDError
+    from ldm.training.trainers import export_state_dict, merge_first_stage, save_safetensors
+
+    trainer = AutoencoderTrainer(TINY_VAE, train_encoder=False)
+    trainable = {k for k, p in trainer.vae.named_parameters() if p.requires_grad}
+    assert trainable and all(k.startswith(("decoder.", "post_quant_conv.")) for k in trainable)
+
+    ldm = DiffusionTrainer(tiny_ldm()).ldm
+    full = save_safetensors(export_state_dict(ldm, torch.float16), tmp_path / "full.safetensors")
+    vae = export_state_dict(ldm.first_stage_model)
+    vae["decoder.conv_out.bias"] = vae["decoder.conv_out.bias"] + 1.0
+    merged = read_state_dict(merge_first_stage(full, save_safetensors(vae, tmp_path / "vae.safetensors"),
+                                               tmp_path / "merged.safetensors"))
+    torch.testing.assert_close(merged["first_stage_model.decoder.conv_out.bias"],
+                               vae["decoder.conv_out.bias"].half())
+    assert set(merged) == set(read_state_dict(full))
+    vae["encoder.conv_in.bias"] = vae["encoder.conv_in.bias"] + 1.0
+    with pytest.raises(SDError, match="encoder weight encoder.conv_in.bias differs"):
+        merge_first_stage(full, save_safetensors(vae, tmp_path / "vae2.safetensors"), tmp_path / "m2.safetensors")

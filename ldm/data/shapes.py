@@ -148,16 +148,18 @@ class ShapesDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, length: int | None = None, size: int = 256, seed: int = 0, split: str = "train",
-                 crop: int | None = None, shuffle: bool = False):
+                 crop: int | None = None, shuffle: bool = False, crop_mode: str = "shape"):
         if split not in SPLITS:
             raise SDError(f"unknown split '{split}' (one of {', '.join(SPLITS)})")
+        if crop_mode not in ("shape", "random"):
+            raise SDError(f"crop_mode must be 'shape' or 'random', not '{crop_mode}'")
         if crop is not None and not 0 < crop <= size:
             raise SDError(f"crop {crop} must be between 1 and the image size {size}")
         self.combinations = all_combinations()
         if shuffle:
             random.Random(f"{seed}:{split}:order").shuffle(self.combinations)
         self.length = len(self.combinations) if length is None else int(length)
-        self.size, self.seed, self.split, self.crop = size, seed, split, crop
+        self.size, self.seed, self.split, self.crop, self.crop_mode = size, seed, split, crop, crop_mode
 
     def __len__(self) -> int:
         return self.length
@@ -177,10 +179,30 @@ class ShapesDataset(torch.utils.data.Dataset):
         scene = self.scene(index)
         image = image_to_tensor(render_scene(scene, self.size))  # (3, size, size)
         if self.crop is not None and self.crop < self.size:
-            rng = random.Random(f"{self.seed}:{self.split}:{index}:crop")
-            top, left = rng.randrange(self.size - self.crop + 1), rng.randrange(self.size - self.crop + 1)
-            image = image[:, top:top + self.crop, left:left + self.crop]
+            rows, cols = self._crop_window(index, scene)
+            image = image[:, rows, cols]
         return {"image": image, "caption": self.caption(index), "scene": scene}
+
+    def _crop_window(self, index: int, scene: ShapeScene) -> tuple[slice, slice]:
+        """A crop that contains the shape's centre, away from the crop's edge by a quarter of its side.
+
+        Crops must show the shape: on a flat crop every channel of the autoencoder is spatially constant
+        and GroupNorm maps it to the same value whatever the colour, so such crops teach nothing but the
+        average colour (and the full images the model later encodes always hold a shape)."""
+        rng = random.Random(f"{self.seed}:{self.split}:{index}:crop")
+        hi = self.size - self.crop
+        if self.crop_mode == "random":  # anywhere (how the first autoencoder runs were cropped)
+            top, left = rng.randrange(hi + 1), rng.randrange(hi + 1)
+            return slice(top, top + self.crop), slice(left, left + self.crop)
+        fx, fy = POSITIONS[scene.position]
+        cx, cy = (fx + scene.dx) * self.size, (fy + scene.dy) * self.size
+        quarter = self.crop / 4
+
+        def start(center: float) -> int:
+            return min(max(int(center - self.crop / 2 + rng.uniform(-quarter, quarter)), 0), hi)
+
+        top, left = start(cy), start(cx)
+        return slice(top, top + self.crop), slice(left, left + self.crop)
 
     def __iter__(self) -> Iterator[dict]:
         return (self[i] for i in range(len(self)))

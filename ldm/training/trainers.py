@@ -113,9 +113,15 @@ class AutoencoderTrainer(_Logged):
 
     def __init__(self, model_config: Any, kl_weight: float = 1e-6, l2_weight: float = 1.0, lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 50, log_path: Optional[str] = None,
-                 checkpoint_every: int = 0, output: Optional[str] = None, save_dtype: str = "float32"):
+                 checkpoint_every: int = 0, output: Optional[str] = None, save_dtype: str = "float32",
+                 train_encoder: bool = True):
         super().__init__(lr, weight_decay, warmup_steps, log_path, checkpoint_every, output)
         self.vae = instantiate_from_config(model_config)
+        if not train_encoder:
+            # Decoder-only fine-tuning (as SD's vae-ft-mse): the latents, and so a diffusion model trained
+            # on them, stay valid.
+            self.vae.encoder.requires_grad_(False)
+            self.vae.quant_conv.requires_grad_(False)
         self.kl_weight, self.l2_weight = kl_weight, l2_weight
         self.save_dtype = getattr(torch, save_dtype)
 
@@ -282,6 +288,24 @@ def _collate(items: list[dict]) -> dict:
 
 
 
+def merge_first_stage(diffusion_ckpt: str | Path, vae_ckpt: str | Path, output: str | Path,
+                      dtype: torch.dtype = torch.float16) -> Path:
+    """A full checkpoint with its first_stage_model.* replaced by a (decoder-fine-tuned) VAE checkpoint
+    whose encoder is unchanged; refuses a VAE with a different encoder, which would invalidate the UNet."""
+    from ldm.checkpoint import read_state_dict
+
+    state = dict(read_state_dict(diffusion_ckpt))
+    vae = read_state_dict(vae_ckpt)
+    for key, value in vae.items():
+        if key.startswith(("encoder.", "quant_conv.")):
+            old = state[f"first_stage_model.{key}"].float()
+            if not torch.allclose(old, value.float().to(old.dtype), atol=1e-3, rtol=1e-2):
+                raise SDError(f"{vae_ckpt}: encoder weight {key} differs from the one the UNet was trained on")
+        state[f"first_stage_model.{key}"] = value.to(dtype).contiguous()
+    state = {k: v.clone().contiguous() for k, v in state.items()}
+    return save_safetensors(state, Path(output), {"format": "LatentDiffusion", "first_stage": str(vae_ckpt)})
+
+
 def _init_from(target: torch.nn.Module, path: Optional[str]) -> bool:
     """Continue from an earlier checkpoint of the same model (same key layout), loaded strictly."""
     if not path:
@@ -339,7 +363,8 @@ def train(config_path: str | Path, *, max_minutes: Optional[float] = None, max_s
 
     if kind == "autoencoder":
         module = AutoencoderTrainer(model_config, kl_weight=tcfg.get("kl_weight", 1e-6),
-                                    l2_weight=tcfg.get("l2_weight", 1.0), **common)
+                                    l2_weight=tcfg.get("l2_weight", 1.0),
+                                    train_encoder=tcfg.get("train_encoder", True), **common)
         _init_from(module.vae, tcfg.get("init_from"))
         dataset = ShapesDataset(length=steps * batch_size, **data_cfg)
     else:

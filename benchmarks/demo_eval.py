@@ -1,0 +1,54 @@
+"""Measure the shipped demo model as tests/test_demo_model.py does, and draw the docs' figures.
+
+.venv/bin/python benchmarks/demo_eval.py [--ckpt checkpoints/demo/demo.safetensors] [--steps 20] [--scale 5]
+Writes checkpoints/demo/samples.png (the 40 held-out samples) and checkpoints/demo/loss.png (training curves).
+"""
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from ldm.checkpoint import load_model
+from ldm.training.evaluate import contact_sheet, evaluate
+from ldm.training.plot import plot_losses, read_losses
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "checkpoints" / "demo" / "train-logs"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ckpt", default=str(ROOT / "checkpoints/demo/demo.safetensors"))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--scale", type=float, default=5.0)
+    parser.add_argument("--sampler", default="ddim")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-figures", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model = load_model(ROOT / "configs/demo/demo-inference.yaml", args.ckpt).model.float().eval()
+    start = time.perf_counter()
+    result = evaluate(model, 40, steps=args.steps, scale=args.scale, sampler=args.sampler, seed=args.seed)
+    print(f"{args.sampler} steps {args.steps} scale {args.scale}: colours {result.colors:.3f} "
+          f"shapes {result.shapes:.3f} ({time.perf_counter() - start:.1f}s)")
+    bg = sum(r.background == s.background for r, s in zip(result.readings, result.scenes)) / result.n
+    fg = sum(r.color == s.color for r, s in zip(result.readings, result.scenes)) / result.n
+    print(f"  background alone {bg:.3f}, foreground alone {fg:.3f}")
+    for prompt, reading in list(zip(result.prompts, result.readings))[:8]:
+        print(f"  {prompt!r} -> {reading.color} {reading.shape} on {reading.background}")
+    if args.no_figures:
+        return
+    contact_sheet(result.images).save(ROOT / "checkpoints/demo/samples.png")
+    panels = []
+    for name, title in (("demo-autoencoder-loss-part1.csv", "autoencoder part 1 (L1 + L2 + KL)"),
+                        ("demo-autoencoder-loss-part2.csv", "autoencoder part 2"),
+                        ("demo-autoencoder-loss-part3.csv", "autoencoder part 3 (shape crops)"),
+                        ("demo-diffusion-loss.csv", "UNet + text tower (v-prediction MSE)")):
+        if (TRAIN / name).is_file():
+            panels.append((title, read_losses(TRAIN / name)))
+    plot_losses(panels, ROOT / "checkpoints/demo/loss.png")
+
+
+if __name__ == "__main__":
+    main()

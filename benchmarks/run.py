@@ -271,6 +271,8 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (slow first compile)")
     parser.add_argument("--quick", action="store_true", help="512 only, 2 reps, no compile, no 768 e2e")
     parser.add_argument("--only", default="unet,ipex,vae,load,e2e", help="comma-separated parts to run")
+    parser.add_argument("--ipex-variants", default="sd-bf16-ipex,sd-bf16-ipex-torchscript,sd-bf16,diffusers-bf16",
+                        help="UNet variants timed in .venv-ipex (when it exists)")
     parser.add_argument("--load-reps", type=int, default=2, help="fresh-process loads per variant")
     parser.add_argument("--variants", default="sd-fp32,diffusers-fp32,sd-bf16,diffusers-bf16",
                         help="UNet variants of the main group (sd-<fp32|bf16>[-compile|-torchscript], "
@@ -298,8 +300,7 @@ def main() -> None:
                                          "partial": str(cache_dir() / "partial-unet.json")})
     ipex_python = REPO / ".venv-ipex" / "bin" / "python"
     if "ipex" in parts and ipex_python.exists():
-        results["ipex"] = child("unet", {**common, "variants": ["sd-bf16-ipex", "sd-bf16-ipex-torchscript", "sd-bf16",
-                                                         "diffusers-bf16"],
+        results["ipex"] = child("unet", {**common, "variants": ns.ipex_variants.split(","),
                                          "partial": str(cache_dir() / "partial-ipex.json")},
                                 python=str(ipex_python))
     if "vae" in parts:

@@ -41,11 +41,11 @@ def test_part_dtypes_of_each_mode():
     assert (got["full"].unet, got["full"].text, got["full"].vae, got["full"].autocast) == (f32, f32, f32, None)
     assert (got["autocast"].unet, got["autocast"].autocast) == (f32, bf16)
     assert resolve_precision("autocast", torch.device("cuda")).autocast == f16
-    assert (got["bf16"].unet, got["bf16"].text, got["bf16"].vae, got["bf16"].autocast) == (bf16, bf16, f32, None)
-    assert (got["fp16"].unet, got["fp16"].text) == (f16, f16)
+    assert (got["bf16"].unet, got["bf16"].text, got["bf16"].vae, got["bf16"].autocast) == (bf16, bf16, bf16, None)
+    assert (got["fp16"].unet, got["fp16"].text, got["fp16"].vae) == (f16, f16, f32)  # fp16 VAEs overflow
     assert runtime.part_dtype("model.diffusion_model.out.2.weight", got["bf16"]) == bf16
     assert runtime.part_dtype("cond_stage_model.model.ln_final.weight", got["bf16"]) == bf16
-    assert runtime.part_dtype("first_stage_model.decoder.conv_in.weight", got["bf16"]) == f32
+    assert runtime.part_dtype("first_stage_model.decoder.conv_in.weight", got["bf16"]) == bf16
     assert runtime.part_dtype("alphas_cumprod", got["bf16"]) is None
 
 
@@ -108,7 +108,8 @@ def test_cast_keeps_values_and_releases_mapped_sources(tmp_path):
     save_file(tensors, str(tmp_path / "x.safetensors"))
     mapped = read_state_dict(tmp_path / "x.safetensors")
     source = mapped["model.diffusion_model.w"]
-    cast = runtime.cast_state_dict(mapped, lambda k: runtime.part_dtype(k, resolve_precision("bf16", CPU)))
+    cast = runtime.cast_state_dict(mapped, lambda k: runtime.part_dtype(k, resolve_precision("full", CPU))
+                                   if k.startswith("first") else runtime.part_dtype(k, resolve_precision("bf16", CPU)))
     assert cast["model.diffusion_model.w"].dtype == torch.bfloat16
     assert torch.equal(cast["model.diffusion_model.w"], tensors["model.diffusion_model.w"].to(torch.bfloat16))
     assert cast["first_stage_model.w"] is mapped["first_stage_model.w"]  # kept as stored: no copy
@@ -116,20 +117,28 @@ def test_cast_keeps_values_and_releases_mapped_sources(tmp_path):
     assert torch.equal(source, tensors["model.diffusion_model.w"])  # released pages read back from the file
 
 
-def test_bf16_load_casts_unet_and_text_only(tiny_ckpts):
+def test_bf16_load_casts_unet_text_and_vae(tiny_ckpts):
     entry = tiny_ckpts["eps"]
     model = load_for_inference(entry["config"], entry["safetensors"], RuntimeOptions(device="cpu", precision="bf16"))
     reference = entry["model"].state_dict()
     state = model.state_dict()
     for key, value in state.items():
         expected = reference[key]
-        if key.startswith(("model.diffusion_model.", "cond_stage_model.")) and value.is_floating_point():
+        if key.startswith(("model.diffusion_model.", "cond_stage_model.", "first_stage_model.")):
             assert value.dtype == torch.bfloat16, key
             assert torch.equal(value, expected.to(torch.bfloat16)), key
         else:
             assert value.dtype == expected.dtype, key
             assert torch.equal(value, expected), key
     assert model.runtime.precision.mode == "bf16"
+    # the bf16 VAE takes and gives float32
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        image = model.decode_first_stage(z)
+        moments = model.first_stage_model.encode(image).mean
+        reference = entry["model"].decode_first_stage(z)
+    assert image.dtype == torch.float32 and moments.dtype == torch.float32
+    assert psnr(image, reference) > 30.0
     # bf16 cannot overflow as fp16 does: the attention upcast is off unless ATTN_PRECISION says otherwise
     assert all(not m.upcast for m in model.modules() if hasattr(m, "to_q"))
 
@@ -216,8 +225,10 @@ def test_torchscript_traces_per_shape_and_matches_eager(tiny_ckpts):
 
 
 def test_compile_cache_points_inductor_at_the_cache_dir(tmp_path, monkeypatch):
-    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+    for name in ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/inductor-default")  # as inductor leaves it once asked
+    monkeypatch.setattr(runtime, "_USER_INDUCTOR_CACHE", None)
     opts = RuntimeOptions(compile=True, compile_cache=tmp_path / "cc")
     runtime.enable_compile_cache(runtime.compile_cache_dir(opts))
     import os

@@ -247,3 +247,16 @@ def test_intel_bf16_configs_make_auto_bf16_on_any_cpu(monkeypatch):
     assert hint == "bf16" and resolve_precision("auto", CPU, hint).mode == "bf16"
     hint = runtime.config_precision_hint(load_config(root / "intel" / "v2-inference-v-fp32.yaml"))
     assert hint is None and resolve_precision("auto", CPU, hint).mode == "full"
+
+
+def test_ipex_is_the_default_bf16_cpu_path_only_when_installed(monkeypatch):
+    import importlib.util
+
+    bf16, full = resolve_precision("bf16", CPU), resolve_precision("full", CPU)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # "installed"
+    assert RuntimeOptions().use_ipex(CPU, bf16) is True
+    assert RuntimeOptions().use_ipex(CPU, full) is False
+    assert RuntimeOptions(compile=True).use_ipex(CPU, bf16) is False
+    assert RuntimeOptions(ipex=False).use_ipex(CPU, bf16) is False
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # not installed
+    assert RuntimeOptions().use_ipex(CPU, bf16) is False

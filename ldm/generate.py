@@ -192,7 +192,7 @@ class Job:
     precision: str
     compile: bool = False  # --compile: torch.compile the UNet (artefacts cached on disk)
     torchscript: bool = False  # --torchscript: trace and freeze the UNet
-    ipex: bool = False  # --ipex: intel_extension_for_pytorch's optimize
+    ipex: Optional[bool] = None  # --ipex/--no-ipex (None: IPEX for bf16 on CPU when installed)
     threads: Optional[int] = None  # --threads (default: OMP_NUM_THREADS or all cores)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     # Batch jobs (ldm/batch): resume, scale-out, reproduction.

@@ -50,7 +50,7 @@ def _shared(
     repeat: opt.Repeat = 1,
     device: opt.Device = "auto",
     torchscript: opt.Torchscript = False,
-    ipex: opt.Ipex = False,
+    ipex: opt.Ipex = None,
     bf16: opt.Bf16 = False,
     compile: opt.Compile = False,
     threads: opt.Threads = None,

@@ -40,7 +40,7 @@ def txt2img(
     repeat: opt.Repeat = 1,
     device: opt.Device = "auto",
     torchscript: opt.Torchscript = False,
-    ipex: opt.Ipex = False,
+    ipex: opt.Ipex = None,
     bf16: opt.Bf16 = False,
     compile: opt.Compile = False,
     threads: opt.Threads = None,

@@ -29,26 +29,30 @@ def main():
     torch.set_num_threads(1)
     model = load_model(ROOT / "configs/demo/demo-inference.yaml", args.ckpt).model.float().eval()
     start = time.perf_counter()
-    result = evaluate(model, 40, steps=args.steps, scale=args.scale, sampler=args.sampler, seed=args.seed)
-    print(f"{args.sampler} steps {args.steps} scale {args.scale}: colours {result.colors:.3f} "
-          f"shapes {result.shapes:.3f} ({time.perf_counter() - start:.1f}s)")
-    bg = sum(r.background == s.background for r, s in zip(result.readings, result.scenes)) / result.n
-    fg = sum(r.color == s.color for r, s in zip(result.readings, result.scenes)) / result.n
-    print(f"  background alone {bg:.3f}, foreground alone {fg:.3f}")
-    for prompt, reading in list(zip(result.prompts, result.readings))[:8]:
-        print(f"  {prompt!r} -> {reading.color} {reading.shape} on {reading.background}")
+    for wording in ("train", "heldout"):  # the held-out result (last) is the one drawn
+        result = evaluate(model, 40, steps=args.steps, scale=args.scale, sampler=args.sampler, seed=args.seed,
+                          wording=wording)
+        print(f"{wording} wording, {args.sampler} steps {args.steps} scale {args.scale}: colours "
+              f"{result.colors:.3f} shapes {result.shapes:.3f} background {result.backgrounds:.3f} "
+              f"foreground {result.foregrounds:.3f} ({time.perf_counter() - start:.1f}s)")
+        for prompt, reading in list(zip(result.prompts, result.readings))[:4]:
+            print(f"  {prompt!r} -> {reading.color} {reading.shape} on {reading.background}")
     if args.no_figures:
         return
     contact_sheet(result.images).save(ROOT / "checkpoints/demo/samples.png")
+    draw_losses()
+
+
+def draw_losses():
     panels = []
     for name, title in (("demo-autoencoder-loss-part1.csv", "autoencoder part 1 (L1 + L2 + KL)"),
                         ("demo-autoencoder-loss-part2.csv", "autoencoder part 2"),
                         ("demo-autoencoder-loss-part3.csv", "autoencoder part 3 (shape crops)"),
+                        ("demo-autoencoder-loss-part4.csv", "autoencoder part 4 (decoder only, beside the UNet)"),
                         ("demo-diffusion-loss.csv", "UNet + text tower (v-prediction MSE)")):
         if (TRAIN / name).is_file():
             panels.append((title, read_losses(TRAIN / name)))
     plot_losses(panels, ROOT / "checkpoints/demo/loss.png")
-
 
 if __name__ == "__main__":
     main()

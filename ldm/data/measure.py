@@ -1,8 +1,8 @@
 """Reading a shapes image back from its pixels: background colour, foreground colour, shape class.
 
 Used to measure prompt following of the demo model without any learned judge: every pixel gets its
-nearest named colour; the background is the most common colour on the image border, the foreground the
-most common other colour; the shape is the template (each shape rendered and cropped to its bounding box)
+nearest named colour; the background is the most common colour (away from the image edge), the foreground
+the most common other colour; the shape is the template (each shape rendered and cropped to its bounding box)
 with the highest IoU against the foreground mask cropped to its own bounding box.
 """
 from __future__ import annotations
@@ -70,8 +70,11 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
     """What a shapes image shows, from its pixels alone."""
     array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     labels = nearest_colors(array)  # (H, W)
-    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    bg = int(np.bincount(border, minlength=len(_NAMES)).argmax())
+    # The background is the most common colour away from the image edge (decoders smear the outermost
+    # pixels; every shape covers at most a quarter of the image).
+    margin = labels.shape[0] // 16
+    inner = labels[margin:labels.shape[0] - margin, margin:labels.shape[1] - margin]
+    bg = int(np.bincount(inner.ravel(), minlength=len(_NAMES)).argmax())
     counts = np.bincount(labels.ravel(), minlength=len(_NAMES))
     counts[bg] = 0
     if counts.sum() == 0:

@@ -14,13 +14,14 @@ import numpy as np
 import torch
 
 from ldm.data.measure import Reading, read_image
-from ldm.data.shapes import POSITIONS, ShapeScene, ShapesDataset, caption_for
+from ldm.data.shapes import ShapeScene, ShapesDataset, caption_for
 
 
-def heldout_prompts(n: int = 40, seed: int = 1234) -> list[tuple[ShapeScene, str]]:
-    """n (scene, prompt) pairs in held-out wording, spread over random combinations."""
+def heldout_prompts(n: int = 40, seed: int = 1234, wording: str = "heldout") -> list[tuple[ShapeScene, str]]:
+    """n (scene, prompt) pairs spread over random combinations (jitter from the held-out seed stream), in
+    the held-out wording, or for comparison in the training wording."""
     dataset = ShapesDataset(length=n, seed=seed, split="heldout", shuffle=True)
-    return [(dataset.scene(i), caption_for(dataset.scene(i), random.Random(f"{seed}:{i}"), "heldout"))
+    return [(dataset.scene(i), caption_for(dataset.scene(i), random.Random(f"{seed}:{i}"), wording))
             for i in range(n)]
 
 
@@ -32,8 +33,8 @@ def start_noise(n: int, shape: tuple[int, int, int], seed: int) -> tuple[torch.T
 @torch.no_grad()
 def generate(model, prompts: list[str], *, steps: int = 20, scale: float = 5.0, seed: int = 0,
              sampler: str = "ddim", size: int = 256, start_latents: torch.Tensor | None = None,
-             strength: float = 1.0, denoiser=None) -> np.ndarray:
-    """Images (B, size, size, 3) uint8 for the prompts, sampled in one batch."""
+             strength: float = 1.0, denoiser=None, latents_only: bool = False):
+    """Images (B, size, size, 3) uint8 for the prompts, sampled in one batch (or the VP latents)."""
     from ldm.models.diffusion.denoiser import CFGDenoiser, DiscreteDenoiser
     from ldm.models.diffusion.samplers import run
 
@@ -44,14 +45,16 @@ def generate(model, prompts: list[str], *, steps: int = 20, scale: float = 5.0, 
     denoise = CFGDenoiser(denoiser or DiscreteDenoiser(model), scale)
     z = run(denoise, noise, cond, sampler, steps=steps, generators=generators, start_latents=start_latents,
             strength=strength)
-    images = model.decode_first_stage(z.to(torch.float32))  # (B, 3, size, size) about [-1, 1]
+    return z if latents_only else decode(model, z)
+
+
+@torch.no_grad()
+def decode(model, z: torch.Tensor, bf16: bool = True) -> np.ndarray:
+    """Latents -> (B, H, W, 3) uint8. bf16 autocast halves the decoder's time on CPU (it dominates: the
+    full-resolution convolutions); nearest-colour readings do not move."""
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        images = model.decode_first_stage(z.to(torch.float32)).float()  # (B, 3, H, W) about [-1, 1]
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def position_of(reading_mask_center: tuple[float, float]) -> str:
-    """The named position nearest to a centre given as fractions of the side."""
-    x, y = reading_mask_center
-    return min(POSITIONS, key=lambda name: (POSITIONS[name][0] - x) ** 2 + (POSITIONS[name][1] - y) ** 2)
 
 
 @dataclass
@@ -59,6 +62,8 @@ class Evaluation:
     n: int
     colors: float  # share of samples whose foreground AND background colour match the prompt
     shapes: float  # share whose shape class matches
+    backgrounds: float  # share whose background colour alone matches
+    foregrounds: float  # share whose foreground colour alone matches
     readings: list[Reading]
     scenes: list[ShapeScene]
     prompts: list[str]
@@ -66,14 +71,17 @@ class Evaluation:
 
 
 def evaluate(model, n: int = 40, *, steps: int = 20, scale: float = 5.0, seed: int = 0,
-             prompt_seed: int = 1234, sampler: str = "ddim") -> Evaluation:
-    pairs = heldout_prompts(n, prompt_seed)
+             prompt_seed: int = 1234, sampler: str = "ddim", wording: str = "heldout") -> Evaluation:
+    pairs = heldout_prompts(n, prompt_seed, wording)
     scenes, prompts = [s for s, _ in pairs], [p for _, p in pairs]
     images = generate(model, prompts, steps=steps, scale=scale, seed=seed, sampler=sampler)
     readings = [read_image(image) for image in images]
     colors = np.mean([r.color == s.color and r.background == s.background for r, s in zip(readings, scenes)])
     shapes = np.mean([r.shape == s.shape for r, s in zip(readings, scenes)])
-    return Evaluation(n, float(colors), float(shapes), readings, scenes, prompts, images)
+    backgrounds = np.mean([r.background == s.background for r, s in zip(readings, scenes)])
+    foregrounds = np.mean([r.color == s.color for r, s in zip(readings, scenes)])
+    return Evaluation(n, float(colors), float(shapes), float(backgrounds), float(foregrounds), readings, scenes,
+                      prompts, images)
 
 
 def contact_sheet(images: np.ndarray, columns: int = 8, thumb: int = 96):

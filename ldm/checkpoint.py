@@ -199,11 +199,8 @@ def assign_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], ckp
     # Keep each parameter's dtype as stored in the checkpoint for now; precision is chosen afterwards.
     model.load_state_dict(checked, strict=True, assign=True)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if leftover:  # a buffer the model computes but the checkpoint does not hold
-        materialize = getattr(model, "materialize_buffers", None)
-        if materialize is None:
-            raise SDError(f"internal error: {len(leftover)} tensors were not loaded ({_first(leftover)})")
-        materialize()
+    if leftover:  # strict loading covers every key, so this is a bug in a model class, not bad input
+        raise SDError(f"internal error: {len(leftover)} tensors were not loaded ({_first(leftover)})")
     model.eval()
     model.requires_grad_(False)
     return model

@@ -62,11 +62,6 @@ class Batch:
         return [self.keep] if self.keep is not None else list(range(len(self.items)))
 
 
-def read_prompt_file(path: str | Path) -> list[str]:
-    """One prompt a line; blank lines and lines starting with '#' are skipped (JSON Lines: the prompts)."""
-    return [line.prompt for line in read_prompt_lines(path)]
-
-
 def chunks(seq: list, size: int) -> Iterator[list]:
     for i in range(0, len(seq), size):
         yield seq[i:i + size]
@@ -108,15 +103,6 @@ def _plan(lines: list[PromptLine], *, n_samples: int, n_iter: int, repeat: int, 
 
 def _batch_key(item: Item) -> tuple:
     return dataclasses.astuple(item.sampling), item.size
-
-
-def plan_batches(prompts: list[str], *, n_samples: int, n_iter: int, repeat: int, from_file: bool,
-                 seed: int, fixed_code: bool, negative_prompt: str) -> list[list[Item]]:
-    """The reference's batching of plain prompts, as lists of items (see make_plan for whole jobs)."""
-    lines = [PromptLine(p) for p in prompts]
-    plan = _plan(lines, n_samples=n_samples, n_iter=n_iter, repeat=repeat, from_file=from_file, seed=seed,
-                 fixed_code=fixed_code, negative_prompt=negative_prompt, sampling=SamplingSettings(), size=(0, 0))
-    return [batch.items for batch in plan]
 
 
 def start_noise(items: list[Item], shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:

@@ -16,9 +16,6 @@ from ldm.batch import options as bopt
 from ldm.cli import app
 from ldm.cli import options as opt
 
-Steps = Annotated[int, typer.Option("--steps", "--ddim_steps", "--ddim-steps", help="Number of sampling steps.")]
-NIter = Annotated[int, typer.Option("--n_iter", "--n-iter", help="Sample this often.")]
-NSamples = Annotated[int, typer.Option("--n_samples", "--n-samples", help="Images per batch (batch size).")]
 InitImg = Annotated[Path, typer.Option("--init-img", "--init_img", help="The input image (any size; sides are "
                                        "shrunk to multiples of 8).")]
 Strength = Annotated[float, typer.Option(
@@ -29,17 +26,17 @@ def _shared(
     prompt: opt.Prompt = "",
     negative_prompt: opt.NegativePrompt = "",
     outdir: opt.Outdir = Path("outputs"),
-    steps: Steps = 50,
+    steps: opt.Steps = 50,
     plms: opt.Plms = False,
     dpm: opt.Dpm = False,
     sampler: opt.Sampler = None,
     schedule: opt.Schedule = None,
     fixed_code: opt.FixedCode = False,
     ddim_eta: opt.DdimEta = 0.0,
-    n_iter: NIter = 1,
+    n_iter: opt.NIter = 1,
     C: opt.LatentChannels = 4,
     f: opt.Factor = 8,
-    n_samples: NSamples = 1,
+    n_samples: opt.NSamples = 1,
     n_rows: opt.NRows = 0,
     scale: opt.Scale = 9.0,
     from_file: opt.FromFile = None,

@@ -16,6 +16,9 @@ NegativePrompt = Annotated[str, typer.Option(
     "--negative-prompt", "--negative_prompt", "-n",
     help="What the image should not show (the unconditional prompt of classifier-free guidance; default \"\").")]
 Outdir = Annotated[Path, typer.Option("--outdir", help="Folder for samples/ and grid-NNNN.png.")]
+Steps = Annotated[int, typer.Option("--steps", "--ddim_steps", "--ddim-steps", help="Number of sampling steps.")]
+NIter = Annotated[int, typer.Option("--n_iter", "--n-iter", help="Sample this often.")]
+NSamples = Annotated[int, typer.Option("--n_samples", "--n-samples", help="Images per batch (batch size).")]
 Plms = Annotated[bool, typer.Option("--plms", help="Use the PLMS sampler (same as --sampler plms).")]
 Dpm = Annotated[bool, typer.Option("--dpm", help="Use DPM-Solver (same as --sampler dpm).")]
 

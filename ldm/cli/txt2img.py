@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -17,19 +17,19 @@ def txt2img(
     prompt: opt.Prompt = "a professional photograph of an astronaut riding a triceratops",
     negative_prompt: opt.NegativePrompt = "",
     outdir: opt.Outdir = Path("outputs/txt2img-samples"),
-    steps: Annotated[int, typer.Option("--steps", "--ddim_steps", "--ddim-steps", help="Number of sampling steps.")] = 50,
+    steps: opt.Steps = 50,
     plms: opt.Plms = False,
     dpm: opt.Dpm = False,
     sampler: opt.Sampler = None,
     schedule: opt.Schedule = None,
     fixed_code: opt.FixedCode = False,
     ddim_eta: opt.DdimEta = 0.0,
-    n_iter: Annotated[int, typer.Option("--n_iter", "--n-iter", help="Sample this often.")] = 3,
+    n_iter: opt.NIter = 3,
     H: Annotated[int, typer.Option("--H", help="Image height in pixels.")] = 512,
     W: Annotated[int, typer.Option("--W", help="Image width in pixels.")] = 512,
     C: opt.LatentChannels = 4,
     f: opt.Factor = 8,
-    n_samples: Annotated[int, typer.Option("--n_samples", "--n-samples", help="Images per batch (batch size).")] = 3,
+    n_samples: opt.NSamples = 3,
     n_rows: opt.NRows = 0,
     scale: opt.Scale = 9.0,
     from_file: opt.FromFile = None,

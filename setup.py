@@ -12,7 +12,9 @@ setup(
         "torchvision",
         "pytorch-lightning>=2.0",
         "omegaconf>=2.1",
-        "open_clip_torch>=2.20",
+        "open_clip_torch>=2.20",  # the BPE vocabulary and architecture configs it ships (read, not imported)
+        "ftfy",  # prompt cleaning in our CLIP tokenizer, as open_clip does it
+        "regex",
         "timm>=0.9",
         "einops",
         "invisible-watermark>=0.2",

@@ -8,6 +8,8 @@ with a message that names them and, where the keys tell, which config fits.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import mmap
 import os
@@ -187,9 +189,35 @@ class LoadedModel:
     ckpt_path: Path
 
 
+# torch.nn.init functions that modules call from their constructors. On the meta device they have nothing
+# to do, but some still cost: normal_ on a meta tensor goes through a decomposition whose wrapper imports
+# torch._dynamo (~2 s on these cores) the first time.
+_INIT_FUNCTIONS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                   "xavier_normal_", "constant_", "zeros_", "ones_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def _skip_init_of_meta_tensors():
+    originals = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS if hasattr(nn.init, name)}
+
+    def skipping(original):
+        @functools.wraps(original)
+        def init(tensor, *args, **kwargs):
+            return tensor if tensor.is_meta else original(tensor, *args, **kwargs)
+        return init
+
+    try:
+        for name, original in originals.items():
+            setattr(nn.init, name, skipping(original))
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(nn.init, name, original)
+
+
 def build_on_meta(model_config) -> nn.Module:
     """Instantiate a model config without allocating or initialising any weight."""
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init_of_meta_tensors():
         return instantiate_from_config(model_config)
 
 

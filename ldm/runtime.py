@@ -232,9 +232,9 @@ def cast_state_dict(state_dict: Mapping[str, torch.Tensor], dtype_of: Callable[[
 
 
 def import_targets(config) -> None:
-    """Import the config's classes (and open_clip, which the text encoder imports when built) before the
-    meta-device build: under torch 2.8 (the IPEX environment) torch._dynamo, which those imports pull in,
-    fails to initialise inside a `torch.device("meta")` context. The imports happen anyway; only earlier."""
+    """Import the config's classes before the meta-device build: under torch 2.8 (the IPEX environment)
+    torch._dynamo, which those imports pull in, fails to initialise inside a `torch.device("meta")`
+    context. The imports happen anyway; only earlier."""
     import importlib
 
     from omegaconf import OmegaConf
@@ -256,9 +256,6 @@ def import_targets(config) -> None:
         module = target.rsplit(".", 1)[0]
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
-        if module == "ldm.modules.encoders.modules":
-            with contextlib.suppress(ImportError):
-                importlib.import_module("open_clip")
 
 
 def read_weights(config: Path, ckpt: Path, precision: Precision, unet_channels_last: bool = False,

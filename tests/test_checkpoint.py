@@ -152,3 +152,27 @@ def test_describe_sd1_checkpoint(tmp_path):
     assert "1.x" in describe_checkpoint(sd)
     assert "inpainting" in describe_checkpoint({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)})
     assert "x4 upscaler" in describe_checkpoint({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(256, 7, 3, 3)})
+
+
+def test_meta_build_of_a_full_size_model_is_cheap_and_leaves_torch_init_alone():
+    """Building SD 2.x on meta runs no initialiser: nn.init.normal_ on a meta tensor would import
+    torch._dynamo (seconds at every load) through its decomposition's wrapper; nor open_clip/timm/torchvision."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from ldm.checkpoint import build_on_meta\n"
+        "from ldm.util import load_config\n"
+        "init_before = torch.nn.init.normal_\n"
+        "model = build_on_meta(load_config('configs/stable-diffusion/v2-inference-v.yaml').model)\n"
+        "assert torch.nn.init.normal_ is init_before\n"
+        "t = torch.empty(3); torch.nn.init.constant_(t, 2.0); assert t.tolist() == [2.0] * 3\n"
+        "print(sum(p.numel() for p in model.parameters()), sorted(m for m in ('torch._dynamo', 'open_clip', 'timm', "
+        "'torchvision') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    count, modules = out.stdout.split(" ", 1)
+    assert int(count) > 1_200_000_000 and modules.strip() == "[]"

@@ -3,13 +3,15 @@
 The reference builds a whole open_clip CLIP model (downloading ~4 GB of weights at start-up), deletes
 its visual tower and keeps the text tower. The released SD 2.x checkpoints already hold every text
 weight under cond_stage_model.model.*, so we build only the text tower, with open_clip's attribute
-names, and let the checkpoint fill it. open_clip itself is used for two offline things: the
-architecture numbers (the JSON configs it ships) and the BPE tokenizer (whose vocabulary it ships).
+names, and let the checkpoint fill it. open_clip is used for two offline files only, read from its
+package directory without importing it (importing it pulls in timm and torchvision, seconds): the
+architecture numbers (model_configs/<arch>.json) and the BPE vocabulary, which our own tokenizer
+(ldm.modules.encoders.tokenizer) reads.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
+import json
 import math
 from collections import OrderedDict
 
@@ -18,6 +20,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import SDError
+from ldm.modules.encoders.tokenizer import get_tokenizer, open_clip_dir
+
+# open_clip's CLIPTextCfg dataclass defaults (open_clip.model.CLIPTextCfg), kept here so that building
+# the text encoder need not import open_clip; tests/test_tokenizer.py checks them against open_clip.
+CLIP_TEXT_CFG_DEFAULTS = {
+    "context_length": 77, "vocab_size": 49408, "hf_tokenizer_name": None, "tokenizer_mode": None,
+    "tokenizer_kwargs": None, "width": 512, "heads": 8, "layers": 12, "mlp_ratio": 4.0, "ls_init_value": None,
+    "embed_cls": False, "pad_id": 0, "eos_id": 2, "no_causal_mask": False, "final_ln_after_pool": False,
+    "pool_type": "argmax", "proj_bias": False, "proj_type": "linear", "output_tokens": False,
+    "act_kwargs": None, "norm_kwargs": None, "block_type": None, "qk_norm": False, "scaled_cosine_attn": False,
+    "scale_heads": False, "scale_attn_inner": False, "scale_attn": False, "scale_fc": False,
+    "hf_model_name": None, "hf_model_pretrained": True, "hf_proj_type": "mlp", "hf_pooler_type": "mean_pooler",
+}
 
 # Text-config keys that change the tower's structure in ways this module does not build. An
 # architecture that sets any of them to a non-default value is refused rather than built wrongly.
@@ -32,23 +47,26 @@ _TOP_LEVEL_KEYS = ("embed_dim", "quick_gelu")
 def text_tower_config(arch: str, text_cfg: dict | None = None) -> dict:
     """open_clip's text config for `arch` (read from the JSON files it ships) overridden by `text_cfg`.
 
-    Returns every CLIPTextCfg field plus embed_dim and quick_gelu. Unknown architectures are fine as
-    long as text_cfg gives the numbers (the tests' "tiny" tower does).
+    Returns every CLIPTextCfg field plus embed_dim and quick_gelu, as open_clip's get_model_config and
+    CLIPTextCfg would give. Unknown architectures are fine as long as text_cfg gives the numbers (the
+    tests' "tiny" tower does).
     """
-    from open_clip import get_model_config
-    from open_clip.model import CLIPTextCfg
-
     if ":" in arch:  # "hf-hub:org/repo" would be fetched from the network
         raise SDError(f"cond_stage_config arch '{arch}' must be a built-in open_clip architecture name such as "
                       "ViT-H-14 (nothing is downloaded)")
-    model_cfg = get_model_config(arch)  # None for names open_clip does not ship
+    model_cfg = _shipped_model_config(arch)  # None for names open_clip does not ship
     if model_cfg is None and not text_cfg:
         raise SDError(f"unknown open_clip architecture '{arch}': use e.g. ViT-H-14, or give the numbers in "
                       "cond_stage_config.params.text_cfg")
-    defaults = dataclasses.asdict(CLIPTextCfg())
+    defaults = CLIP_TEXT_CFG_DEFAULTS
     cfg = dict(defaults, embed_dim=None, quick_gelu=False)
     if model_cfg is not None:
-        cfg.update(model_cfg.get("text_cfg", {}))
+        shipped = model_cfg.get("text_cfg", {})
+        unknown = sorted(set(shipped) - set(defaults))
+        if unknown:  # a newer open_clip option: it may change the tower's structure, so do not guess
+            raise SDError(f"open_clip architecture '{arch}' uses text_cfg key(s) {', '.join(unknown)}, which this "
+                          "text encoder does not know")
+        cfg.update(shipped)
         cfg.update({k: model_cfg[k] for k in _TOP_LEVEL_KEYS if k in model_cfg})
     for key, value in (text_cfg or {}).items():
         if key not in cfg:
@@ -61,6 +79,31 @@ def text_tower_config(arch: str, text_cfg: dict | None = None) -> dict:
     if cfg["embed_dim"] is None:  # only text_projection's shape depends on it
         cfg["embed_dim"] = cfg["width"]
     return cfg
+
+
+def _shipped_model_config(arch: str) -> dict | None:
+    """open_clip's model_configs/<arch>.json, or None when it ships no such architecture.
+
+    As open_clip's registry: only exact file stems of the directory, and only configs that have
+    embed_dim, vision_cfg and text_cfg.
+    """
+    config_dir = open_clip_dir() / "model_configs"
+    try:
+        shipped = {p.stem for p in config_dir.glob("*.json")}
+    except OSError:
+        shipped = set()
+    if not shipped:
+        raise SDError(f"open_clip's architecture configs are missing from {config_dir}; reinstall open_clip_torch")
+    if arch not in shipped:
+        return None
+    path = config_dir / f"{arch}.json"
+    try:
+        model_cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SDError(f"cannot read open_clip's architecture config {path} ({e}); reinstall open_clip_torch") from e
+    if not all(key in model_cfg for key in ("embed_dim", "vision_cfg", "text_cfg")):
+        return None
+    return model_cfg
 
 
 class TextSelfAttention(nn.Module):
@@ -166,17 +209,9 @@ class OpenCLIPTextModel(nn.Module):
         return self.ln_final(x)  # (B, 77, W)
 
 
-_TOKENIZERS: dict = {}
-
-
 def _tokenizer(max_length: int, tokenizer_kwargs: dict | None):
-    """open_clip's BPE tokenizer (vocabulary shipped in the package), one instance per setting."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    key = (max_length, tuple(sorted((tokenizer_kwargs or {}).items())))
-    if key not in _TOKENIZERS:  # building the BPE tables takes a moment; do it once per process
-        _TOKENIZERS[key] = SimpleTokenizer(context_length=max_length, **(tokenizer_kwargs or {}))
-    return _TOKENIZERS[key]
+    """CLIP's BPE tokenizer (equal to open_clip's SimpleTokenizer), one instance per setting."""
+    return get_tokenizer(max_length, tokenizer_kwargs)
 
 
 class FrozenOpenCLIPEmbedder(nn.Module):

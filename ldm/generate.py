@@ -315,6 +315,13 @@ class Mode:
         return {}
 
 
+class Txt2Img(Mode):
+    """Plain txt2img: no image conditioning; the size is --H/--W (None: the model's native size)."""
+
+    def __init__(self, H: Optional[int] = None, W: Optional[int] = None):
+        self.H, self.W = H, W
+
+
 class Engine:
     """One process's loaded model and what all its batches share: the model is loaded once per process."""
 

@@ -1,5 +1,6 @@
 """The shapes dataset, the pixel reader and the Lightning training path, on tiny models (seconds)."""
 import random
+import re
 
 import numpy as np
 import pytest
@@ -84,6 +85,13 @@ def test_captions_name_the_scene_and_splits_use_disjoint_wording():
     train_text = {caption_for(scene, random.Random(k), "train") for k in range(200)}
     held_text = {caption_for(scene, random.Random(k), "heldout") for k in range(200)}
     assert not train_text & held_text
+    # the held-out sentences are new, their words are not (a from-scratch text tower knows no others)
+    words = lambda texts: {w for t in texts for w in re.findall(r"[a-z]+", t)}
+    scenes = [ShapeScene(sh, c, "white" if c != "white" else "black", p, sz) for sh in SHAPES for c in COLORS
+              for p in ("top left", "center") for sz in ("small", "large")]
+    train_words = words(caption_for(sc, random.Random(k), "train") for k in range(30) for sc in scenes)
+    held_words = words(caption_for(sc, random.Random(k), "heldout") for k in range(30) for sc in scenes)
+    assert held_words <= train_words and {"backdrop", "image", "picture", "against"} <= held_words
     orange = [caption_for(ShapeScene("circle", "orange", "blue", "center", "large"), random.Random(k)) for k in range(50)]
     assert not any("a orange" in text for text in orange) and any("an orange" in text for text in orange)
 
@@ -201,8 +209,9 @@ def test_autoencoder_training_reduces_the_loss_on_a_fixed_batch():
 
 # -- the train() entry and its checkpoints ---------------------------------------------------------------
 
-def test_train_writes_original_format_checkpoints_that_load_strictly(tmp_path):
+def test_train_writes_original_format_checkpoints_that_load_strictly(tmp_path, capsys):
     from ldm.checkpoint import load_model, read_state_dict
+    from ldm.cli import main
 
     vae_cfg = tmp_path / "vae.yaml"
     vae_ckpt = tmp_path / "vae.safetensors"
@@ -210,7 +219,8 @@ def test_train_writes_original_format_checkpoints_that_load_strictly(tmp_path):
         "model": TINY_VAE, "data": {"size": 64, "crop": 32, "seed": 0},
         "trainer": {"module": "autoencoder", "batch_size": 2, "max_steps": 2, "output": str(vae_ckpt),
                     "log": str(tmp_path / "vae.csv")}}))
-    assert train(vae_cfg) == vae_ckpt
+    assert main(["train", "--config", str(vae_cfg)]) == 0  # `sd train`, as the docs run it
+    assert capsys.readouterr().out.strip().endswith(f"wrote {vae_ckpt}")
     vae_state = read_state_dict(vae_ckpt)
     assert "encoder.conv_in.weight" in vae_state and "post_quant_conv.bias" in vae_state
     assert (tmp_path / "vae.csv").read_text().splitlines()[0] == "step,loss,seconds"
@@ -237,8 +247,13 @@ def test_train_writes_original_format_checkpoints_that_load_strictly(tmp_path):
     assert model.parameterization == "v" and model.downsampling_factor == 2
 
 
-def test_train_config_errors(tmp_path):
+def test_train_config_errors(tmp_path, capsys):
+    from ldm.cli import main
     from ldm.errors import SDError
+
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "training config not found" in err
 
     with pytest.raises(SDError, match="not found"):
         train(tmp_path / "missing.yaml")

@@ -1,118 +1,22 @@
-"""`sd img2img`: the reference's scripts/img2img.py flags and defaults, on the shared run loop.
-
-Also what the image commands (img2img, inpaint, depth2img, upscale) share: their common flags are
-declared once here (`_shared`), and `image_command` registers a command from a function that takes only
-the command's own flags and returns its Mode (ldm.modes); each command sets its own defaults.
-"""
+"""`sd img2img`: the reference's scripts/img2img.py flags and defaults, on the shared run loop."""
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated
 
 import typer
 
-from ldm.batch import options as bopt
-from ldm.cli import app
-from ldm.cli import options as opt
+from ldm.cli.command import generating_command
 
 InitImg = Annotated[Path, typer.Option("--init-img", "--init_img", help="The input image (any size; sides are "
-                                       "shrunk to multiples of 8).")]
+                                            "shrunk to multiples of 8).")]
 Strength = Annotated[float, typer.Option(
     "--strength", help="How much of the input is redone, 0..1: 0 returns it, 1 ignores it (runs int(strength * steps) steps).")]
 
 
-def _shared(
-    prompt: opt.Prompt = "",
-    negative_prompt: opt.NegativePrompt = "",
-    outdir: opt.Outdir = Path("outputs"),
-    steps: opt.Steps = 50,
-    plms: opt.Plms = False,
-    dpm: opt.Dpm = False,
-    sampler: opt.Sampler = None,
-    schedule: opt.Schedule = None,
-    fixed_code: opt.FixedCode = False,
-    ddim_eta: opt.DdimEta = 0.0,
-    n_iter: opt.NIter = 1,
-    C: opt.LatentChannels = 4,
-    f: opt.Factor = 8,
-    n_samples: opt.NSamples = 1,
-    n_rows: opt.NRows = 0,
-    scale: opt.Scale = 9.0,
-    from_file: opt.FromFile = None,
-    config: opt.Config = Path("configs/stable-diffusion/v2-inference.yaml"),
-    ckpt: opt.Ckpt = None,
-    seed: opt.Seed = 42,
-    precision: opt.Precision = "auto",
-    repeat: opt.Repeat = 1,
-    device: opt.Device = "auto",
-    torchscript: opt.Torchscript = False,
-    ipex: opt.Ipex = None,
-    bf16: opt.Bf16 = False,
-    compile: opt.Compile = False,
-    threads: opt.Threads = None,
-    skip_existing: bopt.SkipExisting = False,
-    devices: bopt.Devices = None,
-    num_nodes: bopt.NumNodes = 1,
-    accelerator: bopt.Accelerator = None,
-    from_image: bopt.FromImage = None,
-) -> None:
-    """The flags every image command takes (the signature is what counts)."""
-
-
-def run_image_command(mode, *, steps: int, plms: bool, dpm: bool, sampler: Optional[str], schedule: Optional[str],
-                      ddim_eta: float, scale: float, **fields) -> None:
-    """Run an image command's mode with the shared flags (prompt, seeds, batching, outdir, model...)."""
-    from ldm import generate, modes
-
-    sampler_name = opt.pick_sampler(sampler, plms=plms, dpm=dpm)
-    fields["precision"] = opt.pick_precision(fields["precision"], fields.pop("bf16"))
-    job = modes.image_job(mode, sampling=generate.SamplingSettings(
-        steps=steps, sampler=sampler_name, schedule=schedule, eta=ddim_eta, scale=scale), **fields)
-    generate.run_job(job, mode)
-
-
-def image_command(name: str, help: str, fixed: Optional[dict] = None, stochastic_eta: Optional[float] = None,
-                  **defaults) -> Callable:
-    """Register `sd NAME` from a function of the command's own flags that returns its Mode.
-
-    The command takes those flags first, then the shared ones with `defaults` replacing theirs; flags in
-    `fixed` are not offered and take the given values (the upscaler's C and f). With `stochastic_eta`
-    (the inpainting demo's DDIM eta 1.0), --ddim_eta defaults to that value for samplers that take an
-    eta and to none for the deterministic ones, which refuse any.
-    """
-    fixed = fixed or {}
-    if stochastic_eta is not None:
-        defaults["ddim_eta"] = None
-
-    def register(make_mode: Callable) -> Callable:
-        own = list(inspect.signature(make_mode, eval_str=True).parameters.values())
-        shared = [p.replace(default=defaults.pop(p.name, p.default))
-                  for p in inspect.signature(_shared, eval_str=True).parameters.values() if p.name not in fixed]
-        if defaults:
-            raise TypeError(f"unknown defaults for {name}: {sorted(defaults)}")
-
-        def command(**kwargs) -> None:
-            mode = make_mode(**{p.name: kwargs.pop(p.name) for p in own})
-            if kwargs.get("ddim_eta") is None:
-                from ldm.models.diffusion.samplers import check_sampler
-
-                sampler = opt.pick_sampler(kwargs["sampler"], plms=kwargs["plms"], dpm=kwargs["dpm"])
-                kwargs["ddim_eta"] = stochastic_eta if check_sampler(sampler).eta is not None else 0.0
-            run_image_command(mode, **kwargs, **fixed)
-
-        command.__signature__ = inspect.Signature(own + shared)
-        command.__annotations__ = {p.name: p.annotation for p in own + shared}
-        command.__name__ = command.__qualname__ = name
-        app.command(name, help=help)(command)
-        return make_mode
-
-    return register
-
-
-@image_command("img2img", help="Redraw an image guided by a prompt (the reference's scripts/img2img.py).",
-               prompt="a painting of a virus monster playing guitar", outdir=Path("outputs/img2img-samples"),
-               n_samples=2)
+@generating_command("img2img", help="Redraw an image guided by a prompt (the reference's scripts/img2img.py).",
+                    prompt="a painting of a virus monster playing guitar", outdir=Path("outputs/img2img-samples"),
+                    n_samples=2)
 def img2img(init_img: InitImg, strength: Strength = 0.8):
     from ldm.modes import Img2Img
 

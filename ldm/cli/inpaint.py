@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ldm.cli.img2img import image_command
+from ldm.cli.command import generating_command
 
 Image = Annotated[Path, typer.Option("--image", help="The image to edit (any size).")]
 Mask = Annotated[Path, typer.Option(
@@ -14,10 +14,10 @@ Mask = Annotated[Path, typer.Option(
     "another size is resized to the image's; its aspect ratio must match within 1%.")]
 
 
-@image_command("inpaint", help="Repaint the masked part of an image. An inpainting checkpoint uses its 9-channel "
-               "UNet; any txt2img checkpoint inpaints by latent blending. Unmasked pixels are kept exactly.",
-               outdir=Path("outputs/inpaint-samples"), steps=45, stochastic_eta=1.0, n_samples=4, scale=10.0,
-               config=Path("configs/stable-diffusion/v2-inpainting-inference.yaml"))
+@generating_command("inpaint", help="Repaint the masked part of an image. An inpainting checkpoint uses its 9-channel "
+                    "UNet; any txt2img checkpoint inpaints by latent blending. Unmasked pixels are kept exactly.",
+                    outdir=Path("outputs/inpaint-samples"), steps=45, stochastic_eta=1.0, n_samples=4, scale=10.0,
+                    model_config=Path("configs/stable-diffusion/v2-inpainting-inference.yaml"))
 def inpaint(image: Image, mask: Mask):
     from ldm.modes import Inpaint
 

@@ -49,8 +49,12 @@ Scale = Annotated[float, typer.Option(
     "--scale", help="Classifier-free guidance scale: uncond + scale * (cond - uncond).")]
 FromFile = Annotated[Optional[Path], typer.Option(
     "--from-file", "--from_file", help="Read prompts from this file, one per line.")]
-Config = Annotated[Path, typer.Option("--config", help="The model's YAML config.")]
-Ckpt = Annotated[Optional[Path], typer.Option("--ckpt", help="Checkpoint (.ckpt or .safetensors).")]
+Config = Annotated[Optional[Path], typer.Option(
+    "--config", envvar="SD_CONFIG", help="The model's YAML config [default with --ckpt: "
+    "configs/stable-diffusion/v2-inference.yaml].")]
+Ckpt = Annotated[Optional[Path], typer.Option(
+    "--ckpt", envvar="SD_CKPT", help="Checkpoint (.ckpt or .safetensors). Without it the built-in demo model "
+    "(configs/demo/) is used.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed: image k of the run uses seed + k.")]
 Precision = Annotated[str, typer.Option(
     "--precision", help="auto (bf16 on CPUs with AVX512-BF16/AMX, fp32 on other CPUs, fp16 on CUDA), full (fp32), "

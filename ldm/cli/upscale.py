@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ldm.cli.img2img import image_command
+from ldm.cli.command import generating_command
 
 Image = Annotated[Path, typer.Option("--image", help="The low-resolution image; the result is 4x per side.")]
 NoiseLevel = Annotated[int, typer.Option(
@@ -19,9 +19,10 @@ TileOverlap = Annotated[Optional[int], typer.Option(
     "--tile-overlap", "--tile_overlap", help="Overlap of neighbouring tiles in input pixels (default: tile size / 4).")]
 
 
-@image_command("upscale", help="Enlarge an image 4x per side, guided by a prompt (x4-upscaler-ema.ckpt).",
-               fixed={"C": 4, "f": 4}, outdir=Path("outputs/upscale-samples"), steps=75, scale=10.0,
-               config=Path("configs/stable-diffusion/x4-upscaling.yaml"))
+@generating_command("upscale", help="Enlarge an image 4x per side, guided by a prompt (x4-upscaler-ema.ckpt).",
+                    fixed={"C": 4, "f": 4}, outdir=Path("outputs/upscale-samples"), steps=75, scale=10.0,
+                    model_config=Path("configs/stable-diffusion/x4-upscaling.yaml"),
+                    model_needs="the x4 upscaler: --ckpt x4-upscaler-ema.ckpt")
 def upscale(image: Image, noise_level: NoiseLevel = 20, tile: Tile = None, tile_size: TileSize = 128,
             tile_overlap: TileOverlap = None):
     from ldm.modes import Upscale

@@ -45,10 +45,8 @@ def main():
 
 def draw_losses():
     panels = []
-    for name, title in (("demo-autoencoder-loss-part1.csv", "autoencoder part 1 (L1 + L2 + KL)"),
-                        ("demo-autoencoder-loss-part2.csv", "autoencoder part 2"),
-                        ("demo-autoencoder-loss-part3.csv", "autoencoder part 3 (shape crops)"),
-                        ("demo-autoencoder-loss-part4.csv", "autoencoder part 4 (decoder only, beside the UNet)"),
+    for name, title in (("demo-autoencoder-loss.csv", "autoencoder (L1 + L2 + KL, 128px shape crops)"),
+                        ("demo-autoencoder-decoder-loss.csv", "decoder only, whole images (beside the UNet)"),
                         ("demo-diffusion-loss.csv", "UNet + text tower (v-prediction MSE)")):
         if (TRAIN / name).is_file():
             panels.append((title, read_losses(TRAIN / name)))

@@ -19,12 +19,10 @@ EVAL = dict(n=40, steps=20, scale=5.0, seed=0, prompt_seed=1234, sampler="ddim")
 # The issue's bar, and what the shipped model measured (docs/demo-model.md): it falls short.
 ISSUE_COLORS, ISSUE_SHAPES = 0.90, 0.75
 # measured (fraction of 40): held-out wording, then training wording on the same scenes
-MEASURED = {"heldout": dict(colors=0.025, shapes=0.275, backgrounds=0.025, foregrounds=0.15),
-            "train": dict(colors=0.35, shapes=0.225, backgrounds=0.875, foregrounds=0.35)}
+MEASURED = {"heldout": dict(colors=0.775, shapes=0.50, backgrounds=0.825, foregrounds=0.775),
+            "train": dict(colors=0.90, shapes=0.45, backgrounds=1.0, foregrounds=0.90)}
 IMG2IMG_LOW = 0.4  # measured 0.30 / 0.47 / 0.54 at strength 0.2 / 0.5 / 1.0
-SAMPLER_AGREEMENT = 0.15  # measured <= 0.041 for ddim, dpm, euler, dpmpp_2m, heun; 0.73 for another seed
-PLMS_NOTE = ("PLMS lands 0.29 from 50-step DDIM at 25 steps where the other ODE samplers are within "
-             "0.04 (0.26 at 50 steps on an earlier checkpoint): reported to the samplers' owner")
+SAMPLER_AGREEMENT = 0.15  # measured <= 0.072 for ddim, dpm, euler, dpmpp_2m, heun; 1.2 for another seed
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +40,7 @@ def test_shipped_checkpoint_is_small_half_precision_and_loads_strictly(demo):
     assert state["model.diffusion_model.out.2.weight"].dtype == torch.float16
     assert state["alphas_cumprod"].dtype == torch.float32
     assert 0.0 < float(state["scale_factor"]) < 10.0
-    assert demo.parameterization == "v" and demo.downsampling_factor == 32 and demo.latent_channels == 4
+    assert demo.parameterization == "v" and demo.downsampling_factor == 8 and demo.latent_channels == 4
     assert set(state) == set(demo.state_dict())
 
 
@@ -71,7 +69,7 @@ def test_prompt_following_meets_the_issue_bar(evaluations):
 
 def _latent(demo, scene):
     image = image_to_tensor(render_scene(scene))[None]
-    return demo.get_first_stage_encoding(demo.encode_first_stage(image), use_mean=True)  # (1, 4, 8, 8)
+    return demo.get_first_stage_encoding(demo.encode_first_stage(image), use_mean=True)  # (1, 4, 32, 32)
 
 
 def _rel(a, b):
@@ -96,8 +94,8 @@ def test_inpainting_repaints_only_the_masked_cells(demo):
     from ldm.modes import LatentBlend
 
     z0 = _latent(demo, ShapeScene("circle", "red", "blue", "center", "large"))
-    keep = torch.ones(1, 1, 8, 8, dtype=torch.bool)
-    keep[..., 2:6, 2:6] = False  # the 128x128 centre, which holds the whole circle
+    keep = torch.ones(1, 1, 32, 32, dtype=torch.bool)
+    keep[..., 8:24, 8:24] = False  # the 128x128 centre, which holds the whole circle
     blend = LatentBlend(demo.apply_model, sigmas_from_alphas_cumprod(demo.alphas_cumprod), keep)
     blend.z0, blend.noise = z0, torch.randn(z0.shape, generator=torch.Generator().manual_seed(5))
     original = demo.apply_model
@@ -113,8 +111,7 @@ def test_inpainting_repaints_only_the_masked_cells(demo):
     assert _rel(z[masked], z0[masked]) > 2 * _rel(z[kept], z0[kept])
 
 
-DETERMINISTIC = ["ddim", "dpm", "euler", "dpmpp_2m", "heun",
-                 pytest.param("plms", marks=pytest.mark.xfail(strict=True, reason=PLMS_NOTE))]
+DETERMINISTIC = ["ddim", "dpm", "euler", "dpmpp_2m", "heun"]
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +127,16 @@ def test_deterministic_samplers_agree_with_a_long_ddim_run(demo, reference_laten
     prompts, reference = reference_latents
     z = generate(demo, prompts, steps=25, sampler=sampler, seed=11, latents_only=True)
     assert _rel(z, reference) < SAMPLER_AGREEMENT
+
+
+def test_plms_converges_to_the_same_sample_more_slowly(demo, reference_latents):
+    """PLMS (the reference's, checked against its formulas and diffusers' PNDM in test_samplers) extrapolates
+    eps over steps that span sigma 416 -> 0.03 on this schedule: at 25 steps it is 0.41 away, at 50 steps
+    0.10 (measured), so it converges, at about second order, to the ODE solution the others reach."""
+    prompts, reference = reference_latents
+    far, near = (_rel(generate(demo, prompts, steps=n, sampler="plms", seed=11, latents_only=True), reference)
+                 for n in (25, 50))
+    assert near < far / 2 and near < SAMPLER_AGREEMENT
 
 
 def test_ancestral_sampler_differs_but_keeps_the_latent_scale(demo, reference_latents):

@@ -7,7 +7,7 @@ the dataset is deterministic and needs no files.
 
 The split between training and evaluation is by *wording*, not by content: every colour/shape/background
 combination occurs in training, but the evaluation captions use sentence templates and position phrases
-that training never shows (``split="heldout"``), and their shapes sit at jittered offsets drawn from a
+that training never shows (new orders of the training vocabulary) (``split="heldout"``), and their shapes sit at jittered offsets drawn from a
 different seed stream. So prompt following is measured on phrasings the model has not memorised.
 """
 from __future__ import annotations
@@ -48,21 +48,27 @@ POSITIONS: dict[str, tuple[float, float]] = {
 # Maximum random offset of the centre, as a fraction of the side (keeps shapes inside the image).
 JITTER = 0.03
 
-# Caption wording. Training and held-out templates/position phrases are disjoint.
+# Caption wording. Training and held-out templates/position phrases are disjoint as sentences but share
+# one vocabulary: the text tower is trained from scratch on these captions, so a word it never saw would
+# keep its random embedding. "New phrasings" are therefore new orders and combinations of known words
+# (the colour word always stands next to what it colours: "red circle", "blue background").
 TRAIN_TEMPLATES = (
     "a {size}{color} {shape} on a {bg} background{pos}",
     "a {size}{color} {shape} on {bg}{pos}",
     "{color} {shape} on a {bg} background{pos}",
     "a {bg} background with a {size}{color} {shape}{pos}",
+    "an image of a {size}{color} {shape} on a {bg} background{pos}",
+    "a picture of a {size}{color} {shape} against a {bg} backdrop{pos}",
+    "{bg} backdrop, {size}{color} {shape}{pos}",
 )
 HELDOUT_TEMPLATES = (
-    "an image of a {size}{color} {shape} against a {bg} backdrop{pos}",
-    "a picture showing a {size}{color} {shape} over a {bg} background{pos}",
+    "on a {bg} background, a {size}{color} {shape}{pos}",
+    "a picture of a {bg} backdrop with a {size}{color} {shape}{pos}",
+    "an image of a {size}{color} {shape} against {bg}{pos}",
 )
-TRAIN_POSITION_PHRASES = {name: (f", {name}", f" at the {name}") for name in POSITIONS}
-TRAIN_POSITION_PHRASES["center"] = (", center", " in the center")
-HELDOUT_POSITION_PHRASES = {name: (f", {name} of the image", f" in the {name} area") for name in POSITIONS}
-HELDOUT_POSITION_PHRASES["center"] = (", in the middle", " in the middle of the image")
+TRAIN_POSITION_PHRASES = {name: (f", {name}", f" at the {name}", f" in the {name}") for name in POSITIONS}
+HELDOUT_POSITION_PHRASES = {name: (f" at the {name} of the image", f", {name} of the picture")
+                            for name in POSITIONS}
 SPLITS = ("train", "heldout")
 
 

@@ -20,7 +20,7 @@ DEMO_SIZE = 256  # the demo model's native image side (it was trained on 256x256
 SD_SIZE = 512  # the reference's default --H/--W
 # The reference's default config, looked up in the working directory first (as the reference does) and
 # then in this checkout, so that `sd` also works from another folder.
-SD_CONFIG = Path("configs") / "stable-diffusion" / "v2-inference.yaml"
+DEFAULT_CONFIG = Path("configs") / "stable-diffusion" / "v2-inference.yaml"
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def choose_model(config: Optional[Path], ckpt: Optional[Path], *, command_config
     """
     if ckpt is not None:
         if config is None:
-            default = Path(command_config) if command_config is not None else SD_CONFIG
+            default = Path(command_config) if command_config is not None else DEFAULT_CONFIG
             config = default if default.is_file() or default.is_absolute() else ROOT / default
         return ModelChoice(Path(config), Path(ckpt), demo=False)
     if config is not None:

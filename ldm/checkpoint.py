@@ -15,7 +15,6 @@ import mmap
 import os
 import pickle
 import struct
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ldm.errors import SDError
+from ldm.errors import SDError, note
 from ldm.util import instantiate_from_config, load_config
 
 # Keys a checkpoint may carry that an inference model does not use: EMA copies (the released
@@ -37,10 +36,6 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
-def _note(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr)
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -160,7 +155,7 @@ def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], ckpt: s
     expected = model.state_dict()
     ignored = [k for k in state_dict if k not in expected and (k.startswith(IGNORED_PREFIXES) or k in IGNORED_KEYS)]
     if ignored:
-        _note(f"ignoring {len(ignored)} training-only entries of the checkpoint (EMA copies / logvar)")
+        note(f"ignoring {len(ignored)} training-only entries of the checkpoint (EMA copies / logvar)")
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected and k not in ignored]
     wrong_shape = [

@@ -6,12 +6,11 @@ machine that holds no Stable Diffusion weights. It is chosen only when no checkp
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ldm.errors import SDError
+from ldm.errors import SDError, note
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo" / "demo-inference.yaml"
@@ -57,6 +56,6 @@ def choose_model(config: Optional[Path], ckpt: Optional[Path], *, command_config
         raise SDError(f"no --ckpt given and the built-in demo model is missing ({DEMO_CKPT}): pass --ckpt FILE "
                       "(.ckpt or .safetensors; see checkpoints/README.md)")
     if not quiet:
-        print("note: no --ckpt given, using the built-in demo model (256x256 coloured shapes, docs/demo-model.md); "
-              "pass --ckpt for Stable Diffusion 2.x weights", file=sys.stderr)
+        note("no --ckpt given, using the built-in demo model (256x256 coloured shapes, docs/demo-model.md); "
+             "pass --ckpt for Stable Diffusion 2.x weights")
     return ModelChoice(DEMO_CONFIG, DEMO_CKPT, demo=True)

@@ -6,5 +6,13 @@ exits non-zero; library code never exits the process.
 """
 
 
+import sys
+
+
 class SDError(Exception):
     """A failure caused by the user's input, reported as one line without a traceback."""
+
+
+def note(message: str) -> None:
+    """Tell the user about something that is fine but worth knowing, as one "note:" line on stderr."""
+    print(f"note: {message}", file=sys.stderr)

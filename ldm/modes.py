@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -33,15 +32,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm.cli import imageio
-from ldm.errors import SDError
+from ldm.errors import SDError, note
 from ldm.generate import BatchInputs, Item, Job, Mode
 
 MULTIPLE = 8  # image sides are made multiples of this (the f = 8 first stage's factor)
 MASK_ASPECT_TOLERANCE = 0.01  # a mask whose aspect ratio differs more from the image's is refused
-
-
-def note(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr)
 
 
 @dataclasses.dataclass

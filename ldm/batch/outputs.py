@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Optional
 from PIL import Image
 
 from ldm.cli import imageio
-from ldm.errors import SDError
+from ldm.errors import SDError, note
 
 if TYPE_CHECKING:
     from ldm.generate import Batch, Engine
@@ -254,10 +253,10 @@ class PlanRunner:
 
     def note_interrupted(self) -> None:
         done = len(self.present) + len(self.written)
-        print(f"note: stopped; {done} of {self.state.total} images are saved"
-              f"{' by this process' if self.rank or len(self.share) != len(self.state.todo) else ''} and the image in "
-              f"flight was discarded. To finish, run the same command again with --skip-existing "
-              f"(run {self.state.run}, {self.manifest.name})", file=sys.stderr)
+        note(f"stopped; {done} of {self.state.total} images are saved"
+             f"{' by this process' if self.rank or len(self.share) != len(self.state.todo) else ''} and the image in "
+             f"flight was discarded. To finish, run the same command again with --skip-existing "
+             f"(run {self.state.run}, {self.manifest.name})")
 
     def finish(self, processes: int = 1) -> Optional[Path]:
         """Rank 0, after every process is done: merge the manifest, make the grid, report."""
@@ -291,7 +290,7 @@ class PlanRunner:
         if not images:
             return None
         if len({im.size for im in images}) > 1:
-            print("note: no grid: the images of this run differ in size", file=sys.stderr)
+            note("no grid: the images of this run differ in size")
             return None
         grid = imageio.make_grid(images, job.n_rows or job.n_samples)
         return imageio.save_numbered(grid, self.outdir, imageio.GRID_DIGITS, prefix=imageio.GRID_PREFIX)

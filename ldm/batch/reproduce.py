@@ -9,12 +9,11 @@ of a batch the same whatever the other images are, but not whatever the batch si
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ldm.cli import imageio
-from ldm.errors import SDError
+from ldm.errors import SDError, note
 
 if TYPE_CHECKING:
     from ldm.generate import Job
@@ -75,8 +74,8 @@ def job_from_image(job: "Job", mode_name: str = "txt2img", sized: bool = True) -
     if job.ckpt is not None and Path(job.ckpt).is_file() and "Model hash" in fields:
         ours = imageio.model_hash(job.ckpt)
         if ours != fields["Model hash"]:
-            print(f"note: {path} was made with model hash {fields['Model hash']} ({fields.get('Model', '?')}), "
-                  f"--ckpt has {ours}: the image will differ", file=sys.stderr)
+            note(f"{path} was made with model hash {fields['Model hash']} ({fields.get('Model', '?')}), "
+                 f"--ckpt has {ours}: the image will differ")
     return dataclasses.replace(
         job, prompt=prompt, negative_prompt=negative, seed=_field(fields, "Seed", int, job.seed, path),
         W=width, H=height, sampling=sampling, precision=fields.get("Precision", job.precision),

@@ -282,8 +282,9 @@ class Mode:
     """A generating command's own part of the shared run; plain txt2img adds nothing.
 
     The hooks are called in this order: check (before any model is loaded), prepare (after), then for
-    every batch `batch` before sampling and `finish` on the decoded images. The `job` the per-batch hooks
-    (latent_shape, image_size) see carries that batch's own settings and size (Job.for_batch).
+    every batch `batch` before sampling, `apply_model` for the denoiser's model call, `decode` and `finish`
+    on the decoded images. The `job` the per-batch hooks (latent_shape, image_size) see carries that
+    batch's own settings and size (Job.for_batch).
     """
     name = "txt2img"
 
@@ -305,6 +306,14 @@ class Mode:
 
     def batch(self, model, items: list[Item], generators: list[torch.Generator], device: torch.device) -> BatchInputs:
         return BatchInputs()
+
+    def apply_model(self, model) -> Callable:
+        """The `apply_model(x_t, t, cond)` the sampler's denoiser calls (a mode may wrap the model's)."""
+        return model.apply_model
+
+    def decode(self, model, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) -> images (B, 3, H, W) about [-1, 1]."""
+        return model.decode_first_stage(latents)
 
     def finish(self, images: torch.Tensor, items: list[Item]) -> torch.Tensor:
         """Post-process decoded images (B, 3, H, W) in [-1, 1], e.g. paste unmasked pixels back."""
@@ -365,8 +374,8 @@ class Engine:
             inputs = self.mode.batch(self.model, items, generators, self.device)
             latents = sample_latents(self.model, noise.to(self.device), generators, c, uc, settings, progress=progress,
                                      start_latents=inputs.start_latents, strength=inputs.strength,
-                                     extra_cond=inputs.extra_cond)
-            images = self.mode.finish(self.model.decode_first_stage(latents).float(), items)
+                                     extra_cond=inputs.extra_cond, apply_model=self.mode.apply_model(self.model))
+            images = self.mode.finish(self.mode.decode(self.model, latents).float(), items)
         return imageio.tensor_to_pil(images.cpu())
 
 
@@ -406,14 +415,15 @@ def run_job(job: Job, mode: Optional[Mode] = None) -> list[Path]:
 def sample_latents(model, noise: torch.Tensor, generators: list[torch.Generator], c: torch.Tensor,
                    uc: Optional[torch.Tensor], settings: SamplingSettings, progress: Callable[[int], None],
                    start_latents: Optional[torch.Tensor] = None, strength: float = 1.0,
-                   extra_cond: Optional[dict] = None) -> torch.Tensor:
-    """Run the chosen sampler on one batch; image-mode conditioning enters through `extra_cond`."""
+                   extra_cond: Optional[dict] = None, apply_model: Optional[Callable] = None) -> torch.Tensor:
+    """Run the chosen sampler on one batch; image-mode conditioning enters through `extra_cond`, a mode's
+    wrapped model call through `apply_model`."""
     from ldm.models.diffusion import samplers
     from ldm.models.diffusion.denoiser import CFGDenoiser, DiscreteDenoiser
 
     extra = extra_cond or {}
     cond = {"c_crossattn": c, "c_concat": extra.get("c_concat"), "c_adm": extra.get("c_adm")}
-    denoiser = DiscreteDenoiser(model)
+    denoiser = DiscreteDenoiser(model, apply_model)
     if uc is not None:
         uncond = {"c_crossattn": uc, "c_concat": extra.get("c_concat"), "c_adm": extra.get("uc_adm", extra.get("c_adm"))}
         denoiser = CFGDenoiser(denoiser, settings.scale)

@@ -319,9 +319,6 @@ class Inpaint(ImageMode):
         f = model.downsampling_factor
         keep = F.max_pool2d(mask, f) < 0.5  # a latent cell is kept only if none of its pixels is repainted
         self.blend = LatentBlend(model.apply_model, sigmas_from_alphas_cumprod(model.alphas_cumprod), keep)
-        # run_job builds the denoiser from model.apply_model and offers no hook to wrap it: the blend
-        # goes in as this model instance's apply_model for the run.
-        model.apply_model = self.blend
 
     def batch(self, model, items: list[Item], generators, device) -> BatchInputs:
         n = len(items)
@@ -331,6 +328,9 @@ class Inpaint(ImageMode):
         self.blend.noise = torch.stack([torch.randn(self.z0.shape[1:], generator=g) for g in generators]).to(device)
         # the masked cells start from the input's latent under full noise (A1111's "original" fill)
         return BatchInputs(start_latents=self.blend.z0, strength=1.0)
+
+    def apply_model(self, model):
+        return model.apply_model if self.blend is None else self.blend
 
     def finish(self, images: torch.Tensor, items: list[Item]) -> torch.Tensor:
         """Paste the kept pixels back (exact levels, see exact_tensor) and crop the padding."""
@@ -395,12 +395,21 @@ class Upscale(ImageMode):
             if self.tiled:
                 note(f"an untiled run would need about {need / 2**30:.1f} GiB of {have / 2**30:.1f} GiB available: "
                      f"running in {self.tile_size}x{self.tile_size} tiles")
-        if self.tiled:
-            # run_job offers no hook to wrap the denoiser or the decoder: the tiled versions go in as
-            # this model instance's apply_model and decode_first_stage for the run.
-            model.apply_model = tiling.TiledApplyModel(model.apply_model, self.tile_size, self.overlap)
-            model.decode_first_stage = tiling.TiledDecoder(model.decode_first_stage, model.downsampling_factor,
-                                                           self.tile_size, self.overlap)
+
+    def apply_model(self, model):
+        from ldm import tiling
+
+        if not self.tiled:
+            return model.apply_model
+        return tiling.TiledApplyModel(model.apply_model, self.tile_size, self.overlap)
+
+    def decode(self, model, latents: torch.Tensor) -> torch.Tensor:
+        from ldm import tiling
+
+        if not self.tiled:
+            return model.decode_first_stage(latents)
+        return tiling.TiledDecoder(model.decode_first_stage, model.downsampling_factor, self.tile_size,
+                                   self.overlap)(latents)
 
     def batch(self, model, items: list[Item], generators, device) -> BatchInputs:
         cond = model.build_conditioning(repeat_batch(self.low_res, len(items)), self.noise_level, generators=generators)

@@ -8,7 +8,7 @@ classifier-free guidance.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -32,10 +32,13 @@ class DiscreteDenoiser:
       v-prediction:   x0 = sqrt(a) x_t - sqrt(1 - a) v = x / (1 + sigma^2) - sigma / sqrt(1 + sigma^2) * v
     """
 
-    def __init__(self, model):
+    def __init__(self, model, apply_model: Optional[Callable] = None):
+        """`apply_model(x_t, t, cond)` defaults to the model's own; image modes pass a wrapped one (latent
+        blending, tiles)."""
         if model.parameterization not in ("eps", "v"):
             raise ValueError(f"unsupported parameterization {model.parameterization!r} (eps or v)")
         self.model = model
+        self.apply_model = apply_model or model.apply_model
         self.parameterization = model.parameterization
         self.sigmas = sigmas_from_alphas_cumprod(model.alphas_cumprod)  # (T,) float64, increasing in t
 
@@ -51,7 +54,7 @@ class DiscreteDenoiser:
         sigma = torch.as_tensor(sigma, dtype=torch.float64).cpu().expand(x.shape[0])
         t = sigma_to_t(sigma, self.sigmas).to(device=x.device, dtype=torch.float32)  # (B,)
         c_in = 1 / (1 + sigma ** 2).sqrt()  # sqrt(a)
-        out = self.model.apply_model(x * _per_image(c_in, x), t, cond)
+        out = self.apply_model(x * _per_image(c_in, x), t, cond)
         if self.parameterization == "eps":
             return x - _per_image(sigma, x) * out
         return _per_image(c_in ** 2, x) * x - _per_image(sigma * c_in, x) * out

@@ -1,6 +1,7 @@
 """The shapes dataset, the pixel reader and the Lightning training path, on tiny models (seconds)."""
 import random
 import re
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import yaml
 from ldm.data.measure import read_image
 from ldm.data.shapes import (COLORS, HELDOUT_TEMPLATES, SHAPES, TRAIN_TEMPLATES, ShapeScene, ShapesDataset,
                              all_combinations, caption_for, render_scene)
+from ldm.errors import SDError
 from ldm.training.trainers import AutoencoderTrainer, DiffusionTrainer, train
 
 TINY_VAE = {
@@ -145,6 +147,20 @@ def test_diffusion_loss_is_zero_for_the_exact_target(parameterization):
     assert torch.equal(seen["t"], t)
     trainer.ldm.apply_model = lambda x, tt, cond: exact(x, tt, cond, 0.5)
     assert trainer.diffusion_loss(z, ["a"] * 3, t=t, noise=noise).item() == pytest.approx(0.25, rel=1e-5)
+
+
+def test_lr_warms_up_then_decays_linearly_over_the_last_part_of_the_step_or_time_budget():
+    trainer = DiffusionTrainer(tiny_ldm(), warmup_steps=10, lr_decay_fraction=0.25)
+    trainer.budget_steps = 1000
+    assert [trainer.lr_factor(s) for s in (4, 9, 500, 750)] == [0.5, 1.0, 1.0, 1.0]  # warm-up, stable
+    assert trainer.lr_factor(875) == pytest.approx(0.5) and trainer.lr_factor(1000) == 0.0  # decay
+    trainer.budget_seconds, trainer._t0 = 100.0, time.perf_counter() - 90.0  # 90% of the time gone
+    assert trainer.lr_factor(100) == pytest.approx(0.4, abs=0.01)  # the time budget decides
+    constant = DiffusionTrainer(tiny_ldm(), warmup_steps=10)
+    constant.budget_steps = 1000
+    assert constant.lr_factor(4) == 0.5 and constant.lr_factor(1000) == 1.0
+    with pytest.raises(SDError, match="lr_decay_fraction"):
+        DiffusionTrainer(tiny_ldm(), lr_decay_fraction=1.5)
 
 
 def test_caption_dropout_and_trainable_text_tower():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import math
 import random
 import time
 from pathlib import Path
@@ -58,25 +57,50 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: Path, metadata: 
 
 
 class _Logged(pl.LightningModule):
-    """Shared bits: AdamW with linear warm-up, a CSV of (step, loss, seconds), periodic export."""
+    """Shared bits: AdamW with linear warm-up, constant rate, optionally a linear decay to zero over the last
+    part of the run's budget; a CSV of (step, loss, seconds), periodic export."""
 
     def __init__(self, lr: float, weight_decay: float, warmup_steps: int, log_path: Optional[str],
-                 checkpoint_every: int, output: Optional[str]):
+                 checkpoint_every: int, output: Optional[str], lr_decay_fraction: float = 0.0):
         super().__init__()
+        if not 0.0 <= lr_decay_fraction <= 1.0:
+            raise SDError(f"trainer.lr_decay_fraction must be between 0 and 1, not {lr_decay_fraction}")
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.lr_decay_fraction = lr_decay_fraction
         self.log_path = Path(log_path) if log_path else None
         self.checkpoint_every = checkpoint_every
         self.output = Path(output) if output else None
         self._t0: Optional[float] = None
+        # The run's budget (set by train()): the decay ends where the run ends, whichever of the step limit
+        # and the time limit comes first.
+        self.budget_steps: Optional[int] = None
+        self.budget_seconds: Optional[float] = None
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
+    def progress(self, step: int) -> float:
+        """Fraction of the budget used, in [0, 1]: the larger of the step share and the time share."""
+        shares = [0.0]
+        if self.budget_steps:
+            shares.append(step / self.budget_steps)
+        if self.budget_seconds and self._t0 is not None:
+            shares.append((time.perf_counter() - self._t0) / self.budget_seconds)
+        return min(1.0, max(shares))
+
+    def lr_factor(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, self.warmup_steps))
+        if self.lr_decay_fraction == 0.0:
+            return warm
+        # Warm-up, stable, decay: a full rate while the model is far from converged, then an anneal to zero
+        # at the end of the budget (the budget is often wall time, hence progress()).
+        remaining = 1.0 - self.progress(step)
+        return warm * min(1.0, remaining / self.lr_decay_fraction)
+
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay,
                                 betas=(0.9, 0.99))
-        warm = max(1, self.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_start(self) -> None:
@@ -114,8 +138,8 @@ class AutoencoderTrainer(_Logged):
     def __init__(self, model_config: Any, kl_weight: float = 1e-6, l2_weight: float = 1.0, lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 50, log_path: Optional[str] = None,
                  checkpoint_every: int = 0, output: Optional[str] = None, save_dtype: str = "float32",
-                 train_encoder: bool = True):
-        super().__init__(lr, weight_decay, warmup_steps, log_path, checkpoint_every, output)
+                 train_encoder: bool = True, lr_decay_fraction: float = 0.0):
+        super().__init__(lr, weight_decay, warmup_steps, log_path, checkpoint_every, output, lr_decay_fraction)
         self.vae = instantiate_from_config(model_config)
         if not train_encoder:
             # Decoder-only fine-tuning (as SD's vae-ft-mse): the latents, and so a diffusion model trained
@@ -176,8 +200,8 @@ class DiffusionTrainer(_Logged):
     def __init__(self, model_config: Any, first_stage_ckpt: Optional[str] = None, ucg_rate: float = 0.1,
                  ema_decay: float = 0.0, lr: float = 1e-3, weight_decay: float = 0.01, warmup_steps: int = 100,
                  log_path: Optional[str] = None, checkpoint_every: int = 0, output: Optional[str] = None,
-                 save_dtype: str = "float16"):
-        super().__init__(lr, weight_decay, warmup_steps, log_path, checkpoint_every, output)
+                 save_dtype: str = "float16", lr_decay_fraction: float = 0.0):
+        super().__init__(lr, weight_decay, warmup_steps, log_path, checkpoint_every, output, lr_decay_fraction)
         params = model_config.get("params", {})
         self.ldm = instantiate_from_config(model_config)
         if first_stage_ckpt is not None:
@@ -370,8 +394,8 @@ def train(config_path: str | Path, *, max_minutes: Optional[float] = None, max_s
     steps = int(tcfg.pop("max_steps", 1000))
     minutes = tcfg.pop("max_minutes", None)
     precision = tcfg.pop("precision", "32-true")
-    common = {k: tcfg[k] for k in ("lr", "weight_decay", "warmup_steps", "checkpoint_every", "save_dtype")
-              if k in tcfg}
+    common = {k: tcfg[k] for k in ("lr", "weight_decay", "warmup_steps", "checkpoint_every", "save_dtype",
+                                   "lr_decay_fraction") if k in tcfg}
     common.update(log_path=tcfg.get("log"), output=str(tcfg["output"]))
 
     if kind == "autoencoder":
@@ -395,6 +419,8 @@ def train(config_path: str | Path, *, max_minutes: Optional[float] = None, max_s
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
                                          num_workers=0, collate_fn=_collate, drop_last=True,
                                          generator=torch.Generator().manual_seed(run_seed))
+    module.budget_steps = steps
+    module.budget_seconds = None if minutes is None else 60.0 * float(minutes)
     _quiet_lightning()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, precision=precision,
                          max_time=None if minutes is None else {"minutes": float(minutes)},

@@ -46,8 +46,8 @@ def main():
 def draw_losses():
     panels = []
     for name, title in (("demo-autoencoder-loss.csv", "autoencoder (L1 + L2 + KL, 128px shape crops)"),
-                        ("demo-autoencoder-decoder-loss.csv", "decoder only, whole images (beside the UNet)"),
-                        ("demo-diffusion-loss.csv", "UNet + text tower (v-prediction MSE)")):
+                        ("demo-diffusion-loss.csv", "UNet + text tower (v-prediction MSE; lr to zero over the last "
+                                                    "quarter)")):
         if (TRAIN / name).is_file():
             panels.append((title, read_losses(TRAIN / name)))
     plot_losses(panels, ROOT / "checkpoints/demo/loss.png")

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Trains the shipped demo model from scratch, as it was trained (docs/demo-model.md): the autoencoder
-# (15 minutes, one thread), then the UNet + text tower on its latents (40 minutes, two threads).
+# (15 minutes, one thread), then the UNet + text tower on its latents (40 minutes, two threads, the learning
+# rate annealed over the last quarter).
 # Run from the repository root; logs and intermediate weights go to checkpoints/demo/train/.
 set -e
 mkdir -p checkpoints/demo/train

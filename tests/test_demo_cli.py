@@ -68,11 +68,12 @@ def test_config_without_ckpt_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_img2img_recolours_a_render_with_the_demo_model(tmp_path, capsys):
+    # Strength 0.7 keeps the input's shape (measured 4 of 4 squares; at 0.8 one of 4 came out round).
     source = tmp_path / "in.png"
     render_scene(ShapeScene("square", "yellow", "black", "center", "large")).save(source)
     out = tmp_path / "out"
     code, err = run("img2img", ["--init-img", str(source), "--prompt", "a large white square on a black background",
-                                "--strength", "0.8", *FAST, "--outdir", str(out)], capsys)
+                                "--strength", "0.7", *FAST, "--outdir", str(out)], capsys)
     assert code == 0, err
     assert err.count(NOTE) == 1
     files, read = readings(out)

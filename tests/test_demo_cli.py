@@ -38,13 +38,16 @@ def readings(folder: Path):
 
 
 def test_txt2img_without_ckpt_uses_the_demo_model_and_says_so(tmp_path, capsys):
-    code, err = run("txt2img", ["--prompt", "a red circle on a blue background", *FAST, "--outdir", str(tmp_path)], capsys)
+    # No --scale: the demo model's own guidance 5.0 (the reference's 9.0 over-drives it).
+    code, err = run("txt2img", ["--prompt", "a red circle on a blue background", *FAST[:-2], "--outdir", str(tmp_path)],
+                    capsys)
     assert code == 0, err
     assert err.count(NOTE) == 1 and "pass --ckpt for Stable Diffusion 2.x weights" in err
     files, read = readings(tmp_path)
     assert len(files) == 2 and Image.open(files[0]).size == (256, 256)
     _, _, settings = parse_parameters(Image.open(files[0]).text["parameters"])
     assert settings["Config"] == "demo-inference.yaml" and settings["Size"] == "256x256"
+    assert settings["CFG scale"] == "5.0"
     # Both samples follow the prompt (the seeds are 42 and 43).
     assert [(r.color, r.background, r.shape) for r in read] == [("red", "blue", "circle")] * 2
 
@@ -58,6 +61,7 @@ def test_a_configured_or_given_checkpoint_is_used_instead(tiny_ckpts, tmp_path, 
     assert NOTE not in err
     _, _, settings = parse_parameters(Image.open(next((tmp_path / "samples").glob("*.png"))).text["parameters"])
     assert settings["Config"] == Path(tiny_ckpts["eps"]["config"]).name
+    assert settings["CFG scale"] == "9.0"  # a Stable Diffusion checkpoint keeps the reference's default
 
 
 def test_config_without_ckpt_is_a_one_line_error(tmp_path, capsys):

@@ -31,7 +31,7 @@ def shared_flags(
     f: opt.Factor = 8,
     n_samples: opt.NSamples = 1,
     n_rows: opt.NRows = 0,
-    scale: opt.Scale = 9.0,
+    scale: opt.Scale = None,
     from_file: opt.FromFile = None,
     config: opt.Config = None,
     ckpt: opt.Ckpt = None,
@@ -54,17 +54,19 @@ def shared_flags(
 
 
 def run_command(mode, *, steps: int, plms: bool, dpm: bool, sampler: Optional[str], schedule: Optional[str],
-                ddim_eta: float, scale: float, model_config: Optional[Path] = None, model_needs: str = "",
-                **fields) -> None:
+                ddim_eta: float, scale: Optional[float], scale_default: float = 9.0,
+                model_config: Optional[Path] = None, model_needs: str = "", **fields) -> None:
     """Run a generating command's mode with the shared flags (prompt, seeds, batching, outdir, model...).
 
     An image mode's size is its input's; plain txt2img (generate.Txt2Img) takes --H/--W, by default the
     model's native size."""
     from ldm import generate, modes
-    from ldm.demo import choose_model
+    from ldm.demo import DEMO_SCALE, choose_model
 
     model = choose_model(fields.pop("config"), fields.pop("ckpt"), command_config=model_config, command_needs=model_needs)
     fields.update(config=model.config, ckpt=model.ckpt)
+    if scale is None:
+        scale = DEMO_SCALE if model.demo else scale_default
     sampler_name = opt.pick_sampler(sampler, plms=plms, dpm=dpm)
     fields["precision"] = opt.pick_precision(fields["precision"], fields.pop("bf16"))
     sampling = generate.SamplingSettings(steps=steps, sampler=sampler_name, schedule=schedule, eta=ddim_eta, scale=scale)
@@ -87,6 +89,7 @@ def generating_command(name: str, help: str, fixed: Optional[dict] = None, stoch
     (`model_needs`, said when no --ckpt is given: the demo model cannot serve it).
     """
     fixed = fixed or {}
+    scale_default = float(defaults.pop("scale", 9.0))  # applied at run time: the demo model has its own
     if stochastic_eta is not None:
         defaults["ddim_eta"] = None
 
@@ -104,11 +107,13 @@ def generating_command(name: str, help: str, fixed: Optional[dict] = None, stoch
 
                 sampler = opt.pick_sampler(kwargs["sampler"], plms=kwargs["plms"], dpm=kwargs["dpm"])
                 kwargs["ddim_eta"] = stochastic_eta if check_sampler(sampler).eta is not None else 0.0
-            run_command(mode, **kwargs, **fixed, model_config=model_config, model_needs=model_needs)
+            run_command(mode, **kwargs, **fixed, scale_default=scale_default, model_config=model_config,
+                        model_needs=model_needs)
 
         command.__signature__ = inspect.Signature(own + shared)
         command.__annotations__ = {p.name: p.annotation for p in own + shared}
         command.__name__ = command.__qualname__ = name
+        command.scale_default = scale_default  # --scale's default for SD checkpoints (None: resolved per model)
         app.command(name, help=help)(command)
         return make_mode
 

@@ -45,8 +45,10 @@ DdimEta = Annotated[float, typer.Option("--ddim_eta", "--ddim-eta", "--eta", hel
 LatentChannels = Annotated[int, typer.Option("--C", help="Latent channels.")]
 Factor = Annotated[int, typer.Option("--f", help="Downsampling factor of the first stage.")]
 NRows = Annotated[int, typer.Option("--n_rows", "--n-rows", help="Images per grid row (0: n_samples).")]
-Scale = Annotated[float, typer.Option(
-    "--scale", help="Classifier-free guidance scale: uncond + scale * (cond - uncond).")]
+Scale = Annotated[Optional[float], typer.Option(
+    "--scale", help="Classifier-free guidance scale: uncond + scale * (cond - uncond). Default: 9.0 "
+    "(inpaint and upscale 10.0), as the reference's scripts; 5.0 with the built-in demo model (larger "
+    "scales over-drive it).", show_default=False)]
 FromFile = Annotated[Optional[Path], typer.Option(
     "--from-file", "--from_file", help="Read prompts from this file, one per line.")]
 Config = Annotated[Optional[Path], typer.Option(

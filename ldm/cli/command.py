@@ -54,7 +54,7 @@ def shared_flags(
 
 
 def run_command(mode, *, steps: int, plms: bool, dpm: bool, sampler: Optional[str], schedule: Optional[str],
-                ddim_eta: float, scale: Optional[float], scale_default: float = 9.0,
+                ddim_eta: float, scale: Optional[float], scale_default: float,
                 model_config: Optional[Path] = None, model_needs: str = "", **fields) -> None:
     """Run a generating command's mode with the shared flags (prompt, seeds, batching, outdir, model...).
 
@@ -113,7 +113,7 @@ def generating_command(name: str, help: str, fixed: Optional[dict] = None, stoch
         command.__signature__ = inspect.Signature(own + shared)
         command.__annotations__ = {p.name: p.annotation for p in own + shared}
         command.__name__ = command.__qualname__ = name
-        command.scale_default = scale_default  # --scale's default for SD checkpoints (None: resolved per model)
+        command.scale_default = scale_default  # what --scale (default None) becomes with an SD checkpoint
         app.command(name, help=help)(command)
         return make_mode
 

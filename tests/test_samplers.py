@@ -407,6 +407,23 @@ def diffusers_schedulers():
     return DPMSolverMultistepScheduler, PNDMScheduler
 
 
+@pytest.mark.parametrize("kind, diffusers_name", [("linear", "scaled_linear"), ("cosine", "squaredcos_cap_v2")])
+def test_beta_schedules_equal_diffusers(kind, diffusers_name):
+    """The reference's "linear" (SD's) and "cosine" (Nichol & Dhariwal's, betas capped at 0.999) betas are
+    diffusers' "scaled_linear" and "squaredcos_cap_v2"; cosine's last beta is the cap, so alphas_cumprod
+    ends near 0 (pure noise at t = 999)."""
+    from diffusers import DDPMScheduler
+
+    from ldm.models.diffusion.noise_schedule import make_beta_schedule
+
+    betas = make_beta_schedule(kind, T, 0.00085, 0.012)
+    expected = DDPMScheduler(num_train_timesteps=T, beta_start=0.00085, beta_end=0.012,
+                             beta_schedule=diffusers_name).betas
+    np.testing.assert_allclose(betas, expected.double().numpy(), rtol=1e-6, atol=1e-9)
+    if kind == "cosine":
+        assert betas[-1] == 0.999 and np.cumprod(1 - betas)[-1] < 1e-8
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_plms_agrees_with_diffusers_pndm_for_eps_models(diffusers_schedulers, reference_cond):
     """diffusers' PNDM with skip_prk_steps is the reference's PLMS (its repeated first timestep is the

@@ -330,7 +330,7 @@ class Inpaint(ImageMode):
         return BatchInputs(start_latents=self.blend.z0, strength=1.0)
 
     def apply_model(self, model):
-        return model.apply_model if self.blend is None else self.blend
+        return super().apply_model(model) if self.blend is None else self.blend
 
     def finish(self, images: torch.Tensor, items: list[Item]) -> torch.Tensor:
         """Paste the kept pixels back (exact levels, see exact_tensor) and crop the padding."""
@@ -400,14 +400,14 @@ class Upscale(ImageMode):
         from ldm import tiling
 
         if not self.tiled:
-            return model.apply_model
+            return super().apply_model(model)
         return tiling.TiledApplyModel(model.apply_model, self.tile_size, self.overlap)
 
     def decode(self, model, latents: torch.Tensor) -> torch.Tensor:
         from ldm import tiling
 
         if not self.tiled:
-            return model.decode_first_stage(latents)
+            return super().decode(model, latents)
         return tiling.TiledDecoder(model.decode_first_stage, model.downsampling_factor, self.tile_size,
                                    self.overlap)(latents)
 

@@ -16,3 +16,8 @@ class SDError(Exception):
 def note(message: str) -> None:
     """Tell the user about something that is fine but worth knowing, as one "note:" line on stderr."""
     print(f"note: {message}", file=sys.stderr)
+
+
+def warning(message: str) -> None:
+    """A one-line "warning:" on stderr: what the user asked for runs, but probably not as they expect."""
+    print(f"warning: {message}", file=sys.stderr)

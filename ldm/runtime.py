@@ -30,9 +30,10 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from ldm.errors import SDError
+from ldm.errors import SDError, note, warning
 
 DEVICES = ("auto", "cpu", "cuda")
+MAX_THREADS = 1024  # a thread pool past this is a typo, and its stacks alone would take gigabytes
 PRECISIONS = ("auto", "full", "autocast", "bf16", "fp16")
 
 # Parts of a LatentDiffusion by checkpoint key prefix.
@@ -58,6 +59,7 @@ class RuntimeOptions:
     threads: Optional[int] = None
     channels_last: Optional[bool] = None
     compile_cache: Optional[Path] = None
+    trust_config: bool = False  # --trust-config: the config may name classes outside ldm.* (ldm.util.check_target)
 
     def check(self) -> "RuntimeOptions":
         """Validate everything that needs no model; raises SDError with one line."""
@@ -65,8 +67,8 @@ class RuntimeOptions:
             raise SDError(f"unknown --device '{self.device}' (auto, cpu or cuda)")
         if self.precision not in PRECISIONS:
             raise SDError(f"--precision must be one of {', '.join(PRECISIONS)} (got '{self.precision}')")
-        if self.threads is not None and self.threads < 1:
-            raise SDError(f"--threads must be at least 1 (got {self.threads})")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise SDError(f"--threads must be from 1 to {MAX_THREADS} (got {self.threads})")
         if self.compile and self.torchscript:
             raise SDError("--compile and --torchscript are two ways to the same end; pick one")
         if self.ipex and self.compile:
@@ -105,13 +107,47 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+# oneDNN's ISA levels (ONEDNN_MAX_CPU_ISA caps them) from which bf16 matrix work runs on native instructions.
+_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX",
+              "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "ALL", "DEFAULT", "")
+
+# Measured on a 2-core AMD EPYC Zen 3 (AVX2, no AVX512-BF16): a 4x64x256x256 3x3 convolution took 1.3 s in
+# float32 and 204 s under bf16 autocast; oneDNN emulates bf16 there.
+BF16_SLOWDOWN_WITHOUT_NATIVE = 160
+
+
 def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX), where oneDNN runs bf16 faster than fp32."""
+    """True on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX) that oneDNN may use.
+
+    ONEDNN_MAX_CPU_ISA set below AVX512_CORE_BF16 (how CI emulates an AVX2-only machine, and how a user
+    keeps oneDNN off those instructions) counts as no native bf16: oneDNN then emulates it, two orders of
+    magnitude slower than float32.
+    """
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    if cap not in _BF16_ISAS:
+        return False
     flags = cpu_flags()
     if flags:
         return bool(flags & {"avx512_bf16", "amx_bf16"})
     mkldnn = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(mkldnn()) if mkldnn is not None else False
+
+
+def bf16_on_cpu(asked: bool, what: str) -> bool:
+    """Whether `what` may run in bf16 on this CPU: only with native bf16, else float32 with one note.
+
+    `asked` is True for an explicit user request (--bf16, --precision bf16): it is honoured, with a warning
+    that says how much slower it will be; a default or a config's choice falls back to float32.
+    """
+    if cpu_has_fast_bf16():
+        return True
+    if asked:
+        warning(f"{what} in bf16 on a CPU without native bf16 (no AVX512-BF16/AMX) runs about "
+             f"{BF16_SLOWDOWN_WITHOUT_NATIVE}x slower than float32 (measured on AVX2); drop it for float32")
+        return True
+    note(f"{what}: float32 instead of bf16, since this CPU has no native bf16 (no AVX512-BF16/AMX), where bf16 "
+         f"runs about {BF16_SLOWDOWN_WITHOUT_NATIVE}x slower")
+    return False
 
 
 def resolve_device(device: str) -> torch.device:
@@ -133,14 +169,21 @@ VAE_DTYPE_IN_HALF_MODES = {"bf16": torch.bfloat16, "fp16": torch.float32}  # fp1
 def resolve_precision(precision: str, device: torch.device, config_hint: Optional[str] = None) -> Precision:
     """Turn --precision (auto|full|autocast|bf16|fp16) into per-part weight dtypes for `device`.
 
-    config_hint: "bf16" when the config's UNet says use_bf16 (the reference's intel/*-bf16.yaml), which
-    "auto" then follows on any CPU, as the reference's --bf16 with those configs does.
+    bf16 on a CPU only where the CPU has it natively (bf16_on_cpu): "auto" and the reference's "autocast"
+    (and a config's use_bf16, `config_hint` "bf16", from the reference's intel/*-bf16.yaml) fall back to
+    float32 with one note elsewhere; an explicit "bf16" is honoured with a warning.
     """
     if precision == "auto":
         if device.type == "cuda":
             precision = "fp16"
+        elif config_hint == "bf16":
+            precision = "bf16" if bf16_on_cpu(False, "the config asks for use_bf16") else "full"
         else:
-            precision = "bf16" if cpu_has_fast_bf16() or config_hint == "bf16" else "full"
+            precision = "bf16" if cpu_has_fast_bf16() else "full"
+    elif device.type == "cpu" and precision == "autocast" and not bf16_on_cpu(False, "--precision autocast"):
+        precision = "full"
+    elif device.type == "cpu" and precision == "bf16":
+        bf16_on_cpu(True, "--precision bf16")
     f32 = torch.float32
     if precision == "full":
         return Precision("full", f32, f32, f32, None)
@@ -252,7 +295,10 @@ def import_targets(config) -> None:
                 walk(value)
 
     walk(OmegaConf.to_container(config.model, resolve=True))
+    from ldm.util import check_target
+
     for target in targets:
+        check_target(target)  # nothing a config names is imported before it passes the allow-list
         module = target.rsplit(".", 1)[0]
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
@@ -336,7 +382,11 @@ def load_for_inference(config: str | Path, ckpt: str | Path, opts: RuntimeOption
     # channels_last: oneDNN's convolutions and torch's CPU group norm work on NHWC without reorders;
     # the UNet's attention blocks then reshape (B, C, H, W) -> (B, HW, C) as a free view.
     channels_last = opts.channels_last if opts.channels_last is not None else device.type == "cpu"
-    model = read_weights(Path(config), Path(ckpt), prec, unet_channels_last=channels_last, loaded_config=loaded_config)
+    from ldm.util import trusted_config
+
+    with trusted_config(opts.trust_config):
+        model = read_weights(Path(config), Path(ckpt), prec, unet_channels_last=channels_last,
+                             loaded_config=loaded_config)
     if device.type != "cpu":
         model = model.to(device)
         if channels_last:

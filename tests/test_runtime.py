@@ -25,17 +25,62 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------ precision and device
-def test_auto_precision_follows_the_hardware(monkeypatch):
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """A CPU with native bf16 (AVX512-BF16), whatever this machine is and however CI caps oneDNN."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+
+
+@pytest.fixture
+def plain_cpu(monkeypatch):
+    """An AVX2-only CPU: bf16 is emulated there, ~160x slower than float32."""
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "fma"})
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch, native_bf16):
     assert resolve_precision("auto", CPU).mode == "bf16"
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "amx_bf16"})
     assert resolve_precision("auto", CPU).mode == "bf16"
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "fma"})
     assert resolve_precision("auto", CPU).mode == "full"
     assert resolve_precision("auto", torch.device("cuda")).mode == "fp16"
+    # oneDNN held below AVX512_CORE_BF16 (how CI emulates an AVX2 machine) emulates bf16: no native bf16
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not runtime.cpu_has_fast_bf16() and resolve_precision("auto", CPU).mode == "full"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert runtime.cpu_has_fast_bf16()
 
 
-def test_part_dtypes_of_each_mode():
+def test_bf16_only_where_native_and_a_warning_when_asked(plain_cpu, capsys):
+    """On a plain CPU the reference's autocast falls back to float32 with a note; an explicit bf16 runs,
+    with a warning that names the measured factor."""
+    assert resolve_precision("autocast", CPU).mode == "full"
+    assert capsys.readouterr().err.startswith("note: --precision autocast: float32 instead of bf16")
+    assert resolve_precision("bf16", CPU).unet == torch.bfloat16
+    err = capsys.readouterr().err
+    assert err.startswith("warning: --precision bf16 in bf16 on a CPU without native bf16") and "160x slower" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_evaluation_decodes_in_float32_without_native_bf16(plain_cpu, monkeypatch):
+    """The demo evaluation's decoder ran under bf16 autocast everywhere; on AVX2 that took 30+ minutes."""
+    from ldm.training import evaluate
+
+    seen = []
+
+    class Model:
+        def decode_first_stage(self, z):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return z[:, :3]
+
+    evaluate.decode(Model(), torch.zeros(1, 4, 8, 8))
+    assert seen == [False]
+
+
+def test_part_dtypes_of_each_mode(native_bf16):
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     got = {m: resolve_precision(m, CPU) for m in ("full", "autocast", "bf16", "fp16")}
     assert (got["full"].unet, got["full"].text, got["full"].vae, got["full"].autocast) == (f32, f32, f32, None)
@@ -52,7 +97,7 @@ def test_part_dtypes_of_each_mode():
 @pytest.mark.parametrize("opts, message", [
     (RuntimeOptions(precision="half"), "--precision must be one of auto, full, autocast, bf16, fp16"),
     (RuntimeOptions(device="tpu"), "unknown --device 'tpu'"),
-    (RuntimeOptions(threads=0), "--threads must be at least 1"),
+    (RuntimeOptions(threads=0), "--threads must be from 1 to 1024"),
     (RuntimeOptions(compile=True, torchscript=True), "pick one"),
 ])
 def test_bad_options_fail_with_one_line(opts, message):
@@ -86,7 +131,7 @@ def test_threads_option_and_omp_num_threads(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_autocast_context_per_mode():
+def test_autocast_context_per_mode(native_bf16):
     a, b = torch.randn(4, 4), torch.randn(4, 4)
     with autocast_context(CPU, "autocast"):
         assert (a @ b).dtype == torch.bfloat16
@@ -238,14 +283,19 @@ def test_compile_cache_points_inductor_at_the_cache_dir(tmp_path, monkeypatch):
     assert (tmp_path / "cc").is_dir()
 
 
-def test_intel_bf16_configs_make_auto_bf16_on_any_cpu(monkeypatch):
+def test_intel_bf16_configs_use_bf16_only_where_it_is_native(monkeypatch, capsys):
     from ldm.util import load_config
 
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     root = __import__("pathlib").Path(__file__).parent.parent / "configs" / "stable-diffusion"
     hint = runtime.config_precision_hint(load_config(root / "intel" / "v2-inference-v-bf16.yaml"))
-    assert hint == "bf16" and resolve_precision("auto", CPU, hint).mode == "bf16"
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})
+    assert hint == "bf16" and resolve_precision("auto", CPU, hint).mode == "full"
+    assert "float32 instead of bf16" in capsys.readouterr().err
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert resolve_precision("auto", CPU, hint).mode == "bf16"
     hint = runtime.config_precision_hint(load_config(root / "intel" / "v2-inference-v-fp32.yaml"))
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})
     assert hint is None and resolve_precision("auto", CPU, hint).mode == "full"
 
 

@@ -50,9 +50,12 @@ def generate(model, prompts: list[str], *, steps: int = 20, scale: float = 5.0, 
 
 @torch.no_grad()
 def decode(model, z: torch.Tensor, bf16: bool = True) -> np.ndarray:
-    """Latents -> (B, H, W, 3) uint8. bf16 autocast halves the decoder's time on CPU (it dominates: the
-    full-resolution convolutions); nearest-colour readings do not move."""
-    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+    """Latents -> (B, H, W, 3) uint8. On CPUs with native bf16, bf16 autocast halves the decoder's time (it
+    dominates: the full-resolution convolutions) and nearest-colour readings do not move; elsewhere bf16
+    is emulated, about 160x slower, so the decode stays float32."""
+    from ldm.runtime import cpu_has_fast_bf16
+
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16 and cpu_has_fast_bf16()):
         images = model.decode_first_stage(z.to(torch.float32)).float()  # (B, 3, H, W) about [-1, 1]
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 

@@ -393,7 +393,11 @@ def train(config_path: str | Path, *, max_minutes: Optional[float] = None, max_s
     batch_size = int(tcfg.pop("batch_size", 8))
     steps = int(tcfg.pop("max_steps", 1000))
     minutes = tcfg.pop("max_minutes", None)
-    precision = tcfg.pop("precision", "32-true")
+    precision = str(tcfg.pop("precision", "32-true"))
+    if precision.startswith("bf16"):
+        from ldm.runtime import bf16_on_cpu
+
+        precision = precision if bf16_on_cpu(False, f"training ({config_path} asks for {precision})") else "32-true"
     common = {k: tcfg[k] for k in ("lr", "weight_decay", "warmup_steps", "checkpoint_every", "save_dtype",
                                    "lr_decay_fraction") if k in tcfg}
     common.update(log_path=tcfg.get("log"), output=str(tcfg["output"]))

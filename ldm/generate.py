@@ -14,6 +14,7 @@ loop (output names, manifest, --skip-existing, Lightning scale-out, --from-image
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch
 
 from ldm.batch.prompts import PromptLine, read_prompt_lines
 from ldm.errors import SDError
+from ldm.limits import SEED_MAX, Limits, check_number, check_seed, check_text
 from ldm.runtime import RuntimeOptions, autocast_context, load_for_inference, resolve_device
 
 
@@ -141,8 +143,10 @@ class PromptEncoder:
         return out
 
 
-def check_size(H: int, W: int, f: int, names: tuple[str, str] = ("--H", "--W")) -> None:
+def check_size(H: int, W: int, f: int, names: tuple[str, str] = ("--H", "--W"), max_side: Optional[int] = None) -> None:
     for name, value in zip(names, (H, W)):
+        if max_side is not None and value > max_side:
+            raise SDError(f"{name} {value} is above --max-side {max_side}")
         if value <= 0 or value % 8:
             raise SDError(f"{name} {value} is not a positive multiple of 8")
         if value < 256:
@@ -153,6 +157,16 @@ def check_size(H: int, W: int, f: int, names: tuple[str, str] = ("--H", "--W")) 
 
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
+def check_steps(sampling: "SamplingSettings", limits: Limits, timesteps: int, where: str = "--steps") -> None:
+    """Steps within --max-steps and what the sampler's schedule can make for a model of `timesteps`."""
+    from ldm.models.diffusion.samplers import make_sigmas
+
+    if not 1 <= sampling.steps <= limits.max_steps:
+        raise SDError(f"{where} must be from 1 to {limits.max_steps} (--max-steps; got {sampling.steps})")
+    # The schedules are pure arithmetic on the model's sigma table: build one on a stand-in table of the
+    # config's length, so a step count the schedule cannot make fails here, not after the load.
+    stand_in = torch.linspace(0.03, 15.0, timesteps, dtype=torch.float64)
+    make_sigmas(sampling.schedule or sampling.sampler, stand_in, sampling.steps)
 
 
 @dataclass
@@ -180,6 +194,7 @@ class Job:
     torchscript: bool = False  # --torchscript: trace and freeze the UNet
     ipex: Optional[bool] = None  # --ipex/--no-ipex (None: IPEX for bf16 on CPU when installed)
     threads: Optional[int] = None  # --threads (default: OMP_NUM_THREADS or all cores)
+    trust_config: bool = False  # --trust-config: the config may build classes outside ldm.*
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     # Batch jobs (ldm/batch): resume, scale-out, reproduction.
     skip_existing: bool = False  # skip items whose file exists with matching metadata
@@ -188,6 +203,7 @@ class Job:
     accelerator: Optional[str] = None  # cpu | gpu | auto; None: from --device
     from_image: Optional[Path] = None  # rebuild the job from this PNG's parameters (ldm.batch.reproduce)
     reproduce: Optional[tuple[int, int]] = None  # (batch size, position) of the image --from-image rebuilds
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def distributed(self) -> bool:
@@ -208,7 +224,8 @@ class Job:
     def runtime_options(self, device: Optional[torch.device] = None) -> RuntimeOptions:
         """How to run the model: device, precision and the fast-path flags."""
         return RuntimeOptions(device=str(device) if device is not None else self.device, precision=self.precision,
-                              compile=self.compile, torchscript=self.torchscript, ipex=self.ipex, threads=self.threads)
+                              compile=self.compile, torchscript=self.torchscript, ipex=self.ipex, threads=self.threads,
+                              trust_config=self.trust_config)
 
     def check(self) -> list[str]:
         """Validate every input that needs no model; returns the prompts."""
@@ -216,7 +233,7 @@ class Job:
 
         self.runtime_options().check()
 
-        for name in ("n_samples", "n_iter", "repeat", "num_nodes"):
+        for name in ("n_samples", "n_iter", "repeat", "num_nodes", "C", "f"):
             if getattr(self, name) < 1:
                 raise SDError(f"--{name} must be at least 1 (got {getattr(self, name)})")
         if self.devices is not None and self.devices < 1:
@@ -229,19 +246,36 @@ class Job:
             raise SDError(f"--accelerator must be one of {', '.join(ACCELERATORS)} (got '{self.accelerator}')")
         if self.n_rows < 0:
             raise SDError("--n_rows must be 0 (= n_samples) or more")
-        if self.sampling.steps < 1:
-            raise SDError(f"--steps must be at least 1 (got {self.sampling.steps})")
-        if self.sampling.eta < 0:
-            raise SDError(f"--ddim_eta must be 0 or more (got {self.sampling.eta})")
-        check_size(self.H, self.W, self.f)
+        self.limits.check()
+        if self.n_samples > self.limits.max_batch:
+            raise SDError(f"--n_samples {self.n_samples} is above --max-batch {self.limits.max_batch}")
+        check_number("--scale", self.sampling.scale)
+        check_number("--ddim_eta", self.sampling.eta, minimum=0)
+        check_seed(self.seed)
+        check_text("--prompt", self.prompt)
+        check_text("--negative-prompt", self.negative_prompt)
+        timesteps = self.timesteps()
+        check_steps(self.sampling, self.limits, timesteps)
+        check_size(self.H, self.W, self.f, max_side=self.limits.max_side)
         check_sampler(self.sampling.sampler, self.sampling.schedule)
         lines = self.prompt_lines()
         for line in lines:  # a line's own settings, reported with its file and line number
             try:
+                check_text("the prompt", line.prompt)
+                check_text("the negative prompt", line.negative_prompt or "")
                 if line.size is not None:
-                    check_size(line.size[1], line.size[0], self.f, names=("height", "width"))
+                    check_size(line.size[1], line.size[0], self.f, names=("height", "width"), max_side=self.limits.max_side)
                 if line.sampler is not None or line.schedule is not None:
                     check_sampler(line.sampler or self.sampling.sampler, line.schedule or self.sampling.schedule)
+                if line.scale is not None:
+                    check_number("\"scale\"", line.scale)
+                if line.eta is not None:
+                    check_number("\"eta\"", line.eta, minimum=0)
+                if line.seed is not None:
+                    check_seed(line.seed, "\"seed\"")
+                overrides = {k: getattr(line, k) for k in ("steps", "sampler", "schedule") if getattr(line, k) is not None}
+                if overrides:
+                    check_steps(dataclasses.replace(self.sampling, **overrides), self.limits, timesteps, "\"steps\"")
             except SDError as exc:
                 raise SDError(f"{line.where}: {exc}") from None
         if self.ckpt is None:
@@ -252,6 +286,16 @@ class Job:
             raise SDError(f"config file not found: {self.config}")
         return [line.prompt for line in lines]
 
+    def timesteps(self) -> int:
+        """The model's number of diffusion timesteps, read from the config (no model is built)."""
+        from ldm.util import load_config
+
+        if not Path(self.config).is_file():
+            return 1000
+        params = load_config(self.config).model.get("params", {}) or {}
+        value = params.get("timesteps", 1000)
+        return value if isinstance(value, int) and value > 1 else 1000
+
     def for_batch(self, batch: "Batch") -> "Job":
         """This job with a batch's own settings and size (what the Mode hooks see for that batch)."""
         W, H = batch.size
@@ -259,15 +303,27 @@ class Job:
 
 
 def make_plan(job: Job) -> list[Batch]:
-    """The job's batches, fixed before any sampling (call job.check() first)."""
+    """The job's batches, fixed before any sampling (call job.check() first); SDError when the plan goes
+    past --max-images or a seed past 2**64 - 1."""
     size = (job.W, job.H)
     if job.reproduce is not None:  # --from-image: the image's batch, refilled with copies of the image
         batch_size, position = job.reproduce
+        if not 1 <= batch_size <= job.limits.max_batch or not 0 <= position < batch_size:
+            raise SDError(f"the image was made at position {position} of a batch of {batch_size}, outside 1 to "
+                          f"--max-batch {job.limits.max_batch}")
         items = [Item(0, job.prompt, job.negative_prompt, job.seed, job.sampling, size)] * batch_size
         return [Batch(0, items, job.sampling, size, keep=position)]
-    return _plan(job.prompt_lines(), n_samples=job.n_samples, n_iter=job.n_iter, repeat=job.repeat,
+    images = len(job.prompt_lines()) * job.repeat * job.n_iter if job.from_file else job.n_samples * job.n_iter
+    if images > job.limits.max_images:
+        raise SDError(f"this run would make {images} images, above --max-images {job.limits.max_images}")
+    plan = _plan(job.prompt_lines(), n_samples=job.n_samples, n_iter=job.n_iter, repeat=job.repeat,
                  from_file=job.from_file is not None, seed=job.seed, fixed_code=job.fixed_code,
                  negative_prompt=job.negative_prompt, sampling=job.sampling, size=size)
+    for batch in plan:
+        for item in batch.items:
+            if item.seed > SEED_MAX:
+                raise SDError(f"image {item.index} would get seed {item.seed}, past 2**64 - 1: use a smaller --seed")
+    return plan
 
 
 @dataclass
@@ -303,6 +359,9 @@ class Mode:
 
     def steps_run(self, steps: int) -> int:
         return steps
+
+    def reproduce(self, fields: dict) -> None:
+        """--from-image: take the mode's own settings (e.g. the denoising strength) from the image's fields."""
 
     def batch(self, model, items: list[Item], generators: list[torch.Generator], device: torch.device) -> BatchInputs:
         return BatchInputs()
@@ -397,7 +456,7 @@ def run_job(job: Job, mode: Optional[Mode] = None) -> list[Path]:
     if job.from_image is not None:
         from ldm.batch.reproduce import job_from_image
 
-        job = job_from_image(job, mode.name, sized=not mode_sets_size(mode))
+        job = job_from_image(job, mode.name, sized=not mode_sets_size(mode), mode_fields=mode.reproduce)
     job.check()
     mode.check(job)
     sized = [line for line in job.prompt_lines() if line.size is not None]

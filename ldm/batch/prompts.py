@@ -118,6 +118,8 @@ def parse_json_line(text: str, where: str) -> PromptLine:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SDError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise SDError(f"{where}: not valid JSON for sd (nested too deep)") from None
     if not isinstance(record, dict):
         raise SDError(f"{where}: expected a JSON object like {{\"prompt\": \"...\"}}, got {type(record).__name__}")
     unknown = [key for key in record if key not in FIELDS]

@@ -42,14 +42,18 @@ def _field(fields: dict[str, str], key: str, cast: Callable, default, path: Path
 
 
 def _size(value: str) -> tuple[int, int]:
-    width, height = value.lower().split("x")
-    return int(width), int(height)
+    parts = value.lower().split("x")
+    if len(parts) != 2:
+        raise ValueError(value)
+    return int(parts[0]), int(parts[1])
 
 
-def job_from_image(job: "Job", mode_name: str = "txt2img", sized: bool = True) -> "Job":
+def job_from_image(job: "Job", mode_name: str = "txt2img", sized: bool = True,
+                   mode_fields: Callable[[dict], None] = lambda fields: None) -> "Job":
     """`job` with everything the image records; checkpoint, config, outdir and device stay the job's.
 
     sized=False for modes whose input image gives the size: the recorded Size is then not applied.
+    `mode_fields` gets the recorded fields, for the mode's own settings (img2img's denoising strength).
     """
     path = Path(job.from_image)
     if job.from_file is not None:
@@ -58,6 +62,10 @@ def job_from_image(job: "Job", mode_name: str = "txt2img", sized: bool = True) -
     made_by = fields.get("Mode", "txt2img")
     if made_by != mode_name:
         raise SDError(f"{path} was made by `sd {made_by}`; reproduce it with that command")
+    try:
+        mode_fields(fields)
+    except SDError as exc:
+        raise SDError(f"{path}: {exc}") from None
     width, height = _field(fields, "Size", _size, (job.W, job.H), path) if sized else (job.W, job.H)
     sampling = dataclasses.replace(
         job.sampling,

@@ -16,9 +16,9 @@ NegativePrompt = Annotated[str, typer.Option(
     "--negative-prompt", "--negative_prompt", "-n",
     help="What the image should not show (the unconditional prompt of classifier-free guidance; default \"\").")]
 Outdir = Annotated[Path, typer.Option("--outdir", help="Folder for samples/ and grid-NNNN.png.")]
-Steps = Annotated[int, typer.Option("--steps", "--ddim_steps", "--ddim-steps", help="Number of sampling steps.")]
-NIter = Annotated[int, typer.Option("--n_iter", "--n-iter", help="Sample this often.")]
-NSamples = Annotated[int, typer.Option("--n_samples", "--n-samples", help="Images per batch (batch size).")]
+Steps = Annotated[int, typer.Option("--steps", "--ddim_steps", "--ddim-steps", help="Number of sampling steps [default: 50, or the command's own; 20 with the demo model].", show_default=False)]
+NIter = Annotated[int, typer.Option("--n_iter", "--n-iter", help="Sample this often [default: 1; txt2img 3, or 1 with the demo model].", show_default=False)]
+NSamples = Annotated[int, typer.Option("--n_samples", "--n-samples", help="Images per batch (batch size) [default: 1, or the command's own; txt2img 3, or 4 with the demo model].", show_default=False)]
 Plms = Annotated[bool, typer.Option("--plms", help="Use the PLMS sampler (same as --sampler plms).")]
 Dpm = Annotated[bool, typer.Option("--dpm", help="Use DPM-Solver (same as --sampler dpm).")]
 
@@ -70,6 +70,13 @@ Ipex = Annotated[Optional[bool], typer.Option(
 Bf16 = Annotated[bool, typer.Option("--bf16", help="The reference's flag: same as --precision bf16.")]
 Compile = Annotated[bool, typer.Option(
     "--compile", help="torch.compile the UNet (oneDNN fusions); compiled kernels are cached in ~/.cache/sd.")]
+TrustConfig = Annotated[bool, typer.Option(
+    "--trust-config", help="Let the config build any Python class it names (by default only sd's own classes and "
+    "torch.nn.Identity: a config can name code, e.g. os.system).")]
+MaxSide = Annotated[int, typer.Option("--max-side", help="Refuse image sides above this many pixels.")]
+MaxSteps = Annotated[int, typer.Option("--max-steps", help="Refuse more sampling steps than this.")]
+MaxBatch = Annotated[int, typer.Option("--max-batch", help="Refuse batches (--n_samples) larger than this.")]
+MaxImages = Annotated[int, typer.Option("--max-images", help="Refuse runs that would save more images than this.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: OMP_NUM_THREADS, else all cores).")]
 
 

@@ -1,0 +1,56 @@
+"""What one run may ask for, and the checks of single values that every front end shares.
+
+Nothing here imports torch, so the command line can use it for its defaults while staying cheap.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ldm.errors import SDError
+
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds up to this
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds on what one run may ask for, checked before anything is loaded, so that a typo
+    (--steps 50000, --n_iter 10000, --H 51200) is one line and not minutes of work or an allocation
+    without limit. The commands expose them as --max-side/--max-steps/--max-batch/--max-images."""
+    max_side: int = 4096  # pixels per side of a generated image
+    max_steps: int = 1000  # sampling steps
+    max_batch: int = 64  # images sampled together (--n_samples, or a reproduced image's batch)
+    max_images: int = 100_000  # images one run saves
+
+    def check(self) -> "Limits":
+        for name, value in dataclasses.asdict(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SDError(f"--{name.replace('_', '-')} must be a whole number of at least 1 (got {value})")
+        return self
+
+
+def check_number(name: str, value: float, minimum: Optional[float] = None) -> None:
+    """SDError unless `value` is a finite number (NaN and infinity give black images), >= minimum if given."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SDError(f"{name} must be a finite number (got {value})")
+    if minimum is not None and value < minimum:
+        raise SDError(f"{name} must be {minimum} or more (got {value})")
+
+
+def check_text(name: str, text: str) -> None:
+    """SDError unless `text` is valid Unicode: a byte that is not UTF-8 (a Latin-1 text file, a shell in
+    another locale) arrives as a lone surrogate, which neither the tokenizer nor PNG metadata can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start].encode("utf-8", "surrogateescape")
+        raise SDError(f"{name} is not valid UTF-8 text (byte 0x{bad.hex()} at character {exc.start}); "
+                      "save it as UTF-8") from None
+    if "\0" in text:
+        raise SDError(f"{name} holds a NUL character, which PNG metadata cannot carry")
+
+
+def check_seed(seed: int, where: str = "--seed") -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise SDError(f"{where}: seeds must be whole numbers from 0 to 2**64 - 1 (got {seed})")

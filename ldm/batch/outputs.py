@@ -16,9 +16,12 @@ end, so no two processes (possibly on two machines sharing a file system) append
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,63 +48,131 @@ def prepare_outdir(outdir: str | os.PathLike) -> Path:
     return imageio.ensure_writable_dir(Path(outdir) / "samples")
 
 
-def append_jsonl(path: Path, record: dict) -> None:
-    """Append one JSON line with a single write() on an O_APPEND descriptor (no torn or mixed lines)."""
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+def _write_all(fd: int, data: bytes, path: Path) -> None:
+    """Write `data` at the end of the file open as `fd` (O_APPEND) in whole or not at all.
+
+    A full disk can make write() store part of a line; the file is then cut back to where it was, so a
+    reader never meets a torn line that a later append would glue onto.
+    """
+    before = os.fstat(fd).st_size
     try:
-        os.write(fd, line)
+        written = os.write(fd, data)
+        while written < len(data):  # a short write: retry the rest, which reports the real error
+            more = os.write(fd, data[written:])
+            if more == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            written += more
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, before)
+        raise SDError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one JSON line with one write() on an O_APPEND descriptor (no torn or mixed lines).
+
+    A file whose last line was cut short by a crash gets a line break first, so the new line stays whole.
+    """
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise SDError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        _write_all(fd, line, path)
     finally:
         os.close(fd)
 
 
+# A manifest is a small text file; anything larger is not one of ours (and is not read whole).
+MAX_MANIFEST_BYTES = 64 * 2**20
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSON Lines file; a line cut short by a crash is left out."""
-    records = []
+    """The JSON objects of a JSON Lines file, whatever else it holds: a line cut short by a crash, bytes
+    that are not UTF-8, a value nested too deep, or a non-object line is left out; a missing, unreadable
+    or oversized file reads as empty."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return records
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            return []
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    records = []
     for line in text.splitlines():
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(record, dict):
             records.append(record)
     return records
 
 
+def _whole(value) -> Optional[int]:
+    """`value` if it is a non-negative whole number (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def manifests(outdir: Path) -> list[tuple[Path, dict]]:
-    """(path, header) of every run manifest in `outdir`, oldest base first."""
+    """(path, header) of every readable run manifest in `outdir`, oldest base first; a manifest whose
+    header is missing or malformed (a kill or a full disk at its creation) is passed over."""
     found = []
     for path in sorted(Path(outdir).glob(f"{MANIFEST_PREFIX}*.jsonl")):
         records = read_jsonl(path)
-        if records and records[0].get("sd_manifest") and isinstance(records[0].get("base"), int):
-            found.append((path, records[0]))
+        header = records[0] if records else {}
+        if (header.get("sd_manifest") and _whole(header.get("base")) is not None
+                and _whole(header.get("images")) is not None and isinstance(header.get("run"), str)):
+            found.append((path, header))
     return found
 
 
+_MANIFEST_NAME = re.compile(rf"{MANIFEST_PREFIX}(\d+)\.jsonl")
+
+
 def next_base(outdir: Path) -> int:
-    """The first sample number after every existing sample and every range a run's manifest reserves."""
-    reserved = [header["base"] + int(header.get("images", 0)) for _, header in manifests(outdir)]
+    """The first sample number after every existing sample and every range a run's manifest reserves.
+
+    A manifest file reserves at least its own number, whatever it holds, so that no new manifest is ever
+    asked to take a name that exists.
+    """
+    reserved = [header["base"] + header["images"] for _, header in manifests(outdir)]
+    with contextlib.suppress(OSError):
+        for name in os.listdir(outdir):
+            match = _MANIFEST_NAME.fullmatch(name)
+            if match:
+                reserved.append(int(match.group(1)) + 1)
     return max([imageio.next_index(Path(outdir) / "samples", imageio.SAMPLE_DIGITS), *reserved])
 
 
 def create_manifest(outdir: Path, header: dict) -> tuple[Path, int]:
-    """Reserve a base and write the manifest's header line; returns (path, base)."""
-    while True:
+    """Reserve a base and write the manifest's header line; returns (path, base).
+
+    The header goes in with one write; if it cannot be written whole (a full disk) the file is removed.
+    """
+    for _ in range(1000):
         base = next_base(outdir)
         path = Path(outdir) / f"{MANIFEST_PREFIX}{base:05d}.jsonl"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:  # another run took this base a moment ago: look again
             continue
         except OSError as exc:
             raise SDError(f"cannot write {path}: {exc.strerror or exc}") from None
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"sd_manifest": MANIFEST_VERSION, **header, "base": base}, ensure_ascii=False) + "\n")
+        line = json.dumps({"sd_manifest": MANIFEST_VERSION, **header, "base": base}, ensure_ascii=False) + "\n"
+        try:
+            _write_all(fd, line.encode("utf-8"), path)
+        except SDError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
         return path, base
+    raise SDError(f"cannot reserve a manifest in {outdir}: other runs keep taking the names")
 
 
 def part_path(manifest: Path, rank: int) -> Path:
@@ -113,7 +184,7 @@ def merge_parts(manifest: Path) -> None:
     """Append the other processes' manifest lines (in item order) to the manifest and remove the parts."""
     parts = sorted(manifest.parent.glob(f".{manifest.stem}.rank*.jsonl"))
     records = [r for part in parts for r in read_jsonl(part)]
-    for record in sorted(records, key=lambda r: r.get("item", -1)):
+    for record in sorted(records, key=lambda r: _whole(r.get("item")) or 0):
         append_jsonl(manifest, record)
     for part in parts:
         part.unlink(missing_ok=True)
@@ -220,7 +291,10 @@ class PlanRunner:
             item = batch.items[pos]
             if item.index in self.present:  # a resumed batch: only its missing images are written
                 continue
-            path = self._save(images[pos], item.index, self.engine.parameters(batch, pos))
+            # The grid is made of the saved (watermarked) samples and not watermarked again, so a resumed run,
+            # whose earlier samples exist only as files, makes the same grid as an uninterrupted one.
+            marked = imageio.apply_watermark(images[pos])
+            path = self._save(marked, item.index, self.engine.parameters(batch, pos))
             append_jsonl(self.lines, {
                 "item": item.index, "file": path.relative_to(self.outdir).as_posix(), "seed": item.seed,
                 "prompt": item.prompt, "negative_prompt": item.negative_prompt, "batch": batch.index,
@@ -228,15 +302,17 @@ class PlanRunner:
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             paths.append(path)
             if not self.state.indexed:
-                self.grid_images.append(images[pos])
+                self.grid_images.append(marked)
         self.written += paths
         return paths
 
     def _save(self, image, k: int, text: str) -> Path:
+        """Save a sample that already carries the watermark."""
         metadata = {imageio.PARAMETERS_KEY: text}
         if self.state.indexed:
-            return imageio.save_png(image, self.samples / sample_name(self.state.base + k), metadata, overwrite=False)
-        path = imageio.save_numbered(image, self.samples, imageio.SAMPLE_DIGITS, metadata=metadata,
+            return imageio.save_png(image, self.samples / sample_name(self.state.base + k), metadata, watermark=False,
+                                    overwrite=False)
+        path = imageio.save_numbered(image, self.samples, imageio.SAMPLE_DIGITS, metadata=metadata, watermark=False,
                                      start=self.next_number)
         self.next_number = int(path.stem) + 1
         return path
@@ -245,9 +321,10 @@ class PlanRunner:
         try:
             for b in self.share:
                 self.run_batch(b)
-        except KeyboardInterrupt:
-            self.bar.close()
-            self.note_interrupted()
+        except BaseException as exc:
+            self.bar.close()  # the error line then starts on a line of its own, not on the bar's
+            if isinstance(exc, KeyboardInterrupt):
+                self.note_interrupted()
             raise
         return self.written
 
@@ -293,7 +370,8 @@ class PlanRunner:
             note("no grid: the images of this run differ in size")
             return None
         grid = imageio.make_grid(images, job.n_rows or job.n_samples)
-        return imageio.save_numbered(grid, self.outdir, imageio.GRID_DIGITS, prefix=imageio.GRID_PREFIX)
+        return imageio.save_numbered(grid, self.outdir, imageio.GRID_DIGITS, prefix=imageio.GRID_PREFIX,
+                                     watermark=False)  # its tiles carry the watermark
 
 
 def run_plan(engine: "Engine", plan: list["Batch"]) -> list[Path]:

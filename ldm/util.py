@@ -1,7 +1,10 @@
 """Config plumbing: build objects from OmegaConf `target:`/`params:` blocks."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +13,37 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.errors import SDError
 
 
+# What a config may build without --trust-config. A config's `target:` names any Python callable, so a
+# config from the internet (they travel with checkpoints) could otherwise run `os.system`. Classes of this
+# package are allowed, plus the few others the reference configs name.
+ALLOWED_TARGETS = frozenset({"torch.nn.Identity", "torchvision.transforms.Resize", "torchvision.transforms.RandomCrop"})
+ALLOWED_PACKAGE = "ldm."
+_TRUST_CONFIG: contextvars.ContextVar[bool] = contextvars.ContextVar("trust_config", default=False)
+
+
+@contextlib.contextmanager
+def trusted_config(trust: bool = True):
+    """Within this block configs may name any target (the user's --trust-config)."""
+    token = _TRUST_CONFIG.set(trust)
+    try:
+        yield
+    finally:
+        _TRUST_CONFIG.reset(token)
+
+
+def check_target(path: str) -> None:
+    """SDError unless `path` may be built: a dotted name on the allow-list or in this package, unless trusted."""
+    if not isinstance(path, str) or not path.replace(".", "").replace("_", "").isalnum():
+        raise SDError(f"config target {path!r} is not a dotted path (module.Class)")
+    if _TRUST_CONFIG.get() or path in ALLOWED_TARGETS or path.startswith(ALLOWED_PACKAGE):
+        return
+    raise SDError(f"config target '{path}' is not one sd builds (classes of ldm.* and {', '.join(sorted(ALLOWED_TARGETS))}); "
+                  "a config can name any Python code, so pass --trust-config only for a config you trust")
+
+
 def get_obj_from_str(path: str) -> Any:
-    """Resolve a dotted path such as 'ldm.models.autoencoder.AutoencoderKL' to the object."""
+    """Resolve a dotted path such as 'ldm.models.autoencoder.AutoencoderKL' to the object (after check_target)."""
+    check_target(path)
     module_name, _, attr = path.rpartition(".")
     if not module_name:
         raise SDError(f"config target '{path}' is not a dotted path (module.Class)")
@@ -20,9 +52,12 @@ def get_obj_from_str(path: str) -> Any:
     except ImportError as exc:
         raise SDError(f"config target '{path}': cannot import module '{module_name}' ({exc})") from exc
     try:
-        return getattr(module, attr)
+        obj = getattr(module, attr)
     except AttributeError as exc:
         raise SDError(f"config target '{path}': module '{module_name}' has no '{attr}'") from exc
+    if not _TRUST_CONFIG.get() and not inspect.isclass(obj):
+        raise SDError(f"config target '{path}' is not a class; pass --trust-config only for a config you trust")
+    return obj
 
 
 def instantiate_from_config(config: Any, **overrides: Any) -> Any:

@@ -373,6 +373,20 @@ def _quote(value: str) -> str:
     return value
 
 
+_NEGATIVE_LINE = re.compile(r"^(\\*)(Negative prompt:)", re.MULTILINE)
+_ESCAPED_NEGATIVE_LINE = re.compile(r"^\\(\\*Negative prompt:)", re.MULTILINE)
+
+
+def _escape_lines(text: str) -> str:
+    """A prompt line that starts with "Negative prompt:" (after any backslashes) gets one more backslash,
+    so the reader cannot take it for the negative prompt's line; _unescape_lines takes it off again."""
+    return _NEGATIVE_LINE.sub(r"\\\1\2", text)
+
+
+def _unescape_lines(text: str) -> str:
+    return _ESCAPED_NEGATIVE_LINE.sub(r"\1", text)
+
+
 def format_parameters(prompt: str, negative_prompt: str, settings: Mapping[str, object]) -> str:
     """AUTOMATIC1111's infotext, the text of the PNG "parameters" chunk:
 
@@ -384,7 +398,8 @@ def format_parameters(prompt: str, negative_prompt: str, settings: Mapping[str, 
     are left out, as A1111 does; "Size" may be given as (width, height). Values are str()-ed and
     quoted as _quote says. Keys must not hold ',', ':' or newlines (ValueError). Unlike A1111 the
     text is not .strip()ped, so prompts keep surrounding whitespace and parse_parameters inverts this
-    exactly; the one ambiguity of the format is a prompt with a line starting "Negative prompt:".
+    exactly. The one ambiguity of the format, a prompt line starting "Negative prompt:", is escaped with a
+    backslash (and a line of backslashes before it with one more), which parse_parameters undoes.
     """
     order = {key: i for i, key in enumerate(A1111_KEY_ORDER)}
     keys = sorted((k for k, v in settings.items() if v is not None),
@@ -395,7 +410,8 @@ def format_parameters(prompt: str, negative_prompt: str, settings: Mapping[str, 
             raise ValueError(f"invalid parameters key {key!r}")
         parts.append(f"{key}: {_quote(_format_value(key, settings[key]))}")
     line = ", ".join(parts)
-    negative = f"\n{NEGATIVE_PREFIX}{negative_prompt}" if negative_prompt else ""
+    prompt = _escape_lines(prompt)
+    negative = f"\n{NEGATIVE_PREFIX}{_escape_lines(negative_prompt)}" if negative_prompt else ""
     if not prompt and not negative:
         return line
     return f"{prompt}{negative}\n{line}"
@@ -449,19 +465,98 @@ def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
             prompt_lines = lines[:k]
             negative_lines = [first[1:] if first.startswith(" ") else first] + lines[k + 1:]
             break
-    return "\n".join(prompt_lines), "\n".join(negative_lines), _parse_settings(last)
+    return (_unescape_lines("\n".join(prompt_lines)), _unescape_lines("\n".join(negative_lines)),
+            _parse_settings(last))
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_TEXT_BYTES = 1 << 20  # a text chunk larger than this (inflated) is not generation parameters
+
+
+def _png_text_chunk(kind: bytes, data: bytes) -> tuple[str, str] | None:
+    """(key, value) of one tEXt / zTXt / iTXt chunk, or None when it is malformed or too large."""
+    import zlib
+
+    key, sep, rest = data.partition(b"\0")
+    if not sep:
+        return None
+
+    def inflate(raw: bytes) -> bytes | None:
+        stream = zlib.decompressobj()
+        try:
+            out = stream.decompress(raw, MAX_TEXT_BYTES)
+        except zlib.error:
+            return None
+        return None if stream.unconsumed_tail else out
+
+    if kind == b"tEXt":
+        value = rest.decode("latin-1")
+    elif kind == b"zTXt":
+        raw = inflate(rest[1:])
+        value = None if raw is None else raw.decode("latin-1")
+    else:  # iTXt: flag, method, language\0, translated keyword\0, text (UTF-8)
+        if len(rest) < 2:
+            return None
+        compressed, parts = rest[0], rest[2:].split(b"\0", 2)
+        if len(parts) != 3:
+            return None
+        raw = inflate(parts[2]) if compressed else parts[2]
+        value = None if raw is None else raw.decode("utf-8", errors="replace")
+    return None if value is None else (key.decode("latin-1"), value)
 
 
 def read_png_text(path: str | os.PathLike) -> dict[str, str]:
-    """All text chunks (tEXt, zTXt, iTXt) of the PNG at `path`; {} for images without any."""
+    """All text chunks (tEXt, zTXt, iTXt) of the PNG at `path`; {} for images without any.
+
+    The chunks are walked without decoding a single pixel (an image of 20000x20000 costs what a small
+    one does), compressed text is inflated to at most MAX_TEXT_BYTES, and a damaged chunk is skipped.
+    """
+    import struct
+
+    p = Path(path)
     try:
-        with Image.open(path) as im:
-            im.load()  # text chunks after the image data are only seen once it is read
-            return dict(getattr(im, "text", {}))
+        with open(p, "rb") as f:
+            if f.read(8) != PNG_SIGNATURE:
+                raise SDError(f"cannot read {p}: not a PNG file (generation parameters are stored in PNGs)")
+            texts: dict[str, str] = {}
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    break
+                length, kind = struct.unpack(">I4s", head)
+                if kind in (b"tEXt", b"zTXt", b"iTXt") and length <= 4 * MAX_TEXT_BYTES:
+                    data = f.read(length)
+                    entry = _png_text_chunk(kind, data) if len(data) == length else None
+                    if entry is not None:
+                        texts.setdefault(*entry)
+                    f.seek(4, os.SEEK_CUR)  # CRC
+                elif kind == b"IEND":
+                    break
+                else:
+                    f.seek(length + 4, os.SEEK_CUR)
+            return texts
     except FileNotFoundError:
-        raise SDError(f"image not found: {path}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise SDError(f"cannot read {path}: {exc}") from None
+        raise SDError(f"image not found: {p}") from None
+    except IsADirectoryError:
+        raise SDError(f"{p} is a folder, not an image") from None
+    except OSError as exc:
+        raise SDError(f"cannot read {p}: {_reason(exc)}") from None
+
+
+def printable(text: str, json_escapes: bool = False) -> str:
+    """`text` safe to print on a terminal: control and format characters other than newline, tab and the
+    emoji joiners (escape sequences a crafted PNG could carry, bidi overrides) are shown as \\xNN /
+    \\uNNNN (with json_escapes, as JSON's \\uNNNN, for text that is JSON) instead of being sent."""
+    import unicodedata
+
+    def show(c: str) -> str:
+        if c in "\n\t\u200c\u200d" or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            return c
+        if json_escapes or ord(c) >= 0x100:
+            return f"\\u{ord(c):04x}" if ord(c) < 0x10000 else json.dumps(c)[1:-1]
+        return f"\\x{ord(c):02x}"
+
+    return "".join(map(show, text))
 
 
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
@@ -493,6 +588,9 @@ def model_hash(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 # Input images and tensors
 # --------------------------------------------------------------------------------------------------
 
+# Input images are decoded whole; above this many pixels (an 8000x8000 photo is 64 million) decoding alone
+# takes gigabytes, and every mode shrinks its input far below it anyway.
+MAX_INPUT_PIXELS = 64_000_000
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I")
 
 
@@ -526,14 +624,18 @@ def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
         raise SDError(f"{p} is a folder, not an image")
     try:
         with Image.open(p) as im:
+            width, height = im.size  # from the header: nothing is decoded yet
+            if width * height > MAX_INPUT_PIXELS:
+                raise SDError(f"{p} is {width}x{height} pixels, more than sd reads ({MAX_INPUT_PIXELS // 10**6} "
+                              "megapixels); shrink it first")
             im.load()
             im = ImageOps.exif_transpose(im)
     except FileNotFoundError:
         raise SDError(f"image not found: {p}") from None
     except UnidentifiedImageError:
         raise SDError(f"cannot read {p}: not an image file (or a format Pillow cannot decode)") from None
-    except Image.DecompressionBombError as exc:
-        raise SDError(f"cannot read {p}: {exc}") from None
+    except Image.DecompressionBombError:  # Pillow's own bound (above ours) met while opening
+        raise SDError(f"{p} has more pixels than sd reads ({MAX_INPUT_PIXELS // 10**6} megapixels); shrink it first") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise SDError(f"cannot read {p}: the file is truncated or corrupt ({exc})") from None
     return _convert(im, mode)

@@ -21,6 +21,7 @@ def info(
     text = parameters_text(image)
     if as_json:
         prompt, negative, settings = imageio.parse_parameters(text)
-        print(json.dumps({"prompt": prompt, "negative_prompt": negative, "settings": settings}, ensure_ascii=False, indent=2))
+        record = {"prompt": prompt, "negative_prompt": negative, "settings": settings}
+        print(imageio.printable(json.dumps(record, ensure_ascii=False, indent=2), json_escapes=True))
     else:
-        print(text)
+        print(imageio.printable(text))

@@ -36,6 +36,10 @@ from ldm.errors import SDError, note
 from ldm.generate import BatchInputs, Item, Job, Mode
 
 MULTIPLE = 8  # image sides are made multiples of this (the f = 8 first stage's factor)
+# The most pixels img2img, depth2img and inpaint work at. SD 2.x was trained at 512-768 px; the VAE encoder's
+# and decoder's full-resolution activations and their mid-block attention (quadratic in pixels) grow past
+# several GiB above this (a 3000x3000 photo took 8 GB and failed). Larger inputs are shrunk, aspect kept.
+MAX_WORK_PIXELS = 1024 * 1024
 MASK_ASPECT_TOLERANCE = 0.01  # a mask whose aspect ratio differs more from the image's is refused
 
 
@@ -63,8 +67,22 @@ def image_job(mode: "ImageMode", **fields) -> ImageJob:
 
 # -- input images -------------------------------------------------------------------------------------
 
+def shrink_to_work_size(img: Image.Image, what: str) -> Image.Image:
+    """Shrink (LANCZOS, aspect kept) an image of more than MAX_WORK_PIXELS pixels to fit, with one note."""
+    w, h = img.size
+    if w * h <= MAX_WORK_PIXELS:
+        return img
+    ratio = math.sqrt(MAX_WORK_PIXELS / (w * h))
+    size = (max(1, int(w * ratio)), max(1, int(h * ratio)))
+    note(f"{what} {w}x{h} shrunk to {size[0]}x{size[1]}: sd works on at most {MAX_WORK_PIXELS // 2**20} megapixel "
+         "(larger inputs would need many GiB); resize it yourself to choose how")
+    return img.resize(size, resample=Image.LANCZOS)
+
+
 def fit_to_multiple(img: Image.Image, what: str) -> Image.Image:
-    """Shrink each side to a multiple of 8 (LANCZOS), saying so when the size changes."""
+    """Shrink to at most MAX_WORK_PIXELS, then each side to a multiple of 8 (LANCZOS), saying so when the
+    size changes."""
+    img = shrink_to_work_size(img, what)
     fitted = imageio.resize_to_multiple(img, MULTIPLE)
     if fitted.size != img.size:
         note(f"{what} {img.size[0]}x{img.size[1]} resized to {fitted.size[0]}x{fitted.size[1]} (sides must be multiples of {MULTIPLE})")
@@ -197,6 +215,21 @@ class Img2Img(ImageMode):
             return BatchInputs()
         return BatchInputs(start_latents=repeat_batch(self.z0, len(items)), strength=self.strength)
 
+    def finish(self, images: torch.Tensor, items: list[Item]) -> torch.Tensor:
+        """Strength 0 redoes nothing: the input itself, not its VAE round trip (which blurs it)."""
+        if self.strength > 0.0:
+            return images
+        return repeat_batch(exact_tensor(self.image).to(images), images.shape[0])
+
+    def reproduce(self, fields: dict) -> None:
+        """--from-image: the recorded denoising strength replaces --strength."""
+        if "Denoising strength" in fields:
+            try:
+                self.strength = float(fields["Denoising strength"])
+            except ValueError:
+                raise SDError(f"its Denoising strength '{fields['Denoising strength']}' is not a number") from None
+            check_strength(self.strength)
+
     def settings(self) -> dict:
         return {"Denoising strength": self.strength}
 
@@ -292,7 +325,7 @@ class Inpaint(ImageMode):
     name = "inpaint"
 
     def __init__(self, image: Path, mask: Path):
-        self.original = imageio.load_image(image)
+        self.original = shrink_to_work_size(imageio.load_image(image), "image")
         repaint = load_mask(mask, self.original.size)  # (H, W) bool
         if not repaint.any():
             note("the mask is all black: nothing will be repainted")
@@ -372,6 +405,10 @@ class Upscale(ImageMode):
         return 4 * width, 4 * height
 
     def check(self, job: Job) -> None:
+        width, height = self.image_size(job)
+        if max(width, height) > job.limits.max_side:
+            raise SDError(f"upscaling {self.image.size[0]}x{self.image.size[1]} would give {width}x{height}, above "
+                          f"--max-side {job.limits.max_side}: give a smaller image or raise --max-side")
         if not 0 <= self.noise_level <= 350:
             raise SDError(f"--noise-level must be between 0 and 350 (got {self.noise_level})")
         if self.tile_size < 8 or not 0 <= self.overlap < self.tile_size:

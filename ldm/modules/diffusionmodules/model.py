@@ -111,7 +111,9 @@ class AttnBlock(nn.Module):
         x_norm = self.norm(x)
 
         def tokens(t: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, 1, H*W, C): one head
-            return t.reshape(b, 1, c, h * w).transpose(2, 3)
+            # Contiguous, because SDPA's memory-efficient CPU kernel needs the channel axis dense; on the
+            # strided view it falls back to the (HW, HW) matrix: 1 GB at 128x128 latents, 78 GB at 375x375.
+            return t.reshape(b, 1, c, h * w).transpose(2, 3).contiguous()
 
         q, k, v = tokens(self.q(x_norm)), tokens(self.k(x_norm)), tokens(self.v(x_norm))
         # SDPA's default scale is C^-1/2, the reference's; fused kernels avoid the (HW, HW) matrix.

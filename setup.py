@@ -27,5 +27,5 @@ setup(
     extras_require={
         "test": ["pytest", "diffusers>=0.30", "transformers>=4.40"],
     },
-    entry_points={"console_scripts": ["sd=ldm.cli:main"]},
+    entry_points={"console_scripts": ["sd=ldm.entry:main"]},
 )

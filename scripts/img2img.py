@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ldm.cli import main  # noqa: E402
+from ldm.entry import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["img2img", *sys.argv[1:]]))
+    sys.exit(main(command="img2img"))

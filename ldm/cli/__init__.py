@@ -5,6 +5,7 @@ bug in sd, never a bad input.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Optional, Sequence
 
@@ -47,11 +48,37 @@ def _register_commands() -> None:
                 raise
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, `docker stop` and SLURM send), raised where the program is, so that it stops
+    the way Ctrl-C does: temp files removed, the resume hint printed."""
+
+
+_SIGNALLED: list[int] = []  # the SIGTERM seen, kept because click re-raises interrupts as its own Abort
+
+
+def _terminate(signum, frame) -> None:
+    _SIGNALLED.append(signum)
+    raise Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the `sd` console script; returns the process exit code."""
-    _register_commands()
-    args = list(sys.argv[1:] if argv is None else argv)
+    """Run the `sd` command line (argv: the arguments after `sd`); returns the process exit code."""
+    import signal
+
+    previous = None
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    _SIGNALLED.clear()
     try:
+        return _run(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: list[str]) -> int:
+    try:
+        _register_commands()
         # With standalone_mode=False typer returns a command's exit code instead of exiting; it turns
         # Ctrl-C into 130.
         code = app(args, prog_name="sd", standalone_mode=False)
@@ -62,14 +89,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: no partial image was written (a batch run resumes with --skip-existing)", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, typer.Abort) as exc:  # click turns Ctrl-C into Abort, keeping it as the cause
+        terminated = isinstance(exc, Terminated) or bool(_SIGNALLED)
+        what = "terminated" if terminated else "interrupted"
+        print(f"{what}: no partial image was written (a batch run resumes with --skip-existing)", file=sys.stderr)
+        return 143 if terminated else 130
     except typer.Exit as exc:
         return exc.exit_code
-    except typer.Abort:
-        print("interrupted", file=sys.stderr)
-        return 130
     except click_exceptions.ClickException as exc:
         # Usage errors: one line plus where to look, instead of click's boxed usage text.
         command = " ".join(a for a in args[:1] if not a.startswith("-"))

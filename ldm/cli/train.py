@@ -20,8 +20,10 @@ def train(
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (overrides trainer.threads).")] = None,
     init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Continue from this checkpoint of the same model.")] = None,
 ) -> None:
+    from ldm.entry import ready_for_interrupts
     from ldm.training.trainers import train as run
 
+    ready_for_interrupts()
     path = run(config, max_minutes=max_minutes, max_steps=max_steps, output=output, seed=seed, threads=threads,
                init_from=init_from)
     print(f"wrote {path}")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ldm.errors import SDError, note
+from ldm.limits import is_whole
 from ldm.util import instantiate_from_config, load_config
 
 # Keys a checkpoint may carry that an inference model does not use: EMA copies (the released
@@ -61,14 +62,11 @@ def _validate_safetensors(path: Path) -> None:
 
 def _header_entry(path: Path, name: str, info) -> tuple[torch.dtype, int, int, list[int]]:
     """(dtype, start, end, shape) of one header entry, each checked for type and sign."""
-    def whole(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
     if not isinstance(info, dict) or info.get("dtype") not in _SAFETENSORS_DTYPES:
         raise SDError(f"{path}: tensor '{name}' has a malformed header entry or a dtype sd does not read")
     offsets, shape = info.get("data_offsets"), info.get("shape")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(whole, offsets))
-            or not isinstance(shape, list) or not all(map(whole, shape))):
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(is_whole, offsets))
+            or not isinstance(shape, list) or not all(map(is_whole, shape))):
         raise SDError(f"{path}: tensor '{name}' has malformed offsets or shape")
     return _SAFETENSORS_DTYPES[info["dtype"]], offsets[0], offsets[1], shape
 

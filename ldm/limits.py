@@ -7,10 +7,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from ldm.errors import SDError
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds up to this
+
+
+def is_whole(value, minimum: int = 0, maximum: Optional[int] = None) -> bool:
+    """True for an int (not a bool) in [minimum, maximum]: the one test of whole numbers that come from
+    outside (flags, JSON, checkpoint headers, manifests)."""
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+            and (maximum is None or value <= maximum))
 
 
 @dataclass(frozen=True)
@@ -25,7 +33,7 @@ class Limits:
 
     def check(self) -> "Limits":
         for name, value in dataclasses.asdict(self).items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_whole(value, minimum=1):
                 raise SDError(f"--{name.replace('_', '-')} must be a whole number of at least 1 (got {value})")
         return self
 
@@ -52,5 +60,5 @@ def check_text(name: str, text: str) -> None:
 
 
 def check_seed(seed: int, where: str = "--seed") -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+    if not is_whole(seed, 0, SEED_MAX):
         raise SDError(f"{where}: seeds must be whole numbers from 0 to 2**64 - 1 (got {seed})")

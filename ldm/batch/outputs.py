@@ -31,6 +31,7 @@ from PIL import Image
 
 from ldm.cli import imageio
 from ldm.errors import SDError, note
+from ldm.limits import is_whole
 
 if TYPE_CHECKING:
     from ldm.generate import Batch, Engine
@@ -112,11 +113,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def _whole(value) -> Optional[int]:
-    """`value` if it is a non-negative whole number (not a bool), else None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
 def manifests(outdir: Path) -> list[tuple[Path, dict]]:
     """(path, header) of every readable run manifest in `outdir`, oldest base first; a manifest whose
     header is missing or malformed (a kill or a full disk at its creation) is passed over."""
@@ -124,8 +120,8 @@ def manifests(outdir: Path) -> list[tuple[Path, dict]]:
     for path in sorted(Path(outdir).glob(f"{MANIFEST_PREFIX}*.jsonl")):
         records = read_jsonl(path)
         header = records[0] if records else {}
-        if (header.get("sd_manifest") and _whole(header.get("base")) is not None
-                and _whole(header.get("images")) is not None and isinstance(header.get("run"), str)):
+        if (header.get("sd_manifest") and is_whole(header.get("base")) and is_whole(header.get("images"))
+                and isinstance(header.get("run"), str)):
             found.append((path, header))
     return found
 
@@ -184,7 +180,7 @@ def merge_parts(manifest: Path) -> None:
     """Append the other processes' manifest lines (in item order) to the manifest and remove the parts."""
     parts = sorted(manifest.parent.glob(f".{manifest.stem}.rank*.jsonl"))
     records = [r for part in parts for r in read_jsonl(part)]
-    for record in sorted(records, key=lambda r: _whole(r.get("item")) or 0):
+    for record in sorted(records, key=lambda r: r["item"] if is_whole(r.get("item")) else 0):
         append_jsonl(manifest, record)
     for part in parts:
         part.unlink(missing_ok=True)

@@ -157,6 +157,8 @@ def check_size(H: int, W: int, f: int, names: tuple[str, str] = ("--H", "--W"), 
 
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
+
+
 def check_steps(sampling: "SamplingSettings", limits: Limits, timesteps: int, where: str = "--steps") -> None:
     """Steps within --max-steps and what the sampler's schedule can make for a model of `timesteps`."""
     from ldm.models.diffusion.samplers import make_sigmas
@@ -254,10 +256,10 @@ class Job:
         check_seed(self.seed)
         check_text("--prompt", self.prompt)
         check_text("--negative-prompt", self.negative_prompt)
+        check_sampler(self.sampling.sampler, self.sampling.schedule)  # names first: check_steps builds the schedule
         timesteps = self.timesteps()
         check_steps(self.sampling, self.limits, timesteps)
         check_size(self.H, self.W, self.f, max_side=self.limits.max_side)
-        check_sampler(self.sampling.sampler, self.sampling.schedule)
         lines = self.prompt_lines()
         for line in lines:  # a line's own settings, reported with its file and line number
             try:

@@ -75,6 +75,7 @@ def refused(command, args, capsys, outdir: Path) -> str:
     (["--n_samples", "1000"], "above --max-batch 64"),
     (["--n_iter", "1000000"], "above --max-images 100000"),
     (["--max-batch", "0"], "--max-batch must be a whole number of at least 1"),
+    (["--sampler", "foo"], "unknown sampler 'foo'"),  # the name is checked before the schedule is built
     (["--f", "0"], "--f must be at least 1"),
     (["--C", "-1"], "--C must be at least 1"),
     (["--threads", "100000"], "--threads must be from 1 to 1024"),

@@ -89,8 +89,8 @@ def _run(args: list[str]) -> int:
     except SDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, typer.Abort) as exc:  # click turns Ctrl-C into Abort, keeping it as the cause
-        terminated = isinstance(exc, Terminated) or bool(_SIGNALLED)
+    except (KeyboardInterrupt, typer.Abort):  # click turns Ctrl-C into Abort, keeping it as the cause
+        terminated = bool(_SIGNALLED)  # _terminate records every SIGTERM before raising Terminated
         what = "terminated" if terminated else "interrupted"
         print(f"{what}: no partial image was written (a batch run resumes with --skip-existing)", file=sys.stderr)
         return 143 if terminated else 130

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.checkpoint import load_model
+from ldm.loading import load_model
 from ldm.training.evaluate import contact_sheet, evaluate
 from ldm.training.plot import plot_losses, read_losses
 
@@ -27,7 +27,7 @@ def main():
     parser.add_argument("--no-figures", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = load_model(ROOT / "configs/demo/demo-inference.yaml", args.ckpt).model.float().eval()
+    model = load_model(ROOT / "configs/demo/demo-inference.yaml", args.ckpt).float().eval()
     start = time.perf_counter()
     for wording in ("train", "heldout"):  # the held-out result (last) is the one drawn
         result = evaluate(model, 40, steps=args.steps, scale=args.scale, sampler=args.sampler, seed=args.seed,

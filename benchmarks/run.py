@@ -49,8 +49,9 @@ def psnr(a, b) -> float:
 
 # ---------------------------------------------------------------------------------- child workers
 def _sd_model(config, ckpt, precision, **opts):
-    from ldm.runtime import RuntimeOptions, load_for_inference
-    return load_for_inference(config, ckpt, RuntimeOptions(device="cpu", precision=precision, **opts))
+    from ldm.loading import load_model
+    from ldm.runtime import RuntimeOptions
+    return load_model(config, ckpt, RuntimeOptions(device="cpu", precision=precision, **opts))
 
 
 def build_unet_variants(names: list[str], ckpt: Path):
@@ -58,7 +59,8 @@ def build_unet_variants(names: list[str], ckpt: Path):
     import torch
 
     from ldm.checkpoint import read_state_dict
-    from ldm.runtime import RuntimeOptions, resolve_precision, speed_up
+    from ldm.fastpath import speed_up
+    from ldm.runtime import RuntimeOptions, resolve_precision
     from peer import diffusers_unet
 
     calls = {}
@@ -172,9 +174,10 @@ def worker_load(args: dict) -> dict:
     import torch  # noqa: F401
     if args["who"] == "sd":
         import ldm.models.diffusion.ddpm  # noqa: F401
-        from ldm.runtime import RuntimeOptions, load_for_inference
+        from ldm.loading import load_model
+        from ldm.runtime import RuntimeOptions
         imported = time.perf_counter()
-        load_for_inference(args["config"], args["ckpt"], RuntimeOptions(device="cpu", precision=args["precision"]))
+        load_model(args["config"], args["ckpt"], RuntimeOptions(device="cpu", precision=args["precision"]))
     else:
         import diffusers  # noqa: F401
         import transformers  # noqa: F401
@@ -191,13 +194,15 @@ def worker_e2e(args: dict) -> dict:
 
     import torch
 
-    from ldm.cli import imageio
-    from ldm.generate import PromptEncoder, SamplingSettings, sample_latents, start_noise, Item
-    from ldm.runtime import RuntimeOptions, autocast_context, load_for_inference
+    from ldm import imageio
+    from ldm.plan import Item, SamplingSettings
+    from ldm.sampling import PromptEncoder, sample_latents, start_noise
+    from ldm.loading import load_model
+    from ldm.runtime import RuntimeOptions, autocast_context
 
     split = {}
     start = time.perf_counter()
-    model = load_for_inference(args["config"], args["ckpt"], RuntimeOptions(device="cpu", precision=args["precision"]))
+    model = load_model(args["config"], args["ckpt"], RuntimeOptions(device="cpu", precision=args["precision"]))
     split["load"] = time.perf_counter() - start
     size, steps = args["size"], args["steps"]
     items = [Item(0, "a professional photograph of an astronaut riding a horse", "", 42)]
@@ -208,8 +213,8 @@ def worker_e2e(args: dict) -> dict:
         c, uc = encoder([items[0].prompt]), encoder([items[0].negative_prompt])
         split["text"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        noise, generators = start_noise(items, (4, size // 8, size // 8))
-        latents = sample_latents(model, noise, generators, c, uc, settings, progress=lambda n: None)
+        noise, generators = start_noise([item.seed for item in items], (4, size // 8, size // 8))
+        latents = sample_latents(model, noise, generators, c, uc, settings)
         split["sampling"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         images = model.decode_first_stage(latents)

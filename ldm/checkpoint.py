@@ -1,9 +1,9 @@
-"""Safe, strict, low-memory checkpoint loading.
+"""Checkpoint files: reading them safely, and the strict build-on-meta and assignment steps of loading.
 
 A checkpoint is read without running any code from it: .safetensors by parsing its header and mapping
 the file into memory, .ckpt through torch.load(weights_only=True, mmap=True). The model is built on the
 meta device (no random init of ~1.3B parameters) and the checkpoint tensors are assigned in place, so
-the weights exist once in memory. Every key must match: missing, unexpected or mis-shaped keys fail
+the weights exist once in memory (ldm.loading puts these steps in order). Every key must match: missing, unexpected or mis-shaped keys fail
 with a message that names them and, where the keys tell, which config fits.
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ import os
 import pickle
 import struct
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -26,7 +25,7 @@ from torch import nn
 
 from ldm.errors import SDError, note
 from ldm.limits import is_whole
-from ldm.util import instantiate_from_config, load_config
+from ldm.util import instantiate_from_config
 
 # Keys a checkpoint may carry that an inference model does not use: EMA copies (the released
 # checkpoints already hold the EMA weights as the main ones) and training state.
@@ -165,28 +164,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 # What the keys of a checkpoint say about the config it needs.
-def describe_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """Name the reference config a checkpoint was made for, from its keys, or None if unknown."""
-    if any(k.startswith("cond_stage_model.transformer.text_model.") for k in state_dict):
-        return "a Stable Diffusion 1.x checkpoint (CLIP ViT-L text encoder); sd runs SD 2.x checkpoints"
-    if any(k.startswith("embedder.") for k in state_dict):
-        return "an SD 2.1 unCLIP checkpoint (v2-1-stable-unclip-*-inference.yaml)"
-    first_conv = state_dict.get("model.diffusion_model.input_blocks.0.0.weight")
-    if first_conv is None or first_conv.ndim != 4:
-        return None
-    in_channels = first_conv.shape[1]
-    if any(k.startswith("depth_model.") for k in state_dict) or in_channels == 5:
-        return "a depth-conditioned checkpoint (configs/stable-diffusion/v2-midas-inference.yaml)"
-    if in_channels == 9:
-        return "an inpainting checkpoint (configs/stable-diffusion/v2-inpainting-inference.yaml)"
-    if in_channels == 7 or any(k.startswith("low_scale_model.") for k in state_dict):
-        return "an x4 upscaler checkpoint (configs/stable-diffusion/x4-upscaling.yaml)"
-    if in_channels == 4:
-        return ("a txt2img checkpoint (configs/stable-diffusion/v2-inference-v.yaml for 768-v models, "
-                "v2-inference.yaml for 512-base models)")
-    return None
-
-
 def _first(items: list[str], n: int = 3) -> str:
     shown = ", ".join(items[:n])
     return shown + (f" and {len(items) - n} more" if len(items) > n else "")
@@ -213,17 +190,12 @@ def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], ckpt: s
             parts.append(f"{len(unexpected)} unexpected ({_first(unexpected)})")
         if wrong_shape:
             parts.append(f"{len(wrong_shape)} with another shape (checkpoint vs model: {_first(wrong_shape, 2)})")
+        from ldm.detect import describe_checkpoint
+
         hint = describe_checkpoint(state_dict)
         fit = f"; the checkpoint looks like {hint}" if hint else ""
         raise SDError(f"checkpoint {ckpt} does not fit config {config}: keys " + "; ".join(parts) + fit)
     return {k: state_dict[k] for k in expected}
-
-
-@dataclass
-class LoadedModel:
-    model: nn.Module
-    config_path: Path
-    ckpt_path: Path
 
 
 # torch.nn.init functions that modules call from their constructors. On the meta device they have nothing
@@ -269,13 +241,3 @@ def assign_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], ckp
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def load_model(config_path: str | Path, ckpt_path: str | Path) -> LoadedModel:
-    """The one model loader: config -> meta-built model -> strict, safe, zero-copy weights."""
-    config_path, ckpt_path = Path(config_path), Path(ckpt_path)
-    config = load_config(config_path)
-    state_dict = read_state_dict(ckpt_path)
-    model = build_on_meta(config.model)
-    assign_weights(model, state_dict, str(ckpt_path), str(config_path))
-    return LoadedModel(model, config_path, ckpt_path)

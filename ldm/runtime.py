@@ -1,11 +1,9 @@
-"""Where and in what precision a model runs, and how it is made fast: the one model loader of the commands.
+"""Where and in what precision a model runs: the device and precision policy.
 
 `RuntimeOptions` holds the user's choices (--device, --precision, --compile, --torchscript, --ipex,
---threads); `load_for_inference(config, ckpt, opts)` reads the checkpoint, builds the model on the meta
-device, casts weights as the precision asks (tensor by tensor while loading, handing each memory-mapped
-float32 source page back to the kernel, so peak memory stays near the size of the cast model), and
-applies the CPU fast path to the UNet; `autocast_context(model)` is the context the commands run the
-model under. Nothing else decides device or dtype.
+--threads); `resolve_device` and `resolve_precision` turn them into a device and per-part dtypes, which
+the loader (ldm.loading) applies while it loads; `autocast_context(model)` is the context a loaded model
+runs under. Nothing else decides device or dtype. The fast paths live beside this, in ldm.fastpath.
 
 Precision modes (resolved from "auto" by `resolve_precision`):
 - full:     float32 everywhere.
@@ -19,16 +17,13 @@ Precision modes (resolved from "auto" by `resolve_precision`):
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import os
-import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Optional
 
 import torch
-from torch import nn
 
 from ldm.errors import SDError, note, warning
 
@@ -74,6 +69,8 @@ class RuntimeOptions:
         if self.ipex and self.compile:
             raise SDError("--ipex and --compile cannot be combined (IPEX brings its own graph optimisations)")
         if self.ipex:
+            from ldm.fastpath import ipex_module
+
             ipex_module()  # fails early, with the way to get it
         return self
 
@@ -206,41 +203,6 @@ def set_threads(threads: Optional[int]) -> int:
     return torch.get_num_threads()
 
 
-# -- loading --------------------------------------------------------------------------------------
-_MADV_DONTNEED = 4
-
-
-def _release_pages(tensor: torch.Tensor) -> None:
-    """Hand the whole pages under a memory-mapped tensor back to the kernel once it has been copied.
-
-    The checkpoint is mapped privately and never written, so the pages are clean file pages: dropping
-    them loses nothing (a later read would fault them in again from the file) and takes them out of
-    this process's resident set. Pages shared with a neighbouring tensor are kept (the range is
-    rounded inwards). A no-op where madvise is not available.
-    """
-    if not sys.platform.startswith("linux") or not tensor.is_contiguous() or tensor.device.type != "cpu":
-        return
-    page = 4096
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    first, last = -(-start // page) * page, end // page * page
-    if last - first < page:
-        return
-    try:
-        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
-    except (OSError, AttributeError):
-        pass
-
-
-_LIBC: list = []
-
-
-def _libc():
-    if not _LIBC:
-        _LIBC.append(ctypes.CDLL(None, use_errno=True))
-    return _LIBC[0]
-
-
 def part_dtype(key: str, precision: Precision) -> Optional[torch.dtype]:
     """The weight dtype of checkpoint key `key` under `precision` (None: leave as stored)."""
     if key.startswith(UNET_PREFIX):
@@ -252,155 +214,10 @@ def part_dtype(key: str, precision: Precision) -> Optional[torch.dtype]:
     return None  # the schedule buffers stay float32
 
 
-def cast_state_dict(state_dict: Mapping[str, torch.Tensor], dtype_of: Callable[[str], Optional[torch.dtype]],
-                    channels_last: Callable[[str], bool] = lambda key: False) -> dict[str, torch.Tensor]:
-    """Cast floating-point tensors to dtype_of(key) (and 4-D ones to channels_last where asked) one at a
-    time, releasing each mapped source, so cast and layout change cost one copy and no second peak.
-
-    Tensors already as asked are kept as they are (memory-mapped, no copy).
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key in list(state_dict):
-        tensor = state_dict[key]
-        dtype = dtype_of(key)
-        if dtype is None or not tensor.is_floating_point():
-            dtype = tensor.dtype
-        layout = torch.channels_last if tensor.ndim == 4 and channels_last(key) else torch.contiguous_format
-        if tensor.dtype == dtype and tensor.is_contiguous(memory_format=layout):
-            out[key] = tensor
-            continue
-        out[key] = tensor.to(dtype, memory_format=layout)
-        _release_pages(tensor)
-    return out
-
-
-def import_targets(config) -> None:
-    """Import the config's classes before the meta-device build: under torch 2.8 (the IPEX environment)
-    torch._dynamo, which those imports pull in, fails to initialise inside a `torch.device("meta")`
-    context. The imports happen anyway; only earlier."""
-    import importlib
-
-    from omegaconf import OmegaConf
-
-    targets: list[str] = []
-
-    def walk(node) -> None:
-        if isinstance(node, dict):
-            if isinstance(node.get("target"), str):
-                targets.append(node["target"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(OmegaConf.to_container(config.model, resolve=True))
-    from ldm.util import check_target
-
-    for target in targets:
-        check_target(target)  # nothing a config names is imported before it passes the allow-list
-        module = target.rsplit(".", 1)[0]
-        with contextlib.suppress(ImportError):
-            importlib.import_module(module)
-
-
-def read_weights(config: Path, ckpt: Path, precision: Precision, unet_channels_last: bool = False,
-                 loaded_config=None):
-    """Meta-built model of `config` holding `ckpt`'s weights cast per `precision` (CPU, eval mode)."""
-    from ldm.checkpoint import assign_weights, build_on_meta, read_state_dict
-    from ldm.util import load_config
-
-    loaded_config = loaded_config if loaded_config is not None else load_config(config)
-    import_targets(loaded_config)
-    state_dict = read_state_dict(ckpt)
-    state_dict = cast_state_dict(state_dict, lambda key: part_dtype(key, precision),
-                                 lambda key: unet_channels_last and key.startswith(UNET_PREFIX))
-    model = build_on_meta(loaded_config.model)
-    return assign_weights(model, state_dict, str(ckpt), str(config))
-
-
 def config_precision_hint(config) -> Optional[str]:
     """"bf16" when the config's UNet asks for use_bf16 (the reference's intel/*-bf16.yaml), else None."""
     unet = config.model.get("params", {}).get("unet_config", {}).get("params", {})
     return "bf16" if unet.get("use_bf16", False) else None
-
-
-def cast_vae_io(vae: nn.Module, dtype: torch.dtype) -> None:
-    """Let a VAE whose weights are `dtype` take and give float32: its first layers cast their input to
-    `dtype`, its last layers cast their output back (hooks; the VAE module itself is dtype-agnostic)."""
-
-    def cast_in(module, args):
-        return (args[0].to(dtype),) + tuple(args[1:])
-
-    def cast_out(module, args, output):
-        return output.float()
-
-    vae.post_quant_conv.register_forward_pre_hook(cast_in)  # decode: z -> post_quant_conv -> decoder
-    vae.decoder.register_forward_hook(cast_out)
-    vae.encoder.register_forward_pre_hook(cast_in)  # encode: image -> encoder -> quant_conv -> moments
-    vae.quant_conv.register_forward_hook(cast_out)
-
-
-def ipex_module():
-    """intel_extension_for_pytorch, or an SDError that says how to get it."""
-    try:
-        import intel_extension_for_pytorch as ipex  # noqa: F401
-    except ImportError as exc:
-        raise SDError(
-            f"--ipex needs intel_extension_for_pytorch, which is not installed for torch {torch.__version__}: "
-            "run `make install-ipex` and use .venv-ipex/bin/sd (IPEX 2.8 needs torch 2.8)") from exc
-    return ipex
-
-
-def _set_attention_upcast(module: nn.Module, precision: Precision) -> None:
-    """bf16 keeps float32's exponent range, so its attention logits cannot overflow as fp16's do: unless the
-    user set ATTN_PRECISION, the bf16 mode skips the float32 upcast of attention (one rounding of the
-    attention probabilities to bf16; torch's fused CPU kernel still accumulates in float32)."""
-    if precision.mode != "bf16" or "ATTN_PRECISION" in os.environ:
-        return
-    for m in module.modules():
-        if hasattr(m, "upcast") and hasattr(m, "to_q"):
-            m.upcast = False
-
-
-def load_for_inference(config: str | Path, ckpt: str | Path, opts: RuntimeOptions | torch.device | str | None = None,
-                       precision: Optional[str] = None) -> nn.Module:
-    """The one model loader of the commands: strict, safe, low-memory load, then the fast path.
-
-    `opts` is a RuntimeOptions; the older call `load_for_inference(config, ckpt, device, precision)`
-    still works. The model gets a `runtime` attribute (RuntimeState) that autocast_context reads.
-    """
-    if opts is None or isinstance(opts, (torch.device, str)):
-        opts = RuntimeOptions(device=str(opts or "auto"), precision=precision or "auto")
-    opts.check()
-    set_threads(opts.threads)
-    from ldm.util import load_config
-
-    device = resolve_device(opts.device)
-    loaded_config = load_config(config)
-    prec = resolve_precision(opts.precision, device, config_precision_hint(loaded_config))
-    # channels_last: oneDNN's convolutions and torch's CPU group norm work on NHWC without reorders;
-    # the UNet's attention blocks then reshape (B, C, H, W) -> (B, HW, C) as a free view.
-    channels_last = opts.channels_last if opts.channels_last is not None else device.type == "cpu"
-    from ldm.util import trusted_config
-
-    with trusted_config(opts.trust_config):
-        model = read_weights(Path(config), Path(ckpt), prec, unet_channels_last=channels_last,
-                             loaded_config=loaded_config)
-    if device.type != "cpu":
-        model = model.to(device)
-        if channels_last:
-            model.model.diffusion_model.to(memory_format=torch.channels_last)
-    _set_attention_upcast(model, prec)
-    vae = getattr(model, "first_stage_model", None)
-    if vae is not None and prec.vae != torch.float32:
-        cast_vae_io(vae, prec.vae)
-    unet_holder = getattr(model, "model", None)
-    unet = getattr(unet_holder, "diffusion_model", None)
-    if unet is not None:
-        unet_holder.diffusion_model = speed_up(unet, replace(opts, ipex=opts.use_ipex(device, prec)), prec, device)
-    model.runtime = RuntimeState(device, prec, opts)
-    return model
 
 
 @dataclass(frozen=True)
@@ -410,102 +227,11 @@ class RuntimeState:
     options: RuntimeOptions
 
 
-# -- the fast path ---------------------------------------------------------------------------------
-def compile_cache_dir(opts: Optional[RuntimeOptions] = None) -> Path:
-    if opts is not None and opts.compile_cache is not None:
-        return Path(opts.compile_cache)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "sd" / "inductor"
-
-
-# Whether the user chose inductor's cache folder: read at import, because inductor writes its default
-# into the environment the first time anything asks for it (importing some libraries does).
-_USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-
-
-def enable_compile_cache(path: Path) -> None:
-    """Point inductor's on-disk caches at `path` (unless the user set TORCHINDUCTOR_CACHE_DIR) and turn
-    on the FX-graph and AOTAutograd caches, so a second run reuses the compiled graphs and kernels."""
-    path.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _USER_INDUCTOR_CACHE or str(path)
-    os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
-    os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "1"
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-
-    inductor_config.fx_graph_cache = True
-    functorch_config.enable_autograd_cache = True
-
-
-class FastUNet(nn.Module):
-    """The UNet behind a faster callable (compiled, traced or IPEX-optimised), with the same interface.
-
-    Attribute reads (in_channels, out_channels, ...) fall through to the original module. Traced graphs
-    are specialised to the input shapes they saw, so one is traced per shape/dtype signature.
-    """
-
-    def __init__(self, unet: nn.Module, kind: str, build: Callable[[nn.Module, tuple], Callable]):
-        super().__init__()
-        self.unet = unet
-        self.kind = kind
-        self._build = build
-        self._graphs: dict[Any, Callable] = {}
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("unet"), name)
-
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
-                y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        check = getattr(self.unet, "_check_inputs", None)
-        if check is not None:  # one-line errors, which a graph cannot raise
-            check(x, timesteps, context, y)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        args = (x, timesteps, context) if y is None else (x, timesteps, context, y)
-        key = tuple((tuple(a.shape), a.dtype) for a in args)
-        graph = self._graphs.get(key)
-        if graph is None:
-            graph = self._graphs[key] = self._build(self.unet, args)
-        return graph(*args)
-
-
-def _trace_and_freeze(unet: nn.Module, args: tuple) -> Callable:
-    with torch.no_grad():
-        traced = torch.jit.trace(unet, args, check_trace=False, strict=False)
-        frozen = torch.jit.freeze(traced.eval())
-        frozen(*args)  # the first runs of a frozen graph optimise it; do one here, not in the first step
-    return frozen
-
-
-def speed_up(unet: nn.Module, opts: RuntimeOptions, prec: Precision, device: torch.device) -> nn.Module:
-    """Apply --ipex, --compile or --torchscript to the UNet (nothing when none is asked)."""
-    if opts.ipex:
-        ipex = ipex_module()
-        dtype = prec.unet if prec.unet != torch.float32 else (prec.autocast or torch.float32)
-        unet = ipex.optimize(unet.eval(), dtype=dtype, inplace=True, level="O1", auto_kernel_selection=True)
-    if opts.compile:
-        enable_compile_cache(compile_cache_dir(opts))
-        import torch._inductor.config as inductor_config
-
-        if device.type == "cpu":
-            # Freezing turns weights into constants so oneDNN can pre-pack them and fuse conv/linear
-            # with their bias and activation.
-            inductor_config.freezing = True
-        compiled = torch.compile(unet, dynamic=False)
-        return FastUNet(unet, "compile", lambda module, args: compiled)
-    if opts.torchscript:
-        return FastUNet(unet, "torchscript", _trace_and_freeze)
-    return unet
-
-
 def autocast_context(model_or_device: Any, precision: Optional[str] = None):
     """The context to run a loaded model under: torch.autocast in the autocast mode, else nothing.
 
-    Call as autocast_context(model) with a model from load_for_inference; the older
-    autocast_context(device, precision_string) still works.
+    Call as autocast_context(model) with a model from ldm.loading.load_model, or as
+    autocast_context(device, precision_string).
     """
     state = getattr(model_or_device, "runtime", None)
     if isinstance(state, RuntimeState):
@@ -516,7 +242,3 @@ def autocast_context(model_or_device: Any, precision: Optional[str] = None):
     if prec.autocast is not None:
         return torch.autocast(device.type, dtype=prec.autocast)
     return contextlib.nullcontext()
-
-
-# The name generate.py imports.
-precision_context = autocast_context

@@ -106,7 +106,7 @@ def test_bad_prompt_files_fail_up_front_in_one_line(case, content, message, tmp_
 
 # ------------------------------------------------------------------------------------------- plan
 def job(tmp_path, **kw):
-    from ldm.generate import Job, SamplingSettings
+    from ldm.plan import Job, SamplingSettings
 
     base = dict(prompt="p", negative_prompt="", from_file=None, repeat=1, n_samples=2, n_iter=1, n_rows=0, seed=10,
                 fixed_code=False, H=256, W=256, C=4, f=8, outdir=tmp_path, config=Path("c.yaml"), ckpt=None,
@@ -115,7 +115,7 @@ def job(tmp_path, **kw):
 
 
 def test_plan_seeds_batches_and_line_settings(tmp_path):
-    from ldm.generate import make_plan
+    from ldm.plan import make_plan
 
     jl = write(tmp_path / "p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "seed": 100}\n'
                '{"prompt": "c", "steps": 5, "size": "256x320"}\n{"prompt": "d", "negative_prompt": "x"}\n')
@@ -139,7 +139,7 @@ def test_plan_seeds_batches_and_line_settings(tmp_path):
 
 
 def test_prompt_encoder_encodes_each_distinct_prompt_once():
-    from ldm.generate import PromptEncoder
+    from ldm.sampling import PromptEncoder
 
     calls = []
 
@@ -159,7 +159,7 @@ def test_prompt_encoder_encodes_each_distinct_prompt_once():
 
 # ----------------------------------------------------------------- metadata, info and --from-image
 def test_metadata_info_and_from_image_reproduce_exactly(tiny_ckpts, tmp_path, capsys):
-    from ldm.cli import imageio
+    from ldm import metadata
 
     prompts = write(tmp_path / "p.jsonl", '{"prompt": "a red cube", "negative_prompt": "blurry, text: none", "seed": 3}\n'
                     '{"prompt": "a blue \\"ball\\", at night", "scale": 7.5, "negative_prompt": "dark"}\n')
@@ -172,7 +172,7 @@ def test_metadata_info_and_from_image_reproduce_exactly(tiny_ckpts, tmp_path, ca
     text = Image.open(image).text["parameters"]
     assert Image.open(image).info["parameters"] == text == raw_png_text(image)["parameters"]
     expected = {"Steps": "2", "Sampler": "ddim", "CFG scale": "7.5", "Seed": "21", "Size": "256x256",
-                "Model hash": imageio.model_hash(tiny_ckpts["eps"]["safetensors"]), "Model": "tiny-eps", "Eta": "0.0",
+                "Model hash": metadata.model_hash(tiny_ckpts["eps"]["safetensors"]), "Model": "tiny-eps", "Eta": "0.0",
                 "Config": "tiny-v2-inference.yaml", "Mode": "txt2img", "Precision": "full"}
     assert main(["info", "--json", str(image)]) == 0
     assert json.loads(capsys.readouterr().out) == {"prompt": 'a blue "ball", at night', "negative_prompt": "dark",
@@ -206,7 +206,9 @@ def test_from_image_rebuilds_the_batch_the_image_was_made_in(tiny_ckpts, tmp_pat
 
 # ------------------------------------------------------------------------------ resume and manifest
 def test_interrupted_run_resumes_to_the_same_bytes(tiny_ckpts, tmp_path, capsys, monkeypatch):
-    from ldm import generate
+    from ldm import pipeline
+    from ldm.batch.run import run_job
+    from ldm.plan import SamplingSettings
 
     args = [*model_args(tiny_ckpts), *FAST, "--n_samples", "2", "--n_iter", "2", "--prompt", "a cube"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
@@ -215,24 +217,24 @@ def test_interrupted_run_resumes_to_the_same_bytes(tiny_ckpts, tmp_path, capsys,
     assert sorted(os.listdir(whole / "samples")) == ["00000.png", "00001.png", "00002.png", "00003.png"]
 
     # A plain run (reference names) stopped by Ctrl-C while its second batch is in flight.
-    real_run, calls = generate.Engine.run, []
+    real_sample, calls = pipeline.Session.sample, []
 
-    def interrupting_run(self, batch, progress=lambda n: None):
+    def interrupting_sample(self, batch, on_step=None):
         calls.append(batch.index)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_run(self, batch, progress)
+        return real_sample(self, batch, on_step)
 
-    monkeypatch.setattr(generate.Engine, "run", interrupting_run)
+    monkeypatch.setattr(pipeline.Session, "sample", interrupting_sample)
     # The same job as the command line builds (run_job is what `sd txt2img` calls).
     same = job(tmp_path, prompt="a cube", n_iter=2, seed=42, outdir=cut, ckpt=Path(tiny_ckpts["eps"]["safetensors"]),
-               config=Path(tiny_ckpts["eps"]["config"]), sampling=generate.SamplingSettings(steps=2))
+               config=Path(tiny_ckpts["eps"]["config"]), sampling=SamplingSettings(steps=2))
     with pytest.raises(KeyboardInterrupt):
-        generate.run_job(same)
+        run_job(same)
     err = capsys.readouterr().err
     assert "--skip-existing" in err and "2 of 4 images are saved" in err and "in flight was discarded" in err
     assert sorted(os.listdir(cut / "samples")) == ["00000.png", "00001.png"]
-    monkeypatch.setattr(generate.Engine, "run", real_run)
+    monkeypatch.setattr(pipeline.Session, "sample", real_sample)
     (cut / "samples" / ".00003.deadbeef.tmp").write_bytes(b"half a png")  # left by a killed process
 
     code, res = txt2img([*args, "--outdir", str(cut), "--skip-existing"], capsys)

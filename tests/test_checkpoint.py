@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.checkpoint import build_on_meta, load_model, read_state_dict
+from ldm.checkpoint import build_on_meta, read_state_dict
+from ldm.loading import load_model
 from ldm.errors import SDError
 from ldm.util import load_config
 from tests.tinyckpt import CONFIGS, build_tiny, save_tiny
@@ -58,7 +59,7 @@ def tiny(tmp_path_factory):
 @pytest.mark.parametrize("fmt", [1, 2])
 def test_loaded_weights_equal_the_saved_ones_bit_for_bit(tiny, fmt):
     model, *paths = tiny
-    loaded = load_model(CONFIGS / "tiny-v2-inference.yaml", paths[fmt - 1]).model
+    loaded = load_model(CONFIGS / "tiny-v2-inference.yaml", paths[fmt - 1])
     ref = model.state_dict()
     got = loaded.state_dict()
     assert set(got) == set(ref)
@@ -136,7 +137,7 @@ def test_ema_copies_are_ignored_with_a_note(tiny, tmp_path, capsys):
     sd["model_ema.decay"] = torch.tensor(0.9999)
     sd["model_ema.num_updates"] = torch.tensor(5)
     path = save_tiny_dict(sd, tmp_path / "ema.ckpt")
-    loaded = load_model(CONFIGS / "tiny-v2-inference.yaml", path).model
+    loaded = load_model(CONFIGS / "tiny-v2-inference.yaml", path)
     assert torch.equal(loaded.state_dict()["betas"], model.state_dict()["betas"])
     assert "ignoring 2 training-only entries" in capsys.readouterr().err
 
@@ -147,7 +148,7 @@ def save_tiny_dict(sd, path):
 
 
 def test_describe_sd1_checkpoint(tmp_path):
-    from ldm.checkpoint import describe_checkpoint
+    from ldm.detect import describe_checkpoint
     sd = {"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(1)}
     assert "1.x" in describe_checkpoint(sd)
     assert "inpainting" in describe_checkpoint({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)})

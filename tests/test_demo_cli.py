@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from ldm.cli import main
-from ldm.cli.imageio import parse_parameters
+from ldm.metadata import parse_parameters
 from ldm.data.measure import read_image
 from ldm.data.shapes import ShapeScene, render_scene
-from ldm.demo import DEMO_CKPT
+from ldm.families import DEMO_CKPT
 
 NOTE = "note: no --ckpt given, using the built-in demo model"
 FAST = ["--steps", "20", "--n_samples", "2", "--n_iter", "1", "--device", "cpu", "--scale", "5"]

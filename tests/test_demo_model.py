@@ -27,9 +27,9 @@ SAMPLER_AGREEMENT = 0.15  # measured <= 0.045 for ddim, dpm, euler, dpmpp_2m, he
 
 @pytest.fixture(scope="module")
 def demo():
-    from ldm.checkpoint import load_model
+    from ldm.loading import load_model
 
-    return load_model(CONFIG, CKPT).model.float().eval()
+    return load_model(CONFIG, CKPT).float().eval()
 
 
 def test_shipped_checkpoint_is_small_half_precision_and_loads_strictly(demo):
@@ -87,11 +87,11 @@ def test_img2img_strength_sets_how_far_the_result_moves(demo):
 
 
 def test_inpainting_repaints_only_the_masked_cells(demo):
-    """Latent blending (ldm.modes.LatentBlend) with a prompt of another colour: the cells under the mask
+    """Latent blending (ldm.tasks.LatentBlend) with a prompt of another colour: the cells under the mask
     move away from the input's latent much more than the kept cells."""
     from ldm.models.diffusion.denoiser import DiscreteDenoiser
     from ldm.models.diffusion.schedules import sigmas_from_alphas_cumprod
-    from ldm.modes import LatentBlend
+    from ldm.tasks import LatentBlend
 
     z0 = _latent(demo, ShapeScene("circle", "red", "blue", "center", "large"))
     keep = torch.ones(1, 1, 32, 32, dtype=torch.bool)

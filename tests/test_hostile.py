@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from ldm.cli import imageio, main
+from ldm import imageio, metadata
+from ldm.cli import main
 from ldm.errors import SDError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,12 +36,12 @@ def model_args(tiny_ckpts):
 @pytest.fixture
 def no_load(monkeypatch):
     """Fail the test if a model gets loaded: these inputs must be refused before."""
-    import ldm.generate
+    import ldm.loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was refused")
 
-    monkeypatch.setattr(ldm.generate, "load_for_inference", refuse)
+    monkeypatch.setattr(ldm.loading, "load_model", refuse)
 
 
 def refused(command, args, capsys, outdir: Path) -> str:
@@ -111,7 +112,7 @@ def test_bad_prompt_file_lines_are_refused(line, says, tiny_ckpts, tmp_path, cap
 
 def png_with_parameters(path: Path, text: str, size=(256, 256)) -> Path:
     info = PngImagePlugin.PngInfo()
-    info.add_text(imageio.PARAMETERS_KEY, text)
+    info.add_text(metadata.PARAMETERS_KEY, text)
     Image.new("RGB", size).save(path, pnginfo=info)
     return path
 
@@ -273,7 +274,7 @@ def png_header_only(width: int, height: int, text: bytes = b"") -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (imageio.PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return (metadata.PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
             + (chunk(b"tEXt", text) if text else b"") + chunk(b"IEND", b""))
 
 
@@ -359,7 +360,7 @@ def test_info_does_not_send_escape_sequences_to_the_terminal(tmp_path, capsys):
     assert record["prompt"] == "red \x1b[2J\x1b]0;owned\x07 \u202e cat 👩‍💻"
 
 
-@pytest.mark.parametrize("content", [b"", b"not a png", imageio.PNG_SIGNATURE + b"\0\0\0\xffzTXt"])
+@pytest.mark.parametrize("content", [b"", b"not a png", metadata.PNG_SIGNATURE + b"\0\0\0\xffzTXt"])
 def test_info_on_broken_files_is_one_line(content, tmp_path, capsys):
     path = tmp_path / "broken.png"
     path.write_bytes(content)
@@ -376,8 +377,8 @@ def test_info_on_broken_files_is_one_line(content, tmp_path, capsys):
     ("plain", "\\\\Negative prompt: x"),
 ])
 def test_negative_prompt_lines_round_trip(prompt, negative):
-    text = imageio.format_parameters(prompt, negative, {"Steps": 2, "Seed": 3})
-    assert imageio.parse_parameters(text) == (prompt, negative, {"Steps": "2", "Seed": "3"})
+    text = metadata.format_parameters(prompt, negative, {"Steps": 2, "Seed": 3})
+    assert metadata.parse_parameters(text) == (prompt, negative, {"Steps": "2", "Seed": "3"})
 
 
 def test_from_image_reproduces_a_prompt_with_a_negative_prompt_line(tiny_ckpts, tmp_path, capsys):

@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 
 from ldm.cli import main
-from ldm.cli.imageio import apply_watermark, parse_parameters, pil_to_tensor, tensor_to_pil
-from ldm import modes, tiling
+from ldm.imageio import apply_watermark, pil_to_tensor, tensor_to_pil
+from ldm.metadata import parse_parameters
+from ldm import tasks, tiling
+from ldm.tasks import base as task_base, inpaint as task_inpaint
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "tests" / "configs"
@@ -66,8 +68,8 @@ def psnr(a, b):
 # -- helpers with exact answers -----------------------------------------------------------------------
 
 def test_steps_for_strength_is_the_references_int_strength_times_steps():
-    assert [modes.steps_for_strength(50, s) for s in (0.0, 0.3, 0.8, 1.0)] == [0, 15, 40, 50]
-    assert modes.steps_for_strength(3, 0.5) == 1
+    assert [task_base.steps_for_strength(50, s) for s in (0.0, 0.3, 0.8, 1.0)] == [0, 15, 40, 50]
+    assert task_base.steps_for_strength(3, 0.5) == 1
 
 
 def test_mask_rule_bright_any_colour_is_repaint_transparent_is_keep():
@@ -78,22 +80,22 @@ def test_mask_rule_bright_any_colour_is_repaint_transparent_is_keep():
     rgba[0, 3] = (255, 255, 255, 0)  # transparent white: keep
     rgba[0, 4] = (255, 255, 255, 100)  # faint white over black = 100: keep
     rgba[0, 5] = (255, 255, 255, 128)  # = 128: repaint
-    got = modes.mask_to_binary(Image.fromarray(rgba, "RGBA"))
+    got = task_inpaint.mask_to_binary(Image.fromarray(rgba, "RGBA"))
     assert got.tolist() == [[True, False, True, False, False, True]]
-    gray = modes.mask_to_binary(Image.fromarray(np.array([[127, 128]], np.uint8), "L"))
+    gray = task_inpaint.mask_to_binary(Image.fromarray(np.array([[127, 128]], np.uint8), "L"))
     assert gray.tolist() == [[False, True]]
 
 
 def test_exact_tensor_survives_tensor_to_pil_for_every_level():
     levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
     img = Image.fromarray(np.stack([levels, levels.T, 255 - levels], -1))
-    assert np.array_equal(np.asarray(tensor_to_pil(modes.exact_tensor(img))[0]), np.asarray(img))
+    assert np.array_equal(np.asarray(tensor_to_pil(task_base.exact_tensor(img))[0]), np.asarray(img))
     # ...which the plain 2p/255 - 1 does not do for every level (the reason exact_tensor exists).
     assert not np.array_equal(np.asarray(tensor_to_pil(pil_to_tensor(img))[0]), np.asarray(img))
 
 
 def test_tiles_cover_the_image_and_blend_to_the_untiled_value():
-    assert modes.pad_to_multiple(np.zeros((13, 17, 3))).shape == (16, 24, 3)
+    assert task_base.pad_to_multiple(np.zeros((13, 17, 3))).shape == (16, 24, 3)
     assert tiling.spans(100, 40, 16) == [slice(0, 40), slice(24, 64), slice(48, 88), slice(60, 100)]
     assert tiling.spans(30, 40, 16) == [slice(0, 30)]
     x = torch.randn(2, 3, 37, 50, dtype=torch.float64)
@@ -121,7 +123,7 @@ def test_latent_blend_shows_the_model_the_noised_input_in_kept_cells():
     sigmas = torch.linspace(0.03, 14.6, 1000, dtype=torch.float64)
     keep = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
     keep[..., :, :2] = True
-    blend = modes.LatentBlend(apply_model, sigmas, keep)
+    blend = tasks.LatentBlend(apply_model, sigmas, keep)
     blend.z0, blend.noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
     x_t, t = torch.randn(4, 4, 4, 4), torch.tensor([300.0, 700.0, 300.0, 700.0])  # guidance: [uncond; cond]
     blend(x_t, t, {})
@@ -216,13 +218,13 @@ def test_depth2img_uses_the_given_depth_map_and_saves_it(ckpts, images, tmp_path
 
 def test_depth2img_midas_conditioning_is_the_models(ckpts, images, tmp_path):
     _, _, model = ckpts["depth"]
-    mode = modes.Depth2Img(images["photo"], 0.5)
-    job = modes.image_job(mode, prompt="", negative_prompt="", from_file=None, repeat=1, n_samples=1, n_iter=1,
+    task = tasks.Depth2Img(images["photo"], 0.5)
+    job = tasks.image_job(task, prompt="", negative_prompt="", from_file=None, repeat=1, n_samples=1, n_iter=1,
                           n_rows=0, seed=0, fixed_code=False, C=4, f=8, outdir=tmp_path, config=Path("x"),
                           ckpt=None, device="cpu", precision="full")
-    mode.prepare(model, job, torch.device("cpu"))
-    expected = model.build_conditioning(pil_to_tensor(mode.image))["c_concat"]
-    torch.testing.assert_close(mode.c_concat, expected)
+    task.prepare(model, job, torch.device("cpu"))
+    expected = model.build_conditioning(pil_to_tensor(task.image))["c_concat"]
+    torch.testing.assert_close(task.c_concat, expected)
     assert float(expected.amin()) == -1.0 and float(expected.amax()) == 1.0
 
 
@@ -273,13 +275,19 @@ def test_each_command_has_the_reference_demos_defaults():
         "upscale": {"steps": 75, "n_samples": 1, "scale": 10.0, "ddim_eta": 0.0, "noise_level": 20,
                     "outdir": Path("outputs/upscale-samples")},
     }
+    from ldm.families import task_defaults
+
     for name, values in expected.items():
         params = inspect.signature(commands[name]).parameters
-        # steps, batch and scale are resolved when the model is known (the demo model has its own,
-        # tests/test_demo_cli.py): the flags default to None and the command keeps the SD defaults.
-        model_dependent = {key: values.pop(key) for key in ("steps", "n_samples", "n_iter", "scale") if key in values}
+        # steps, batch, scale and eta are resolved when the model is known (the demo model has its own,
+        # tests/test_demo_cli.py): the flags default to None and the library (ldm.families) holds the values.
+        model_dependent = {key: values.pop(key) for key in ("steps", "n_samples", "n_iter", "scale", "ddim_eta")
+                           if key in values}
         assert all(params[key].default is None for key in model_dependent), name
-        assert {key: commands[name].model_defaults[key][0] for key in model_dependent} == model_dependent, name
+        family = task_defaults(name, demo=False)
+        family["ddim_eta"] = family.pop("eta") or 0.0
+        family["ddim_eta"] = None if name == "inpaint" else family["ddim_eta"]  # 1.0 for samplers that take one
+        assert {key: family[key] for key in model_dependent} == model_dependent, name
         assert {key: params[key].default for key in values} == values, name
     assert "C" not in inspect.signature(commands["upscale"]).parameters  # the x4 model fixes C=4, f=4
 

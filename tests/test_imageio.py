@@ -1,4 +1,4 @@
-"""Tests of ldm.cli.imageio: output layout, atomic writes, watermark, grid, metadata, input images."""
+"""Tests of ldm.imageio and ldm.metadata: output layout, atomic writes, watermark, grid, metadata, input images."""
 
 import errno
 import hashlib
@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.cli import imageio as iio
+from ldm import imageio as iio, metadata
 from ldm.errors import SDError
 
 
@@ -73,9 +73,29 @@ def test_next_index_continues_after_highest_number(tmp_path):
     assert iio.next_index(tmp_path, 5) == 123457
 
 
+
+class Writer:
+    """The reference layout as PlanRunner writes it: numbered samples and grids, the next number remembered."""
+
+    def __init__(self, outdir):
+        self.root = iio.ensure_writable_dir(outdir)
+        self.samples = iio.ensure_writable_dir(self.root / "samples")
+        self.next = {}
+
+    def _save(self, image, folder, prefix, digits, metadata=None, watermark=True):
+        path = iio.save_numbered(image, folder, digits, prefix, metadata, watermark, start=self.next.get(prefix))
+        self.next[prefix] = int(path.stem[len(prefix):]) + 1
+        return path
+
+    def save_sample(self, image, metadata=None, watermark=True):
+        return self._save(image, self.samples, "", iio.SAMPLE_DIGITS, metadata, watermark)
+
+    def save_grid(self, image, metadata=None, watermark=True):
+        return self._save(image, self.root, iio.GRID_PREFIX, iio.GRID_DIGITS, metadata, watermark)
+
 def test_output_dir_layout_numbering_and_no_overwrite(tmp_path):
     out = tmp_path / "outputs" / "txt2img-samples"
-    od = iio.OutputDir(out)
+    od = Writer(out)
     names = [od.save_sample(solid((10 * k, 0, 0)), watermark=False).name for k in range(3)]
     assert names == ["00000.png", "00001.png", "00002.png"]
     assert od.save_grid(solid((0, 0, 200)), watermark=False) == out / "grid-0000.png"
@@ -86,14 +106,14 @@ def test_output_dir_layout_numbering_and_no_overwrite(tmp_path):
     # A new run continues after the highest number even after a deletion (the reference's
     # len(os.listdir()) would give 2 here and overwrite 00002.png).
     os.unlink(out / "samples" / "00001.png")
-    od2 = iio.OutputDir(out)
+    od2 = Writer(out)
     assert od2.save_sample(solid((1, 2, 3)), watermark=False).name == "00003.png"
     assert od2.save_grid(solid((1, 2, 3)), watermark=False).name == "grid-0001.png"
     assert pixels(out / "samples" / "00002.png")[0, 0].tolist() == [20, 0, 0]
 
 
 def test_names_taken_by_another_writer_are_skipped(tmp_path):
-    od = iio.OutputDir(tmp_path)
+    od = Writer(tmp_path)
     assert od.save_sample(solid((1, 1, 1)), watermark=False).name == "00000.png"
     # Another process takes the next two names after od remembered "next is 00001".
     for name in ("00001.png", "00002.png"):
@@ -106,7 +126,7 @@ def test_names_taken_by_another_writer_are_skipped(tmp_path):
 
 
 def test_two_concurrent_writers_get_distinct_names(tmp_path):
-    writers = [iio.OutputDir(tmp_path), iio.OutputDir(tmp_path)]  # as two processes would
+    writers = [Writer(tmp_path), Writer(tmp_path)]  # as two processes would
     barrier = threading.Barrier(2)
     written = [[], []]
 
@@ -132,8 +152,8 @@ def test_fallback_without_hard_links(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "link", no_link)
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "00000.png").write_bytes(b"keep")
-    od = iio.OutputDir(tmp_path)
-    od._next[(od.samples, "")] = 0  # a stale hint: the reserved-name path must skip 00000
+    od = Writer(tmp_path)
+    od.next[""] = 0  # a stale hint: the reserved-name path must skip 00000
     assert od.save_sample(solid((5, 6, 7)), watermark=False).name == "00001.png"
     assert od.save_sample(solid((5, 6, 8)), watermark=False).name == "00002.png"
     assert (tmp_path / "samples" / "00000.png").read_bytes() == b"keep"
@@ -156,7 +176,7 @@ def _failing_save(exc):
     (KeyboardInterrupt(), KeyboardInterrupt),
 ])
 def test_failed_save_leaves_no_file(tmp_path, monkeypatch, exc, expected):
-    od = iio.OutputDir(tmp_path)
+    od = Writer(tmp_path)
     od.save_sample(solid((9, 9, 9)), watermark=False)
     before = (tmp_path / "samples" / "00000.png").read_bytes()
     monkeypatch.setattr(Image.Image, "save", _failing_save(exc))
@@ -285,8 +305,8 @@ def test_watermark_size_rule_and_alpha():
 
 def test_saved_png_carries_watermark_and_metadata(tmp_path):
     img = natural(256, 256, seed=0)
-    text = iio.format_parameters("a photo, of a cat", "", {"Steps": 50, "Seed": 42})
-    path = iio.OutputDir(tmp_path).save_sample(img, metadata={"parameters": text})
+    text = metadata.format_parameters("a photo, of a cat", "", {"Steps": 50, "Seed": 42})
+    path = Writer(tmp_path).save_sample(img, metadata={"parameters": text})
     with Image.open(path) as im:
         assert im.text["parameters"] == text
         assert iio.read_watermark(im.convert("RGB")) == b"SDV2"
@@ -327,14 +347,14 @@ def test_grid_shape_and_reference_pipeline():
 def test_format_parameters_a1111_layout():
     settings = {"Model": "v2-1_768-ema-pruned", "Size": (512, 768), "Seed": 42, "Eta": 0.0,
                 "CFG scale": 9.0, "Sampler": "DDIM", "Steps": 50, "Model hash": "abcdef1234", "Unused": None}
-    assert iio.format_parameters("a cat", "blurry", settings) == (
+    assert metadata.format_parameters("a cat", "blurry", settings) == (
         "a cat\nNegative prompt: blurry\n"
         "Steps: 50, Sampler: DDIM, CFG scale: 9.0, Seed: 42, Size: 512x768, Model hash: abcdef1234, "
         "Model: v2-1_768-ema-pruned, Eta: 0.0")
-    assert iio.format_parameters("a cat", "", {"Steps": 2}) == "a cat\nSteps: 2"
-    assert iio.format_parameters("", "", {"Steps": 2}) == "Steps: 2"
+    assert metadata.format_parameters("a cat", "", {"Steps": 2}) == "a cat\nSteps: 2"
+    assert metadata.format_parameters("", "", {"Steps": 2}) == "Steps: 2"
     with pytest.raises(ValueError):
-        iio.format_parameters("a", "", {"Bad, key": 1})
+        metadata.format_parameters("a", "", {"Bad, key": 1})
 
 
 @pytest.mark.parametrize("value, written", [
@@ -349,7 +369,7 @@ def test_format_parameters_a1111_layout():
     ("é, ✓", '"é, ✓"'),  # ensure_ascii=False, as A1111
 ])
 def test_quoting(value, written):
-    assert iio.format_parameters("p", "", {"K": value}) == f"p\nK: {written}"
+    assert metadata.format_parameters("p", "", {"K": value}) == f"p\nK: {written}"
 
 
 PROMPTS = ["", "a cat", "multi\nline\nprompt", " spaced  ", "unicode ✓ café, with: colon"]
@@ -365,8 +385,8 @@ SETTINGS = [
 
 @pytest.mark.parametrize("prompt, negative, settings", list(itertools.product(PROMPTS, NEGATIVES, SETTINGS)))
 def test_parameters_round_trip(prompt, negative, settings):
-    text = iio.format_parameters(prompt, negative, settings)
-    assert iio.parse_parameters(text) == (prompt, negative, settings)
+    text = metadata.format_parameters(prompt, negative, settings)
+    assert metadata.parse_parameters(text) == (prompt, negative, settings)
     # AUTOMATIC1111's reader (its settings-line grammar, written independently here) agrees.
     a1111 = {}
     last = text.split("\n")[-1]
@@ -380,7 +400,7 @@ def test_parse_a1111_text():
             "Negative prompt: ugly, (((deformed))), [blurry]\n"
             "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 965400086, Size: 512x512, "
             'Model hash: 45dee52b, Lora hashes: "a: 1, b: 2", Tiling')
-    assert iio.parse_parameters(text) == (
+    assert metadata.parse_parameters(text) == (
         "girl with a beret, blue eyes, ((eyeshadow)), detailed",
         "ugly, (((deformed))), [blurry]",
         {"Steps": "20", "Sampler": "Euler a", "CFG scale": "7", "Seed": "965400086", "Size": "512x512",
@@ -388,32 +408,32 @@ def test_parse_a1111_text():
 
 
 def test_png_text_read_back_by_plain_pil(tmp_path):
-    text = iio.format_parameters("日本 prompt, ✓\nsecond line", "neg: x", {"Steps": 3, "Model": "m, 1"})
+    text = metadata.format_parameters("日本 prompt, ✓\nsecond line", "neg: x", {"Steps": 3, "Model": "m, 1"})
     path = iio.save_png(solid((1, 2, 3)), tmp_path / "p.png", {"parameters": text, "Other": "latin é"},
                         watermark=False)
     assert Image.open(path).text == {"parameters": text, "Other": "latin é"}
-    assert iio.read_png_text(path) == {"parameters": text, "Other": "latin é"}
-    assert iio.parse_parameters(iio.read_png_text(path)["parameters"])[0] == "日本 prompt, ✓\nsecond line"
-    assert iio.read_png_text(iio.save_png(solid((0, 0, 0)), tmp_path / "q.png", watermark=False)) == {}
+    assert metadata.read_png_text(path) == {"parameters": text, "Other": "latin é"}
+    assert metadata.parse_parameters(metadata.read_png_text(path)["parameters"])[0] == "日本 prompt, ✓\nsecond line"
+    assert metadata.read_png_text(iio.save_png(solid((0, 0, 0)), tmp_path / "q.png", watermark=False)) == {}
     with pytest.raises(SDError, match="image not found"):
-        iio.read_png_text(tmp_path / "missing.png")
+        metadata.read_png_text(tmp_path / "missing.png")
 
 
 def test_model_hash(tmp_path, monkeypatch):
     path = tmp_path / "m.ckpt"
     path.write_bytes(b"abc")
-    assert iio.model_hash(path) == "ba7816bf8f"  # SHA-256("abc") = ba7816bf8f01cfea...
+    assert metadata.model_hash(path) == "ba7816bf8f"  # SHA-256("abc") = ba7816bf8f01cfea...
     data = np.random.default_rng(0).integers(0, 256, 3 * 2**20 + 5, dtype=np.uint8).tobytes()
     path.write_bytes(data)
     expected = hashlib.sha256(data).hexdigest()[:10]
-    assert iio.model_hash(path, chunk_size=65536) == expected
+    assert metadata.model_hash(path, chunk_size=65536) == expected
     monkeypatch.setattr("builtins.open", lambda *a, **k: pytest.fail("cache miss"))
-    assert iio.model_hash(path) == expected  # (path, size, mtime) unchanged: from the cache
+    assert metadata.model_hash(path) == expected  # (path, size, mtime) unchanged: from the cache
     monkeypatch.undo()
     path.write_bytes(b"")
-    assert iio.model_hash(path) == "e3b0c44298"  # SHA-256 of nothing
+    assert metadata.model_hash(path) == "e3b0c44298"  # SHA-256 of nothing
     with pytest.raises(SDError, match="checkpoint not found"):
-        iio.model_hash(tmp_path / "nope.ckpt")
+        metadata.model_hash(tmp_path / "nope.ckpt")
 
 
 # ------------------------------------------------------------------ input images

@@ -9,7 +9,9 @@ import torch
 
 from ldm import runtime
 from ldm.errors import SDError
-from ldm.runtime import RuntimeOptions, autocast_context, load_for_inference, resolve_precision
+from ldm import fastpath, loading
+from ldm.loading import load_model
+from ldm.runtime import RuntimeOptions, autocast_context, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -153,7 +155,7 @@ def test_cast_keeps_values_and_releases_mapped_sources(tmp_path):
     save_file(tensors, str(tmp_path / "x.safetensors"))
     mapped = read_state_dict(tmp_path / "x.safetensors")
     source = mapped["model.diffusion_model.w"]
-    cast = runtime.cast_state_dict(mapped, lambda k: runtime.part_dtype(k, resolve_precision("full", CPU))
+    cast = loading.cast_state_dict(mapped, lambda k: runtime.part_dtype(k, resolve_precision("full", CPU))
                                    if k.startswith("first") else runtime.part_dtype(k, resolve_precision("bf16", CPU)))
     assert cast["model.diffusion_model.w"].dtype == torch.bfloat16
     assert torch.equal(cast["model.diffusion_model.w"], tensors["model.diffusion_model.w"].to(torch.bfloat16))
@@ -164,7 +166,7 @@ def test_cast_keeps_values_and_releases_mapped_sources(tmp_path):
 
 def test_bf16_load_casts_unet_text_and_vae(tiny_ckpts):
     entry = tiny_ckpts["eps"]
-    model = load_for_inference(entry["config"], entry["safetensors"], RuntimeOptions(device="cpu", precision="bf16"))
+    model = load_model(entry["config"], entry["safetensors"], RuntimeOptions(device="cpu", precision="bf16"))
     reference = entry["model"].state_dict()
     state = model.state_dict()
     for key, value in state.items():
@@ -190,7 +192,7 @@ def test_bf16_load_casts_unet_text_and_vae(tiny_ckpts):
 
 def test_legacy_signature_and_channels_last(tiny_ckpts):
     entry = tiny_ckpts["eps"]
-    model = load_for_inference(entry["config"], entry["ckpt"], CPU, "full")
+    model = load_model(entry["config"], entry["ckpt"], RuntimeOptions("cpu", "full"))
     conv = model.model.diffusion_model.input_blocks[0][0].weight
     assert conv.dtype == torch.float32 and conv.is_contiguous(memory_format=torch.channels_last)
     assert model.runtime.precision.mode == "full"
@@ -211,9 +213,9 @@ def test_bf16_unet_error_is_what_bf16_rounding_explains(tiny_ckpts):
     rounded to bf16, and far from fp32's own agreement (so the path really runs in bf16)."""
     entry = tiny_ckpts["eps"]
     opts = dict(device="cpu", channels_last=False)
-    full = load_for_inference(entry["config"], entry["safetensors"], RuntimeOptions(precision="full", **opts))
-    half = load_for_inference(entry["config"], entry["safetensors"], RuntimeOptions(precision="bf16", **opts))
-    rounded = load_for_inference(entry["config"], entry["safetensors"], RuntimeOptions(precision="full", **opts))
+    full = load_model(entry["config"], entry["safetensors"], RuntimeOptions(precision="full", **opts))
+    half = load_model(entry["config"], entry["safetensors"], RuntimeOptions(precision="bf16", **opts))
+    rounded = load_model(entry["config"], entry["safetensors"], RuntimeOptions(precision="full", **opts))
     with torch.no_grad():
         for p in rounded.model.parameters():
             p.copy_(p.to(torch.bfloat16).float())
@@ -232,19 +234,20 @@ def test_bf16_unet_error_is_what_bf16_rounding_explains(tiny_ckpts):
 
 def test_tiny_images_of_bf16_and_fp32_runs_agree(tiny_ckpts):
     """A short txt2img run (DDIM, CFG) in bf16 and in fp32: the decoded images agree by PSNR."""
-    from ldm.generate import Item, PromptEncoder, SamplingSettings, sample_latents, start_noise
+    from ldm.plan import Item, SamplingSettings
+    from ldm.sampling import PromptEncoder, sample_latents, start_noise
 
     entry = tiny_ckpts["v"]
     images = {}
     for precision in ("full", "bf16"):
-        model = load_for_inference(entry["config"], entry["safetensors"], RuntimeOptions("cpu", precision))
+        model = load_model(entry["config"], entry["safetensors"], RuntimeOptions("cpu", precision))
         items = [Item(0, "a red cube on a table", "", 7)]
         with torch.inference_mode(), autocast_context(model):
             encoder = PromptEncoder(model)
             c, uc = encoder([items[0].prompt]), encoder([""])
-            noise, gens = start_noise(items, (4, 16, 16))
+            noise, gens = start_noise([item.seed for item in items], (4, 16, 16))
             latents = sample_latents(model, noise, gens, c, uc, SamplingSettings(steps=4, scale=5.0),
-                                     progress=lambda n: None)
+                                     )
             images[precision] = model.decode_first_stage(latents).float()
     value = psnr(images["bf16"], images["full"])
     assert value > 30.0, value
@@ -254,10 +257,10 @@ def test_tiny_images_of_bf16_and_fp32_runs_agree(tiny_ckpts):
 # ------------------------------------------------------------------------ graph paths
 def test_torchscript_traces_per_shape_and_matches_eager(tiny_ckpts):
     entry = tiny_ckpts["eps"]
-    traced = load_for_inference(entry["config"], entry["safetensors"],
+    traced = load_model(entry["config"], entry["safetensors"],
                                 RuntimeOptions("cpu", "full", torchscript=True))
     unet = traced.model.diffusion_model
-    assert isinstance(unet, runtime.FastUNet) and unet.out_channels == 4  # attributes fall through
+    assert isinstance(unet, fastpath.FastUNet) and unet.out_channels == 4  # attributes fall through
     with torch.no_grad():
         for size in (16, 8):
             x, t, c = tiny_unet_inputs(size=size)
@@ -273,9 +276,9 @@ def test_compile_cache_points_inductor_at_the_cache_dir(tmp_path, monkeypatch):
     for name in ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/inductor-default")  # as inductor leaves it once asked
-    monkeypatch.setattr(runtime, "_USER_INDUCTOR_CACHE", None)
+    monkeypatch.setattr(fastpath, "_USER_INDUCTOR_CACHE", None)
     opts = RuntimeOptions(compile=True, compile_cache=tmp_path / "cc")
-    runtime.enable_compile_cache(runtime.compile_cache_dir(opts))
+    fastpath.enable_compile_cache(fastpath.compile_cache_dir(opts))
     import os
 
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cc")

@@ -414,7 +414,7 @@ def test_beta_schedules_equal_diffusers(kind, diffusers_name):
     ends near 0 (pure noise at t = 999)."""
     from diffusers import DDPMScheduler
 
-    from ldm.models.diffusion.noise_schedule import make_beta_schedule
+    from ldm.modules.diffusionmodules.noise_schedule import make_beta_schedule
 
     betas = make_beta_schedule(kind, T, 0.00085, 0.012)
     expected = DDPMScheduler(num_train_timesteps=T, beta_start=0.00085, beta_end=0.012,

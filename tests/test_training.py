@@ -226,7 +226,8 @@ def test_autoencoder_training_reduces_the_loss_on_a_fixed_batch():
 # -- the train() entry and its checkpoints ---------------------------------------------------------------
 
 def test_train_writes_original_format_checkpoints_that_load_strictly(tmp_path, capsys):
-    from ldm.checkpoint import load_model, read_state_dict
+    from ldm.checkpoint import read_state_dict
+    from ldm.loading import load_model
     from ldm.cli import main
 
     vae_cfg = tmp_path / "vae.yaml"
@@ -259,7 +260,7 @@ def test_train_writes_original_format_checkpoints_that_load_strictly(tmp_path, c
     assert float(state["scale_factor"]) != 1.0  # set from the latents' std
     torch.testing.assert_close(state["first_stage_model.encoder.conv_in.weight"],
                                vae_state["encoder.conv_in.weight"].half())
-    model = load_model(inference, out).model  # strict: every key present, none extra
+    model = load_model(inference, out)  # strict: every key present, none extra
     assert model.parameterization == "v" and model.downsampling_factor == 2
 
 

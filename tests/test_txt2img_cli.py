@@ -46,7 +46,8 @@ def test_reference_layout_numbering_watermark_and_metadata(tiny_ckpts, tmp_path,
     assert np.array_equal(first, pixels(out / "samples" / "00000.png"))
     assert not list(out.rglob("*.tmp*"))
 
-    from ldm.cli.imageio import parse_parameters, read_watermark
+    from ldm.imageio import read_watermark
+    from ldm.metadata import parse_parameters
     img = Image.open(out / "samples" / "00001.png")
     assert read_watermark(img) == b"SDV2"
     prompt, negative, fields = parse_parameters(img.text["parameters"])
@@ -76,7 +77,7 @@ def test_prompt_file_batching_and_fixed_code(tiny_ckpts, tmp_path, capsys):
     code, err = run([*tiny_args(tiny_ckpts), *FAST, "--from-file", str(prompts), "--repeat", "2", "--n_samples", "4",
                      "--n_iter", "1", "--outdir", str(out), "--fixed_code"], capsys)
     assert code == 0, err
-    from ldm.cli.imageio import parse_parameters
+    from ldm.metadata import parse_parameters
     got = [parse_parameters(Image.open(p).text["parameters"])[0] for p in sorted((out / "samples").glob("*.png"))]
     assert got == ["a cat", "a cat", "a dog", "a dog", "a bird", "a bird"]
     # --fixed_code: the two "a cat" images share the noise, so they are the same image.
@@ -153,7 +154,7 @@ def test_sampler_flags_reach_the_sampler(tiny_ckpts, tmp_path, capsys):
                          *flag], capsys)
         assert code == 0, err
         results[out.name] = pixels(out / "samples" / "00000.png")
-        from ldm.cli.imageio import parse_parameters
+        from ldm.metadata import parse_parameters
         fields = parse_parameters(Image.open(out / "samples" / "00000.png").text["parameters"])[2]
         assert fields["Sampler"] == expected
     ddim = results.pop("ddim")
@@ -202,12 +203,12 @@ def test_bf16_and_torchscript_paths_match_fp32(tiny_ckpts, tmp_path, capsys):
 
 
 def test_ctrl_c_exits_130_with_one_line(tiny_ckpts, tmp_path, capsys, monkeypatch):
-    from ldm import generate
+    from ldm.batch import run as batch_run
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(generate, "run_job", interrupted)
+    monkeypatch.setattr(batch_run, "run_job", interrupted)
     code, err = run([*tiny_args(tiny_ckpts), *FAST, "--outdir", str(tmp_path)], capsys)
     assert code == 130
     assert err.strip().startswith("interrupted:") and err.strip().count("\n") == 0

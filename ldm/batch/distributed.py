@@ -22,10 +22,8 @@ OMP_NUM_THREADS to the same value.
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
-import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,7 +31,8 @@ from typing import TYPE_CHECKING
 from ldm.errors import SDError
 
 if TYPE_CHECKING:
-    from ldm.generate import Batch, Job, Mode
+    from ldm.plan import Job
+    from ldm.tasks import Task
 
 # How long a process waits for the others at a barrier or broadcast. Loading a large checkpoint on a
 # slow shared file system can take minutes; sampling never happens inside a collective.
@@ -63,25 +62,19 @@ def check_relaunch(job: "Job", command: str) -> None:
                       "or start the processes with torchrun")
 
 
-def _quiet_lightning() -> None:
-    # Lightning's start-up banner (GPU/TPU availability, hints) is noise on a generating command's stderr.
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*predict_dataloader.*")
-    warnings.filterwarnings("ignore", message=".*predict returned None.*")  # on purpose: the files are the output
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning's use of a deprecated torch API
-
-
-def run_distributed(job: "Job", mode: "Mode", plan: list["Batch"]) -> list[Path]:
-    """Run `plan` with `job.devices` processes on each of `job.num_nodes` nodes; returns this process's files."""
+def run_distributed(job: "Job", task: "Task") -> list[Path]:
+    """Run `job` with `job.devices` processes on each of `job.num_nodes` nodes; returns this process's files.
+    Each process plans the job after loading its model (the plan may need the model's native size)."""
     import pytorch_lightning as pl
     from pytorch_lightning.strategies import DDPStrategy
 
-    check_relaunch(job, mode.name)
-    _quiet_lightning()
+    from ldm.lightning import quiet_lightning
+
+    check_relaunch(job, task.name)
+    # Lightning's hints about workers and predict's return value are noise here: the files are the output.
+    quiet_lightning(".*does not have many workers.*", ".*predict_dataloader.*", ".*predict returned None.*")
     accelerator = lightning_accelerator(job)
-    module = _plan_module(pl)(job, mode, plan)
+    module = _plan_module(pl)(job, task)
     strategy = DDPStrategy(process_group_backend="gloo" if accelerator == "cpu" else None, timeout=COLLECTIVE_TIMEOUT)
     trainer = pl.Trainer(
         accelerator=accelerator, devices=job.devices or ("auto" if accelerator != "cpu" else 1),
@@ -109,7 +102,8 @@ def _plan_module(pl):
     from torch.utils.data import DataLoader
 
     from ldm.batch import outputs
-    from ldm.generate import Engine
+    from ldm.batch.run import open_session, write_side_outputs
+    from ldm.plan import make_plan
 
     class PlanModule(pl.LightningModule):
         """predict_step(b) samples batch b of the plan and writes its images; no nn parameters of its own."""
@@ -117,27 +111,29 @@ def _plan_module(pl):
         # Some processes may have no batch left (more processes than batches, or a resumed run).
         allow_zero_length_dataloader_with_multiple_devices = True
 
-        def __init__(self, job, mode, plan):
+        def __init__(self, job, task):
             super().__init__()
-            self.job, self.mode, self.plan = job, mode, plan
+            self.job, self.task, self.plan = job, task, None
             self.runner = None
             self.interrupted = False
 
         def setup(self, stage: str) -> None:
             strategy = self.trainer.strategy
-            # Engine holds the model outside the module's children, so Lightning neither moves nor
+            # The session holds the model outside the module's children, so Lightning neither moves nor
             # broadcasts its weights: each process loads the checkpoint itself onto its own device.
-            engine = Engine(self.job, self.mode, device=strategy.root_device)
+            session = open_session(self.job, self.task, device=strategy.root_device)
+            self.plan = make_plan(session.job)
             decided = None
             if self.global_rank == 0:
                 try:
-                    decided = outputs.begin_run(engine, self.plan, processes=self.trainer.world_size)
+                    write_side_outputs(session)
+                    decided = outputs.begin_run(session, self.plan, processes=self.trainer.world_size)
                 except SDError as exc:  # tell the other processes instead of leaving them at the broadcast
                     decided = str(exc)
             decided = strategy.broadcast(decided, src=0)
             if isinstance(decided, str):
                 raise SDError(decided)
-            self.runner = outputs.PlanRunner(engine, self.plan, decided, rank=self.global_rank,
+            self.runner = outputs.PlanRunner(session, self.plan, decided, rank=self.global_rank,
                                              world=self.trainer.world_size)
 
         def predict_dataloader(self):

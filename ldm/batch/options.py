@@ -1,7 +1,7 @@
 """The batch-job flags as Typer option types, for every generating command to declare once.
 
 A command adds them as parameters (`skip_existing: bopt.SkipExisting = False`, ...) and passes them to
-its generate.Job under the same names.
+its ldm.plan.Job under the same names.
 """
 from __future__ import annotations
 

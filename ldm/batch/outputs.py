@@ -29,12 +29,13 @@ from typing import TYPE_CHECKING, Optional
 
 from PIL import Image
 
-from ldm.cli import imageio
+from ldm import imageio, metadata
 from ldm.errors import SDError, note
 from ldm.limits import is_whole
 
 if TYPE_CHECKING:
-    from ldm.generate import Batch, Engine
+    from ldm.pipeline import Session
+    from ldm.plan import Batch
 
 MANIFEST_PREFIX = "manifest-"
 MANIFEST_VERSION = 1
@@ -186,13 +187,13 @@ def merge_parts(manifest: Path) -> None:
         part.unlink(missing_ok=True)
 
 
-def run_id(engine: "Engine", plan: list["Batch"]) -> str:
+def run_id(session: "Session", plan: list["Batch"]) -> str:
     """A hash of what the run's images are: each image's parameters text and place in its batch."""
     digest = hashlib.sha256()
     for batch in plan:
         for pos in batch.kept():
             digest.update(f"{batch.index}/{pos}/{len(batch.items)}/{batch.items[pos].index}\0".encode())
-            digest.update(engine.parameters(batch, pos).encode("utf-8") + b"\0")
+            digest.update(session.parameters(batch, pos).encode("utf-8") + b"\0")
     return digest.hexdigest()[:16]
 
 
@@ -209,17 +210,17 @@ class RunState:
     had_grid: bool = False  # a previous attempt of this run made its grid
 
 
-def begin_run(engine: "Engine", plan: list["Batch"], processes: int = 1) -> RunState:
+def begin_run(session: "Session", plan: list["Batch"], processes: int = 1) -> RunState:
     """Rank 0: find or create the run's manifest, fix the base, and list what is left to do."""
-    job = engine.job
+    job = session.job
     outdir = Path(job.outdir)
     samples = prepare_outdir(outdir)
-    rid = run_id(engine, plan)
+    rid = run_id(session, plan)
     total = sum(len(batch.kept()) for batch in plan)
     found = next(((p, h) for p, h in manifests(outdir) if h.get("run") == rid), None) if job.skip_existing else None
     if found is None:
         header = {"run": rid, "images": total, "batches": len(plan),
-                  "names": "base+k" if job.indexed_names else "sequential", "mode": engine.mode.name,
+                  "names": "base+k" if job.indexed_names else "sequential", "mode": session.task.name,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "processes": processes}
         path, base = create_manifest(outdir, header)
         return RunState(rid, base, str(path), job.indexed_names, [b.index for b in plan], [], total)
@@ -235,7 +236,7 @@ def begin_run(engine: "Engine", plan: list["Batch"], processes: int = 1) -> RunS
             if not target.exists():
                 missing = True
                 continue
-            if imageio.read_png_text(target).get(imageio.PARAMETERS_KEY) != engine.parameters(batch, pos):
+            if metadata.read_png_text(target).get(metadata.PARAMETERS_KEY) != session.parameters(batch, pos):
                 raise SDError(f"{target} exists but is not image {item.index} of this run (its parameters differ); "
                               "move it away or use another --outdir")
             present.append(item.index)
@@ -260,12 +261,12 @@ class PlanRunner:
     the batch and at the position the plan gave it, whatever the number of processes.
     """
 
-    def __init__(self, engine: "Engine", plan: list["Batch"], state: RunState, rank: int = 0, world: int = 1):
+    def __init__(self, session: "Session", plan: list["Batch"], state: RunState, rank: int = 0, world: int = 1):
         from tqdm import tqdm
 
-        self.engine, self.plan, self.state, self.rank = engine, plan, state, rank
+        self.session, self.plan, self.state, self.rank = session, plan, state, rank
         self.share = state.todo[rank::world]
-        self.outdir = Path(engine.job.outdir)
+        self.outdir = Path(session.job.outdir)
         self.samples = self.outdir / "samples"
         self.manifest = Path(state.manifest)
         self.lines = part_path(self.manifest, rank)
@@ -274,41 +275,39 @@ class PlanRunner:
         self.written: list[Path] = []
         self.grid_images: list = []  # sequential runs make the grid from memory, as the reference
         self.started = time.perf_counter()
-        steps = sum(engine.mode.steps_run(plan[b].sampling.steps) for b in self.share)
+        steps = sum(session.task.steps_run(plan[b].sampling.steps) for b in self.share)
         self.bar = tqdm(total=steps, desc="sampling", unit="step", dynamic_ncols=True, disable=rank != 0)
 
     def run_batch(self, b: int) -> list[Path]:
         batch = self.plan[b]
         start = time.perf_counter()
-        images = self.engine.run(batch, self.bar.update)
+        missing = [pos for pos in batch.kept() if batch.items[pos].index not in self.present]  # a resumed batch
+        images = self.session.images(batch, lambda info: self.bar.update(1), positions=missing)
         seconds = round(time.perf_counter() - start, 3)
         paths = []
-        for pos in batch.kept():
-            item = batch.items[pos]
-            if item.index in self.present:  # a resumed batch: only its missing images are written
-                continue
-            # The grid is made of the saved (watermarked) samples and not watermarked again, so a resumed run,
-            # whose earlier samples exist only as files, makes the same grid as an uninterrupted one.
-            marked = imageio.apply_watermark(images[pos])
-            path = self._save(marked, item.index, self.engine.parameters(batch, pos))
+        for generated in images:
+            item = batch.items[generated.position]
+            path = self._save(generated.image, item.index, generated.parameters)
             append_jsonl(self.lines, {
                 "item": item.index, "file": path.relative_to(self.outdir).as_posix(), "seed": item.seed,
                 "prompt": item.prompt, "negative_prompt": item.negative_prompt, "batch": batch.index,
-                "position": pos, "rank": self.rank, "batch_seconds": seconds,
+                "position": generated.position, "rank": self.rank, "batch_seconds": seconds,
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             paths.append(path)
             if not self.state.indexed:
-                self.grid_images.append(marked)
+                # The grid is made of the saved (watermarked) samples and not watermarked again, so a resumed
+                # run, whose earlier samples exist only as files, makes the same grid as an uninterrupted one.
+                self.grid_images.append(generated.image)
         self.written += paths
         return paths
 
     def _save(self, image, k: int, text: str) -> Path:
         """Save a sample that already carries the watermark."""
-        metadata = {imageio.PARAMETERS_KEY: text}
+        chunks = {metadata.PARAMETERS_KEY: text}
         if self.state.indexed:
-            return imageio.save_png(image, self.samples / sample_name(self.state.base + k), metadata, watermark=False,
+            return imageio.save_png(image, self.samples / sample_name(self.state.base + k), chunks, watermark=False,
                                     overwrite=False)
-        path = imageio.save_numbered(image, self.samples, imageio.SAMPLE_DIGITS, metadata=metadata, watermark=False,
+        path = imageio.save_numbered(image, self.samples, imageio.SAMPLE_DIGITS, metadata=chunks, watermark=False,
                                      start=self.next_number)
         self.next_number = int(path.stem) + 1
         return path
@@ -344,7 +343,7 @@ class PlanRunner:
         return grid
 
     def _grid(self) -> Optional[Path]:
-        job = self.engine.job
+        job = self.session.job
         if self.state.indexed:
             if self.state.had_grid and not self.state.todo:
                 return None  # a finished run re-run with --skip-existing: its grid exists
@@ -370,9 +369,9 @@ class PlanRunner:
                                      watermark=False)  # its tiles carry the watermark
 
 
-def run_plan(engine: "Engine", plan: list["Batch"]) -> list[Path]:
+def run_plan(session: "Session", plan: list["Batch"]) -> list[Path]:
     """Run the whole plan in this process; returns the sample paths written."""
-    runner = PlanRunner(engine, plan, begin_run(engine, plan))
+    runner = PlanRunner(session, plan, begin_run(session, plan))
     written = runner.run_share()
     runner.finish()
     return written

@@ -12,24 +12,24 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ldm.cli import imageio
+from ldm import metadata
 from ldm.errors import SDError, note
 
 if TYPE_CHECKING:
-    from ldm.generate import Job
+    from ldm.plan import Job
 
 
 def parameters_text(path: str | Path) -> str:
     """The "parameters" text of the PNG at `path`; SDError if it carries none."""
-    text = imageio.read_png_text(path).get(imageio.PARAMETERS_KEY)
+    text = metadata.read_png_text(path).get(metadata.PARAMETERS_KEY)
     if text is None:
-        raise SDError(f"{path} carries no generation parameters (no PNG \"{imageio.PARAMETERS_KEY}\" text chunk)")
+        raise SDError(f"{path} carries no generation parameters (no PNG \"{metadata.PARAMETERS_KEY}\" text chunk)")
     return text
 
 
 def read_parameters(path: str | Path) -> tuple[str, str, dict[str, str]]:
     """(prompt, negative prompt, fields) of the PNG at `path`; SDError if it carries none."""
-    return imageio.parse_parameters(parameters_text(path))
+    return metadata.parse_parameters(parameters_text(path))
 
 
 def _field(fields: dict[str, str], key: str, cast: Callable, default, path: Path):
@@ -80,7 +80,7 @@ def job_from_image(job: "Job", mode_name: str = "txt2img", sized: bool = True,
     if not 0 <= position < batch_size:
         raise SDError(f"{path}: Batch pos {position} does not fit Batch size {batch_size}")
     if job.ckpt is not None and Path(job.ckpt).is_file() and "Model hash" in fields:
-        ours = imageio.model_hash(job.ckpt)
+        ours = metadata.model_hash(job.ckpt)
         if ours != fields["Model hash"]:
             note(f"{path} was made with model hash {fields['Model hash']} ({fields.get('Model', '?')}), "
                  f"--ckpt has {ours}: the image will differ")

@@ -27,7 +27,7 @@ def shared_flags(
     sampler: opt.Sampler = None,
     schedule: opt.Schedule = None,
     fixed_code: opt.FixedCode = False,
-    ddim_eta: opt.DdimEta = 0.0,
+    ddim_eta: opt.DdimEta = None,
     n_iter: opt.NIter = None,
     C: opt.LatentChannels = 4,
     f: opt.Factor = 8,
@@ -60,85 +60,69 @@ def shared_flags(
     """The flags every generating command takes (the signature is what counts)."""
 
 
-# Flags whose default depends on the model, resolved once it is chosen: these values, or a command's own,
-# for Stable Diffusion checkpoints; ldm.demo.DEMO_DEFAULTS (and a command's demo_defaults) for the demo model.
-MODEL_DEPENDENT = {"steps": 50, "n_iter": 1, "n_samples": 1, "scale": 9.0}
+# Flags whose default depends on the task and the model (ldm.families), resolved once the model is chosen.
+MODEL_DEPENDENT = ("steps", "n_iter", "n_samples", "scale", "ddim_eta")
 
 
-def run_command(mode, *, plms: bool, dpm: bool, sampler: Optional[str], schedule: Optional[str], ddim_eta: float,
-                defaults: dict, model_config: Optional[Path] = None, model_needs: str = "", **fields) -> None:
-    """Run a generating command's mode with the shared flags (prompt, seeds, batching, outdir, model...).
+def run_command(task, *, plms: bool, dpm: bool, sampler: Optional[str], schedule: Optional[str], **fields) -> None:
+    """Run a generating command's task with the shared flags (prompt, seeds, batching, outdir, model...).
 
-    `defaults` maps each MODEL_DEPENDENT flag to (its default with an SD checkpoint, with the demo model);
-    a flag the user gave (not None) keeps its value. An image mode's size is its input's; plain txt2img
-    (generate.Txt2Img) takes --H/--W, by default the model's native size."""
-    from ldm import generate, modes
-    from ldm.demo import choose_model
+    A MODEL_DEPENDENT flag the user left out (None) takes the task's default for the chosen model
+    (ldm.families: the reference's for SD checkpoints, the demo model's own). An image task's size is its
+    input's; plain txt2img takes --H/--W, by default the model's native size (known once it is loaded)."""
+    from ldm import families
+    from ldm.batch.run import run_job
+    from ldm.detect import choose_files
+    from ldm.models.diffusion.samplers import check_sampler
+    from ldm.plan import Job, SamplingSettings
+    from ldm.tasks import ImageTask, image_job
 
-    model = choose_model(fields.pop("config"), fields.pop("ckpt"), command_config=model_config, command_needs=model_needs)
-    fields.update(config=model.config, ckpt=model.ckpt)
-    for name, (sd_default, demo_default) in defaults.items():
-        if fields[name] is None:
-            fields[name] = demo_default if model.demo else sd_default
-    steps, scale = fields.pop("steps"), fields.pop("scale")
+    config, ckpt, demo = choose_files(fields.pop("config"), fields.pop("ckpt"), task.name)
+    fields.update(config=config, ckpt=ckpt)
     sampler_name = opt.pick_sampler(sampler, plms=plms, dpm=dpm)
+    defaults = families.task_defaults(task.name, demo)
+    if fields["ddim_eta"] is None:  # the task's eta (inpainting's 1.0) for samplers that take one, else none
+        fields["ddim_eta"] = families.default_eta(task.name, demo, check_sampler(sampler_name).eta is not None)
+    for name in MODEL_DEPENDENT:
+        if fields[name] is None:
+            fields[name] = defaults[name]
+    sampling = SamplingSettings(steps=fields.pop("steps"), sampler=sampler_name, schedule=schedule,
+                                eta=fields.pop("ddim_eta"), scale=fields.pop("scale"))
     fields["precision"] = opt.pick_precision(fields["precision"], fields.pop("bf16"))
-    sampling = generate.SamplingSettings(steps=steps, sampler=sampler_name, schedule=schedule, eta=ddim_eta, scale=scale)
     fields["limits"] = Limits(**{name: fields.pop(name) for name in ("max_side", "max_steps", "max_batch", "max_images")})
-    if isinstance(mode, modes.ImageMode):
-        job = modes.image_job(mode, sampling=sampling, **fields)
+    if isinstance(task, ImageTask):
+        job = image_job(task, sampling=sampling, **fields)
     else:
-        job = generate.Job(H=model.native_size if mode.H is None else mode.H,
-                           W=model.native_size if mode.W is None else mode.W, sampling=sampling, **fields)
+        job = Job(H=task.H, W=task.W, sampling=sampling, **fields)
     ready_for_interrupts()  # every module is imported: Ctrl-C from now on stops the run cleanly
-    generate.run_job(job, mode)
+    run_job(job, task)
 
 
-def generating_command(name: str, help: str, fixed: Optional[dict] = None, stochastic_eta: Optional[float] = None,
-                       model_config: Optional[Path] = None, model_needs: str = "", demo_defaults: Optional[dict] = None,
-                       **defaults) -> Callable:
-    """Register `sd NAME` from a function of the command's own flags that returns its Mode (ldm.modes).
+def generating_command(name: str, help: str, fixed: Optional[dict] = None, **defaults) -> Callable:
+    """Register `sd NAME` from a function of the command's own flags that returns its Task (ldm.tasks).
 
     The command takes those flags first, then the shared ones with `defaults` replacing theirs; flags in
     `fixed` are not offered and take the given values (the upscaler's C and f). The MODEL_DEPENDENT flags
-    (steps, batch, scale) are resolved once the model is known: `defaults` give them for SD checkpoints,
-    ldm.demo.DEMO_DEFAULTS updated by `demo_defaults` for the built-in demo model. With `stochastic_eta`
-    (the inpainting demo's DDIM eta 1.0), --ddim_eta defaults to that value for samplers that take an
-    eta and to none for the deterministic ones, which refuse any. A command that needs its own kind of
-    model gives its config (`model_config`, used with --ckpt when --config is absent) and what it needs
-    (`model_needs`, said when no --ckpt is given: the demo model cannot serve it).
+    (steps, batch, scale, eta) default to None and are resolved by run_command from ldm.families.
     """
-    from ldm.demo import DEMO_DEFAULTS
-
     fixed = fixed or {}
-    sd_defaults = {key: defaults.pop(key, value) for key, value in MODEL_DEPENDENT.items()}
-    demo = {**sd_defaults, **DEMO_DEFAULTS, **(demo_defaults or {})}
-    model_defaults = {key: (sd_defaults[key], demo[key]) for key in MODEL_DEPENDENT}
-    if stochastic_eta is not None:
-        defaults["ddim_eta"] = None
+    defaults.update({key: None for key in MODEL_DEPENDENT})
 
-    def register(make_mode: Callable) -> Callable:
-        own = list(inspect.signature(make_mode, eval_str=True).parameters.values())
+    def register(make_task: Callable) -> Callable:
+        own = list(inspect.signature(make_task, eval_str=True).parameters.values())
         shared = [p.replace(default=defaults.pop(p.name, p.default))
                   for p in inspect.signature(shared_flags, eval_str=True).parameters.values() if p.name not in fixed]
         if defaults:
             raise TypeError(f"unknown defaults for {name}: {sorted(defaults)}")
 
         def command(**kwargs) -> None:
-            mode = make_mode(**{p.name: kwargs.pop(p.name) for p in own})
-            if kwargs.get("ddim_eta") is None:
-                from ldm.models.diffusion.samplers import check_sampler
-
-                sampler = opt.pick_sampler(kwargs["sampler"], plms=kwargs["plms"], dpm=kwargs["dpm"])
-                kwargs["ddim_eta"] = stochastic_eta if check_sampler(sampler).eta is not None else 0.0
-            run_command(mode, **kwargs, **fixed, defaults=model_defaults, model_config=model_config,
-                        model_needs=model_needs)
+            task = make_task(**{p.name: kwargs.pop(p.name) for p in own})
+            run_command(task, **kwargs, **fixed)
 
         command.__signature__ = inspect.Signature(own + shared)
         command.__annotations__ = {p.name: p.annotation for p in own + shared}
         command.__name__ = command.__qualname__ = name
-        command.model_defaults = model_defaults  # flag -> (default with an SD checkpoint, with the demo model)
         app.command(name, help=help)(command)
-        return make_mode
+        return make_task
 
     return register

@@ -8,6 +8,7 @@ import typer
 
 from ldm.cli.command import generating_command
 from ldm.cli.img2img import InitImg, Strength
+from ldm.families import SD_DEFAULTS
 
 DepthMap = Annotated[Optional[Path], typer.Option(
     "--depth-map", "--depth_map", help="Use this grayscale image (brighter = nearer) instead of MiDaS's depth.")]
@@ -16,9 +17,10 @@ SaveDepth = Annotated[bool, typer.Option(
 
 
 @generating_command("depth2img", help="Redraw an image guided by a prompt while keeping its depth (512-depth-ema.ckpt).",
-                    outdir=Path("outputs/depth2img-samples"), model_config=Path("configs/stable-diffusion/v2-midas-inference.yaml"),
-                    model_needs="a depth checkpoint: --ckpt 512-depth-ema.ckpt")
-def depth2img(init_img: InitImg, strength: Strength = 0.9, depth_map: DepthMap = None, save_depth: SaveDepth = False):
-    from ldm.modes import Depth2Img
+                    outdir=Path("outputs/depth2img-samples"))
+def depth2img(init_img: InitImg, strength: Strength = SD_DEFAULTS["depth2img"]["strength"], depth_map: DepthMap = None, save_depth: SaveDepth = False):
+    from ldm.tasks import Depth2Img
 
-    return Depth2Img(init_img, strength, depth_map=depth_map, save_depth=save_depth)
+    task = Depth2Img(init_img, strength, depth_map=depth_map)
+    task.save_depth = save_depth
+    return task

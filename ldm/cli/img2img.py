@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from ldm.cli.command import generating_command
+from ldm.families import SD_DEFAULTS
 
 InitImg = Annotated[Path, typer.Option("--init-img", "--init_img", help="The input image (any size; sides are "
                                             "shrunk to multiples of 8).")]
@@ -15,9 +16,8 @@ Strength = Annotated[float, typer.Option(
 
 
 @generating_command("img2img", help="Redraw an image guided by a prompt (the reference's scripts/img2img.py).",
-                    prompt="a painting of a virus monster playing guitar", outdir=Path("outputs/img2img-samples"),
-                    n_samples=2)
-def img2img(init_img: InitImg, strength: Strength = 0.8):
-    from ldm.modes import Img2Img
+                    prompt="a painting of a virus monster playing guitar", outdir=Path("outputs/img2img-samples"))
+def img2img(init_img: InitImg, strength: Strength = SD_DEFAULTS["img2img"]["strength"]):
+    from ldm.tasks import Img2Img
 
     return Img2Img(init_img, strength)

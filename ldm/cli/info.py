@@ -16,12 +16,12 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print {prompt, negative_prompt, settings} as JSON.")] = False,
 ) -> None:
     from ldm.batch.reproduce import parameters_text
-    from ldm.cli import imageio
+    from ldm import metadata
 
     text = parameters_text(image)
     if as_json:
-        prompt, negative, settings = imageio.parse_parameters(text)
+        prompt, negative, settings = metadata.parse_parameters(text)
         record = {"prompt": prompt, "negative_prompt": negative, "settings": settings}
-        print(imageio.printable(json.dumps(record, ensure_ascii=False, indent=2), json_escapes=True))
+        print(metadata.printable(json.dumps(record, ensure_ascii=False, indent=2), json_escapes=True))
     else:
-        print(imageio.printable(text))
+        print(metadata.printable(text))

@@ -16,9 +16,8 @@ Mask = Annotated[Path, typer.Option(
 
 @generating_command("inpaint", help="Repaint the masked part of an image. An inpainting checkpoint uses its 9-channel "
                     "UNet; any txt2img checkpoint inpaints by latent blending. Unmasked pixels are kept exactly.",
-                    outdir=Path("outputs/inpaint-samples"), steps=45, stochastic_eta=1.0, n_samples=4, scale=10.0,
-                    model_config=Path("configs/stable-diffusion/v2-inpainting-inference.yaml"))
+                    outdir=Path("outputs/inpaint-samples"))
 def inpaint(image: Image, mask: Mask):
-    from ldm.modes import Inpaint
+    from ldm.tasks import Inpaint
 
     return Inpaint(image, mask)

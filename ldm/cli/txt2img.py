@@ -14,9 +14,8 @@ Width = Annotated[Optional[int], typer.Option("--W", help="Image width in pixels
 
 @generating_command("txt2img", help="Generate images from a text prompt (the reference's scripts/txt2img.py).",
                     prompt="a professional photograph of an astronaut riding a triceratops",
-                    outdir=Path("outputs/txt2img-samples"), n_iter=3, n_samples=3,
-                    demo_defaults={"n_iter": 1, "n_samples": 4})
+                    outdir=Path("outputs/txt2img-samples"))
 def txt2img(H: Height = None, W: Width = None):
-    from ldm.generate import Txt2Img
+    from ldm.tasks import Txt2Img
 
     return Txt2Img(H, W)

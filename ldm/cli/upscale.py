@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ldm.cli.command import generating_command
+from ldm.families import SD_DEFAULTS
 
 Image = Annotated[Path, typer.Option("--image", help="The low-resolution image; the result is 4x per side.")]
 NoiseLevel = Annotated[int, typer.Option(
@@ -20,11 +21,9 @@ TileOverlap = Annotated[Optional[int], typer.Option(
 
 
 @generating_command("upscale", help="Enlarge an image 4x per side, guided by a prompt (x4-upscaler-ema.ckpt).",
-                    fixed={"C": 4, "f": 4}, outdir=Path("outputs/upscale-samples"), steps=75, scale=10.0,
-                    model_config=Path("configs/stable-diffusion/x4-upscaling.yaml"),
-                    model_needs="the x4 upscaler: --ckpt x4-upscaler-ema.ckpt")
-def upscale(image: Image, noise_level: NoiseLevel = 20, tile: Tile = None, tile_size: TileSize = 128,
+                    fixed={"C": 4, "f": 4}, outdir=Path("outputs/upscale-samples"))
+def upscale(image: Image, noise_level: NoiseLevel = SD_DEFAULTS["upscale"]["noise_level"], tile: Tile = None, tile_size: TileSize = 128,
             tile_overlap: TileOverlap = None):
-    from ldm.modes import Upscale
+    from ldm.tasks import Upscale
 
     return Upscale(image, noise_level, tile=tile, tile_size=tile_size, overlap=tile_overlap)

@@ -11,7 +11,6 @@ model), so ldm.checkpoint.load_model loads them exactly as it loads SD 2.x files
 """
 from __future__ import annotations
 
-import copy
 import csv
 import random
 import time
@@ -340,19 +339,6 @@ def _init_from(target: torch.nn.Module, path: Optional[str]) -> bool:
     return True
 
 
-def _quiet_lightning() -> None:
-    """Keep `sd train`'s stderr to what matters: Lightning's start-up banner (accelerators, tips), its
-    warning about modules in eval mode (here the intentionally frozen first stage) and its own use of a
-    torch API that torch deprecated (LeafSpec) are hidden; other warnings and errors still show."""
-    import logging
-    import warnings
-
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-    warnings.filterwarnings("ignore", message=r".*LeafSpec\)` is deprecated")
-
-
 def train(config_path: str | Path, *, max_minutes: Optional[float] = None, max_steps: Optional[int] = None,
           output: Optional[str | Path] = None, seed: Optional[int] = None, threads: Optional[int] = None,
           init_from: Optional[str | Path] = None) -> Path:
@@ -425,7 +411,10 @@ def train(config_path: str | Path, *, max_minutes: Optional[float] = None, max_s
                                          generator=torch.Generator().manual_seed(run_seed))
     module.budget_steps = steps
     module.budget_seconds = None if minutes is None else 60.0 * float(minutes)
-    _quiet_lightning()
+    from ldm.lightning import quiet_lightning
+
+    # Lightning's warning about modules in eval mode is about the intentionally frozen first stage.
+    quiet_lightning(r".*module\(s\) in eval mode.*")
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, precision=precision,
                          max_time=None if minutes is None else {"minutes": float(minutes)},
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,

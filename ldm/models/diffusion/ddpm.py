@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ldm.errors import SDError
-from ldm.models.diffusion.noise_schedule import make_beta_schedule, register_schedule
+from ldm.modules.diffusionmodules.noise_schedule import make_beta_schedule, register_schedule
 from ldm.util import instantiate_from_config
 
 # Config parameters of the reference classes that only training uses; inference accepts and ignores them.
@@ -120,6 +120,11 @@ class LatentDiffusion(nn.Module):
         return self.scale_factor * z
 
     @torch.no_grad()
+    def encode_mean(self, image: torch.Tensor) -> torch.Tensor:
+        """Deterministic latent of images (B, 3, H, W) in [-1, 1]: scale_factor * posterior mean, (B, 4, H/f, W/f).
+        The mean (not a sample) so the same seed and image give the same result on any machine."""
+        return self.get_first_stage_encoding(self.encode_first_stage(image), use_mean=True)
+
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in about [-1, 1] from scaled latents."""
         return self.first_stage_model.decode(z / self.scale_factor)
@@ -145,7 +150,7 @@ _IMAGE_MODES = ("LatentInpaintDiffusion", "LatentDepth2ImageDiffusion", "LatentU
 
 def __getattr__(name: str):
     if name in _IMAGE_MODES:
-        from ldm.models.diffusion import image_modes
+        from ldm.models.diffusion import conditioned
 
-        return getattr(image_modes, name)
+        return getattr(conditioned, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

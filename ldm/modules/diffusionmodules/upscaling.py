@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ldm.errors import SDError
-from ldm.models.diffusion.noise_schedule import make_beta_schedule, register_schedule
+from ldm.modules.diffusionmodules.noise_schedule import make_beta_schedule, register_schedule
 
 _SCHEDULE_PARAMS = ("beta_schedule", "timesteps", "linear_start", "linear_end", "cosine_s")
 

@@ -35,11 +35,6 @@ class _ImageConditionedDiffusion(LatentDiffusion):
         if image.shape[2] % multiple or image.shape[3] % multiple:
             raise SDError(f"{what} size {image.shape[3]}x{image.shape[2]} must be a multiple of {multiple} per side")
 
-    def _encode_mean(self, image: torch.Tensor) -> torch.Tensor:
-        """Deterministic latent of an image in [-1, 1]: scale_factor * posterior mean, (B, 4, H/f, W/f).
-        The mean (not a sample) so the same seed and image give the same result on any machine."""
-        return self.get_first_stage_encoding(self.encode_first_stage(image), use_mean=True)
-
 
 class LatentInpaintDiffusion(_ImageConditionedDiffusion):
     """Inpainting: the UNet sees [noisy latent 4, mask 1, masked-image latent 4] = 9 channels."""
@@ -66,7 +61,7 @@ class LatentInpaintDiffusion(_ImageConditionedDiffusion):
             raise SDError(f"inpainting mask {tuple(mask.shape)} does not match image {tuple(image.shape)}")
         mask = (mask >= 0.5).to(image.dtype)  # binary, as the reference demo makes it
         masked_image = image * (mask < 0.5)  # the part to keep; the area to repaint is 0 (mid grey)
-        latent = self._encode_mean(masked_image)  # (B, 4, h, w)
+        latent = self.encode_mean(masked_image)  # (B, 4, h, w)
         parts = {self.masked_image_key: latent,
                  "mask": F.interpolate(mask, size=latent.shape[-2:])}  # nearest, (B, 1, h, w)
         return {"c_concat": torch.cat([parts[k] for k in self.concat_keys], dim=1)}  # (B, 5, h, w)

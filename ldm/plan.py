@@ -1,4 +1,4 @@
-"""Planning and running generation jobs: the shared engine behind every generating command.
+"""Planning a run: the job (every setting, validated before any model loads) and its batches.
 
 A run is planned before any sampling: a list of batches of items (global image index k, prompt,
 negative prompt, seed, sampling settings, size). Image k always starts from noise drawn by a CPU
@@ -7,26 +7,20 @@ The plan fixes each batch's composition from the job alone (never from the numbe
 processes take whole batches: every image is computed in the same batch, at the same position, as in a
 one-process run, which is what makes multi-process runs byte-identical to single ones (batched
 convolutions round differently from single ones, ~3e-5 in the latents, enough to flip uint8 pixels).
-
-`run_job(job, mode)` is the entry point of every generating command. What a batch run adds around the
-loop (output names, manifest, --skip-existing, Lightning scale-out, --from-image) lives in ldm/batch/.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import torch
 
 from ldm.batch.prompts import PromptLine, read_prompt_lines
 from ldm.errors import SDError
 from ldm.limits import SEED_MAX, Limits, check_number, check_seed, check_text
-from ldm.runtime import RuntimeOptions, autocast_context, load_for_inference, resolve_device
+from ldm.runtime import RuntimeOptions
 
 
 @dataclass
@@ -62,11 +56,6 @@ class Batch:
     def kept(self) -> list[int]:
         """Positions whose images are saved."""
         return [self.keep] if self.keep is not None else list(range(len(self.items)))
-
-
-def chunks(seq: list, size: int) -> Iterator[list]:
-    for i in range(0, len(seq), size):
-        yield seq[i:i + size]
 
 
 def _plan(lines: list[PromptLine], *, n_samples: int, n_iter: int, repeat: int, from_file: bool, seed: int,
@@ -107,42 +96,6 @@ def _batch_key(item: Item) -> tuple:
     return dataclasses.astuple(item.sampling), item.size
 
 
-def start_noise(items: list[Item], shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """(B, C, h, w) start noise, image k from a CPU generator seeded with its seed.
-
-    The generators are returned too: ancestral and SDE samplers continue each image's own stream.
-    """
-    generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
-    noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
-    return noise, generators
-
-
-class PromptEncoder:
-    """Encodes each distinct prompt once (prompt files often repeat prompts).
-
-    The cache keeps the `capacity` most recently used embeddings (a (77, 1024) float32 embedding is
-    about 0.3 MB), so a file of many thousand distinct prompts does not grow memory without bound.
-    """
-
-    def __init__(self, model, capacity: int = 256):
-        self.model = model
-        self.capacity = capacity
-        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
-        todo = list(dict.fromkeys(p for p in prompts if p not in self.cache))
-        if todo:
-            embeddings = self.model.get_learned_conditioning(todo)
-            for prompt, emb in zip(todo, embeddings):
-                self.cache[prompt] = emb
-        out = torch.stack([self.cache[p] for p in prompts])
-        for p in dict.fromkeys(prompts):
-            self.cache.move_to_end(p)
-        while len(self.cache) > max(self.capacity, len(set(prompts))):
-            self.cache.popitem(last=False)
-        return out
-
-
 def check_size(H: int, W: int, f: int, names: tuple[str, str] = ("--H", "--W"), max_side: Optional[int] = None) -> None:
     for name, value in zip(names, (H, W)):
         if max_side is not None and value > max_side:
@@ -157,6 +110,9 @@ def check_size(H: int, W: int, f: int, names: tuple[str, str] = ("--H", "--W"), 
 
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
+# The size a job whose --H/--W waits for the model's native size is checked at before the model loads
+# (every native size passes the same checks).
+STAND_IN_SIZE = 512
 
 
 def check_steps(sampling: "SamplingSettings", limits: Limits, timesteps: int, where: str = "--steps") -> None:
@@ -183,12 +139,12 @@ class Job:
     n_rows: int
     seed: int
     fixed_code: bool
-    H: int
-    W: int
+    H: Optional[int]  # None: the model's native size (Job.sized, once the model is loaded)
+    W: Optional[int]
     C: int
     f: int
     outdir: Path
-    config: Path
+    config: Optional[Path]  # None: chosen from the checkpoint's keys (ldm.detect)
     ckpt: Optional[Path]
     device: str
     precision: str
@@ -240,10 +196,6 @@ class Job:
                 raise SDError(f"--{name} must be at least 1 (got {getattr(self, name)})")
         if self.devices is not None and self.devices < 1:
             raise SDError(f"--devices must be at least 1 (got {self.devices})")
-        world = os.environ.get("WORLD_SIZE", "1")
-        if not self.distributed and world != "1":  # torchrun/SLURM started several of us: share, do not repeat
-            raise SDError(f"this is one of {world} processes started by a launcher (WORLD_SIZE={world}): pass --devices "
-                          "(processes per node) and --num-nodes so that they share the run")
         if self.accelerator is not None and self.accelerator not in ACCELERATORS:
             raise SDError(f"--accelerator must be one of {', '.join(ACCELERATORS)} (got '{self.accelerator}')")
         if self.n_rows < 0:
@@ -259,7 +211,8 @@ class Job:
         check_sampler(self.sampling.sampler, self.sampling.schedule)  # names first: check_steps builds the schedule
         timesteps = self.timesteps()
         check_steps(self.sampling, self.limits, timesteps)
-        check_size(self.H, self.W, self.f, max_side=self.limits.max_side)
+        stand_in = self.sized(STAND_IN_SIZE)
+        check_size(stand_in.H, stand_in.W, self.f, max_side=self.limits.max_side)
         lines = self.prompt_lines()
         for line in lines:  # a line's own settings, reported with its file and line number
             try:
@@ -284,7 +237,7 @@ class Job:
             raise SDError("no checkpoint given: pass --ckpt FILE (.ckpt or .safetensors; see checkpoints/README.md)")
         if not Path(self.ckpt).exists():
             raise SDError(f"checkpoint not found: {self.ckpt} (see checkpoints/README.md)")
-        if not Path(self.config).is_file():
+        if self.config is not None and not Path(self.config).is_file():
             raise SDError(f"config file not found: {self.config}")
         return [line.prompt for line in lines]
 
@@ -292,11 +245,16 @@ class Job:
         """The model's number of diffusion timesteps, read from the config (no model is built)."""
         from ldm.util import load_config
 
-        if not Path(self.config).is_file():
+        if self.config is None or not Path(self.config).is_file():
             return 1000
         params = load_config(self.config).model.get("params", {}) or {}
         value = params.get("timesteps", 1000)
         return value if isinstance(value, int) and value > 1 else 1000
+
+    def sized(self, native_size: int) -> "Job":
+        """This job with the model's native size wherever --H/--W was left out."""
+        return dataclasses.replace(self, H=native_size if self.H is None else self.H,
+                                   W=native_size if self.W is None else self.W)
 
     def for_batch(self, batch: "Batch") -> "Job":
         """This job with a batch's own settings and size (what the Mode hooks see for that batch)."""
@@ -326,171 +284,3 @@ def make_plan(job: Job) -> list[Batch]:
             if item.seed > SEED_MAX:
                 raise SDError(f"image {item.index} would get seed {item.seed}, past 2**64 - 1: use a smaller --seed")
     return plan
-
-
-@dataclass
-class BatchInputs:
-    """What a mode adds to one batch: image conditioning and, for img2img-style runs, a start latent."""
-    extra_cond: Optional[dict] = None  # c_concat / c_adm (and uc_adm for the unconditional branch)
-    start_latents: Optional[torch.Tensor] = None  # (B, C, h, w) scaled latents to noise to the trimmed start
-    strength: float = 1.0
-
-
-class Mode:
-    """A generating command's own part of the shared run; plain txt2img adds nothing.
-
-    The hooks are called in this order: check (before any model is loaded), prepare (after), then for
-    every batch `batch` before sampling, `apply_model` for the denoiser's model call, `decode` and `finish`
-    on the decoded images. The `job` the per-batch hooks (latent_shape, image_size) see carries that
-    batch's own settings and size (Job.for_batch).
-    """
-    name = "txt2img"
-
-    def check(self, job: "Job") -> None:
-        """Validate the mode's own inputs (image files, strengths...) before loading the model."""
-
-    def prepare(self, model, job: "Job", device: torch.device) -> None:
-        """Check the model suits the mode and load what every batch shares."""
-
-    def latent_shape(self, job: "Job") -> tuple[int, int, int]:
-        return (job.C, job.H // job.f, job.W // job.f)
-
-    def image_size(self, job: "Job") -> tuple[int, int]:
-        """(W, H) of the saved images."""
-        return (job.W, job.H)
-
-    def steps_run(self, steps: int) -> int:
-        return steps
-
-    def reproduce(self, fields: dict) -> None:
-        """--from-image: take the mode's own settings (e.g. the denoising strength) from the image's fields."""
-
-    def batch(self, model, items: list[Item], generators: list[torch.Generator], device: torch.device) -> BatchInputs:
-        return BatchInputs()
-
-    def apply_model(self, model) -> Callable:
-        """The `apply_model(x_t, t, cond)` the sampler's denoiser calls (a mode may wrap the model's)."""
-        return model.apply_model
-
-    def decode(self, model, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (B, C, h, w) -> images (B, 3, H, W) about [-1, 1]."""
-        return model.decode_first_stage(latents)
-
-    def finish(self, images: torch.Tensor, items: list[Item]) -> torch.Tensor:
-        """Post-process decoded images (B, 3, H, W) in [-1, 1], e.g. paste unmasked pixels back."""
-        return images
-
-    def settings(self) -> dict:
-        """Extra fields for the PNG metadata."""
-        return {}
-
-
-class Txt2Img(Mode):
-    """Plain txt2img: no image conditioning; the size is --H/--W (None: the model's native size)."""
-
-    def __init__(self, H: Optional[int] = None, W: Optional[int] = None):
-        self.H, self.W = H, W
-
-
-class Engine:
-    """One process's loaded model and what all its batches share: the model is loaded once per process."""
-
-    def __init__(self, job: Job, mode: Mode, device: Optional[str | torch.device] = None):
-        from ldm.cli import imageio
-
-        self.job, self.mode = job, mode
-        self.device = resolve_device(str(device) if device is not None else job.device)
-        self.model = load_for_inference(job.config, job.ckpt, job.runtime_options(self.device))
-        if job.C != self.model.latent_channels or job.f != self.model.downsampling_factor:
-            raise SDError(f"--C {job.C} / --f {job.f} do not fit the model (it has {self.model.latent_channels} latent "
-                          f"channels and factor {self.model.downsampling_factor})")
-        mode.prepare(self.model, job, self.device)
-        self.encoder = PromptEncoder(self.model)
-        runtime = getattr(self.model, "runtime", None)  # the resolved precision, where the loader reports it
-        precision = getattr(getattr(runtime, "precision", None), "mode", job.precision)
-        self.common = {"Model hash": imageio.model_hash(job.ckpt), "Model": Path(job.ckpt).stem,
-                       "Config": Path(job.config).name, "Mode": mode.name, "Precision": precision, **mode.settings()}
-
-    def parameters(self, batch: Batch, position: int) -> str:
-        """The "parameters" text of the image at `position` of `batch` (known before sampling)."""
-        from ldm.cli import imageio
-
-        item, s = batch.items[position], batch.sampling
-        width, height = self.mode.image_size(self.job.for_batch(batch))
-        several = len(batch.items) > 1  # A1111 writes the batch fields only for batches of several images
-        fields = {"Steps": s.steps, "Sampler": s.sampler, "Schedule type": s.schedule, "CFG scale": s.scale,
-                  "Seed": item.seed, "Size": f"{width}x{height}", "Eta": s.eta, **self.common,
-                  "Batch size": len(batch.items) if several else None, "Batch pos": position if several else None}
-        return imageio.format_parameters(item.prompt, item.negative_prompt, fields)
-
-    def run(self, batch: Batch, progress: Callable[[int], None] = lambda n: None) -> list:
-        """Sample and decode one batch; PIL images for every position (saving is the caller's)."""
-        from ldm.cli import imageio
-
-        job, settings, items = self.job.for_batch(batch), batch.sampling, batch.items
-        noise, generators = start_noise(items, self.mode.latent_shape(job))
-        with torch.inference_mode(), autocast_context(self.model):
-            c = self.encoder([it.prompt for it in items]).to(self.device)
-            uc = self.encoder([it.negative_prompt for it in items]).to(self.device) if settings.scale != 1.0 else None
-            inputs = self.mode.batch(self.model, items, generators, self.device)
-            latents = sample_latents(self.model, noise.to(self.device), generators, c, uc, settings, progress=progress,
-                                     start_latents=inputs.start_latents, strength=inputs.strength,
-                                     extra_cond=inputs.extra_cond, apply_model=self.mode.apply_model(self.model))
-            images = self.mode.finish(self.mode.decode(self.model, latents).float(), items)
-        return imageio.tensor_to_pil(images.cpu())
-
-
-def mode_sets_size(mode: Mode) -> bool:
-    """True for modes whose input image, not --H/--W, gives the size (they override Mode.image_size)."""
-    return type(mode).image_size is not Mode.image_size
-
-
-def run_job(job: Job, mode: Optional[Mode] = None) -> list[Path]:
-    """Plan, sample, decode and save a run of any generating command; returns the sample paths written.
-
-    With --from-image the job is first rebuilt from the image; with --devices/--num-nodes/--accelerator
-    the plan runs through Lightning's DDP predict loop (ldm.batch.distributed), else in this process.
-    Everything a user can get wrong is checked before the model is loaded.
-    """
-    from ldm.batch import outputs
-
-    mode = mode or Mode()
-    if job.from_image is not None:
-        from ldm.batch.reproduce import job_from_image
-
-        job = job_from_image(job, mode.name, sized=not mode_sets_size(mode), mode_fields=mode.reproduce)
-    job.check()
-    mode.check(job)
-    sized = [line for line in job.prompt_lines() if line.size is not None]
-    if sized and mode_sets_size(mode):
-        raise SDError(f"{sized[0].where}: \"size\" cannot be set for `sd {mode.name}`: the input image gives the size")
-    plan = make_plan(job)
-    if job.distributed:
-        from ldm.batch.distributed import run_distributed
-
-        return run_distributed(job, mode, plan)
-    outputs.prepare_outdir(job.outdir)
-    return outputs.run_plan(Engine(job, mode), plan)
-
-
-def sample_latents(model, noise: torch.Tensor, generators: list[torch.Generator], c: torch.Tensor,
-                   uc: Optional[torch.Tensor], settings: SamplingSettings, progress: Callable[[int], None],
-                   start_latents: Optional[torch.Tensor] = None, strength: float = 1.0,
-                   extra_cond: Optional[dict] = None, apply_model: Optional[Callable] = None) -> torch.Tensor:
-    """Run the chosen sampler on one batch; image-mode conditioning enters through `extra_cond`, a mode's
-    wrapped model call through `apply_model`."""
-    from ldm.models.diffusion import samplers
-    from ldm.models.diffusion.denoiser import CFGDenoiser, DiscreteDenoiser
-
-    extra = extra_cond or {}
-    cond = {"c_crossattn": c, "c_concat": extra.get("c_concat"), "c_adm": extra.get("c_adm")}
-    denoiser = DiscreteDenoiser(model, apply_model)
-    if uc is not None:
-        uncond = {"c_crossattn": uc, "c_concat": extra.get("c_concat"), "c_adm": extra.get("uc_adm", extra.get("c_adm"))}
-        denoiser = CFGDenoiser(denoiser, settings.scale)
-        cond = {"cond": cond, "uncond": uncond}
-    return samplers.run(
-        denoiser, noise, cond, settings.sampler, steps=settings.steps, schedule=settings.schedule,
-        eta=settings.eta, generators=generators, callback=lambda *_: progress(1),
-        start_latents=start_latents, strength=strength,
-    )

@@ -1,0 +1,76 @@
+"""Model families and their defaults: which settings a task uses when the caller names none.
+
+Every front end (the commands, the Python API, the server) takes its defaults from here, so that
+`sd txt2img` and `Pipeline.txt2img` make the same image from the same few arguments. The Stable
+Diffusion values are the reference scripts' own, per task; the built-in demo model has its own.
+
+The demo model (configs/demo/, checkpoints/demo/, docs/demo-model.md) is a tiny text-to-image model the
+project trained itself on procedural shapes, so that `sd txt2img --prompt ...` produces an image on a
+machine that holds no Stable Diffusion weights. It is chosen only when no checkpoint is given at all.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from ldm.errors import SDError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = ROOT / "configs" / "demo" / "demo-inference.yaml"
+DEMO_CKPT = ROOT / "checkpoints" / "demo" / "demo.safetensors"
+DEMO_SIZE = 256  # the demo model's native image side (it was trained on 256x256 scenes)
+# The guidance scale the demo model was evaluated with (docs/demo-model.md); the reference's 9.0 over-drives
+# it (mottled shapes, 2 of 9 quick-start images read with a dark foreground against 0 of 9 at 5.0).
+DEMO_SCALE = 5.0
+
+SD_CONFIGS = ROOT / "configs" / "stable-diffusion"
+# Native image sides: SD 2.x base (eps) models were trained at 512, the v models at 768.
+NATIVE_SIZE = {"eps": 512, "v": 768}
+
+TASKS = ("txt2img", "img2img", "depth2img", "inpaint", "upscale")
+
+# The settings every task takes, with the reference scripts' defaults (scripts/txt2img.py, img2img.py and
+# the gradio/streamlit demos for inpainting, depth and the upscaler). n_samples is the batch size, n_iter
+# how often it runs; eta None means "the sampler's own" (0 for the deterministic ones).
+_SD = {"steps": 50, "scale": 9.0, "n_samples": 1, "n_iter": 1, "eta": None}
+SD_DEFAULTS = {
+    "txt2img": {**_SD, "n_samples": 3, "n_iter": 3},
+    "img2img": {**_SD, "n_samples": 2, "strength": 0.8},
+    "depth2img": {**_SD, "strength": 0.9},
+    # The inpainting demo samples DDIM with eta 1.0; samplers that take no eta keep none.
+    "inpaint": {**_SD, "steps": 45, "scale": 10.0, "n_samples": 4, "eta": 1.0},
+    "upscale": {**_SD, "steps": 75, "scale": 10.0, "noise_level": 20},
+}
+# The demo model's evaluation settings (DDIM, 20 steps, guidance 5), so that the README's first command
+# finishes in about 10 s on 2 plain CPU cores; its txt2img makes four small images at once.
+DEMO_DEFAULTS = {"steps": 20, "scale": DEMO_SCALE}
+DEMO_TASK_DEFAULTS = {"txt2img": {"n_samples": 4, "n_iter": 1}}
+
+# What a task needs that the demo model (text-to-image only) cannot give, said when no checkpoint is given.
+NEEDS_CHECKPOINT = {
+    "depth2img": "a depth checkpoint: --ckpt 512-depth-ema.ckpt",
+    "upscale": "the x4 upscaler: --ckpt x4-upscaler-ema.ckpt",
+}
+
+
+def task_defaults(task: str, demo: bool) -> dict:
+    """The default settings of `task` with the demo model (demo=True) or a Stable Diffusion checkpoint."""
+    if task not in SD_DEFAULTS:
+        raise SDError(f"unknown task '{task}' (one of {', '.join(TASKS)})")
+    if not demo:
+        return dict(SD_DEFAULTS[task])
+    return {**SD_DEFAULTS[task], **DEMO_DEFAULTS, **DEMO_TASK_DEFAULTS.get(task, {})}
+
+
+def default_eta(task: str, demo: bool, sampler_takes_eta: bool) -> float:
+    """The eta a run uses when none is given: the task's (inpainting's 1.0) for samplers that take one."""
+    eta = task_defaults(task, demo)["eta"]
+    return float(eta) if eta is not None and sampler_takes_eta else 0.0
+
+
+def demo_model_missing() -> Optional[str]:
+    """Why the demo model cannot be used (its files are missing), or None."""
+    if DEMO_CKPT.is_file() and DEMO_CONFIG.is_file():
+        return None
+    return (f"no --ckpt given and the built-in demo model is missing ({DEMO_CKPT}): pass --ckpt FILE "
+            "(.ckpt or .safetensors; see checkpoints/README.md)")

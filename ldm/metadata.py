@@ -1,0 +1,262 @@
+"""AUTOMATIC1111's "parameters" PNG text: writing it, reading it back exactly, and the model hash.
+
+The text is what A1111, ComfyUI's loaders and sd's own --from-image read: the prompt, a "Negative prompt:"
+line, then "Key: value" fields. PNG text is read by walking the chunks, so a crafted file is never
+decoded as pixels here.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Mapping
+
+from ldm.errors import SDError
+
+PARAMETERS_KEY = "parameters"  # the PNG text key AUTOMATIC1111 writes and reads
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+# AUTOMATIC1111's order of the fields it writes; other keys follow in the order given.
+A1111_KEY_ORDER = (
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed", "Face restoration",
+    "Size", "Model hash", "Model", "VAE hash", "VAE", "Variation seed", "Variation seed strength",
+    "Seed resize from", "Denoising strength", "Conditional mask weight", "Clip skip", "ENSD",
+)
+NEGATIVE_PREFIX = "Negative prompt: "
+
+
+def _format_value(key: str, value) -> str:
+    if key in ("Size", "Seed resize from") and isinstance(value, (tuple, list)):
+        width, height = value
+        return f"{width}x{height}"
+    return str(value)
+
+
+def _quote(value: str) -> str:
+    """AUTOMATIC1111's quoting: JSON-quote a value holding ',', ':' or a newline.
+
+    We also quote values that its reader would otherwise change: ones starting with '"', with
+    leading/trailing whitespace, or holding any control character. A1111 reads all of them back.
+    """
+    if (any(c in value for c in ",:") or value.startswith('"') or value != value.strip()
+            or any(ord(c) < 32 for c in value)):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+_NEGATIVE_LINE = re.compile(r"^(\\*)(Negative prompt:)", re.MULTILINE)
+_ESCAPED_NEGATIVE_LINE = re.compile(r"^\\(\\*Negative prompt:)", re.MULTILINE)
+
+
+def _escape_lines(text: str) -> str:
+    """A prompt line that starts with "Negative prompt:" (after any backslashes) gets one more backslash,
+    so the reader cannot take it for the negative prompt's line; _unescape_lines takes it off again."""
+    return _NEGATIVE_LINE.sub(r"\\\1\2", text)
+
+
+def _unescape_lines(text: str) -> str:
+    return _ESCAPED_NEGATIVE_LINE.sub(r"\1", text)
+
+
+def format_parameters(prompt: str, negative_prompt: str, settings: Mapping[str, object]) -> str:
+    """AUTOMATIC1111's infotext, the text of the PNG "parameters" chunk:
+
+        <prompt>
+        Negative prompt: <negative prompt>          (this line only when the negative prompt is set)
+        Steps: 50, Sampler: DDIM, CFG scale: 9.0, Seed: 42, Size: 512x512, Model hash: ..., ...
+
+    Keys A1111 knows come in its order (A1111_KEY_ORDER), the others after them as given; None values
+    are left out, as A1111 does; "Size" may be given as (width, height). Values are str()-ed and
+    quoted as _quote says. Keys must not hold ',', ':' or newlines (ValueError). Unlike A1111 the
+    text is not .strip()ped, so prompts keep surrounding whitespace and parse_parameters inverts this
+    exactly. The one ambiguity of the format, a prompt line starting "Negative prompt:", is escaped with a
+    backslash (and a line of backslashes before it with one more), which parse_parameters undoes.
+    """
+    order = {key: i for i, key in enumerate(A1111_KEY_ORDER)}
+    keys = sorted((k for k, v in settings.items() if v is not None),
+                  key=lambda k: order.get(k, len(order)))  # stable: unknown keys keep their order
+    parts = []
+    for key in keys:
+        if not key or key != key.strip() or any(c in key for c in ",:\n\r"):
+            raise ValueError(f"invalid parameters key {key!r}")
+        parts.append(f"{key}: {_quote(_format_value(key, settings[key]))}")
+    line = ", ".join(parts)
+    prompt = _escape_lines(prompt)
+    negative = f"\n{NEGATIVE_PREFIX}{_escape_lines(negative_prompt)}" if negative_prompt else ""
+    if not prompt and not negative:
+        return line
+    return f"{prompt}{negative}\n{line}"
+
+
+def _parse_settings(line: str) -> dict[str, str]:
+    """Split `Key: value, Key: "quoted, value", ...` into a dict of strings (values unquoted)."""
+    out: dict[str, str] = {}
+    decoder = json.JSONDecoder()
+    i, n = 0, len(line)
+    while i < n:
+        while i < n and line[i] in " ,":
+            i += 1
+        if i >= n:
+            break
+        colon, comma = line.find(":", i), line.find(",", i)
+        comma = n if comma < 0 else comma
+        if colon < 0 or comma < colon:  # A1111 writes a bare "Key" when the value equals the key
+            key = line[i:comma].strip()
+            out[key] = key
+            i = comma
+            continue
+        key = line[i:colon].strip()
+        j = colon + 1
+        while j < n and line[j] == " ":
+            j += 1
+        end = line.find(",", j)
+        end = n if end < 0 else end
+        value = line[j:end]
+        if j < n and line[j] == '"':
+            with contextlib.suppress(ValueError):
+                decoded, stop = decoder.raw_decode(line, j)
+                if isinstance(decoded, str) and (stop == n or line[stop] == ","):
+                    value, end = decoded, stop
+        out[key] = value
+        i = end
+    return out
+
+
+def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
+    """Invert format_parameters: (prompt, negative_prompt, settings with str values).
+
+    The last line holds the settings; lines before the first "Negative prompt:" line are the prompt,
+    the rest the negative prompt (both may span lines). Also reads texts AUTOMATIC1111 wrote.
+    """
+    *lines, last = text.split("\n")
+    prompt_lines, negative_lines = lines, []
+    for k, line in enumerate(lines):
+        if line.startswith(NEGATIVE_PREFIX.rstrip()):
+            first = line[len(NEGATIVE_PREFIX.rstrip()):]
+            prompt_lines = lines[:k]
+            negative_lines = [first[1:] if first.startswith(" ") else first] + lines[k + 1:]
+            break
+    return (_unescape_lines("\n".join(prompt_lines)), _unescape_lines("\n".join(negative_lines)),
+            _parse_settings(last))
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_TEXT_BYTES = 1 << 20  # a text chunk larger than this (inflated) is not generation parameters
+
+
+def _png_text_chunk(kind: bytes, data: bytes) -> tuple[str, str] | None:
+    """(key, value) of one tEXt / zTXt / iTXt chunk, or None when it is malformed or too large."""
+    import zlib
+
+    key, sep, rest = data.partition(b"\0")
+    if not sep:
+        return None
+
+    def inflate(raw: bytes) -> bytes | None:
+        stream = zlib.decompressobj()
+        try:
+            out = stream.decompress(raw, MAX_TEXT_BYTES)
+        except zlib.error:
+            return None
+        return None if stream.unconsumed_tail else out
+
+    if kind == b"tEXt":
+        value = rest.decode("latin-1")
+    elif kind == b"zTXt":
+        raw = inflate(rest[1:])
+        value = None if raw is None else raw.decode("latin-1")
+    else:  # iTXt: flag, method, language\0, translated keyword\0, text (UTF-8)
+        if len(rest) < 2:
+            return None
+        compressed, parts = rest[0], rest[2:].split(b"\0", 2)
+        if len(parts) != 3:
+            return None
+        raw = inflate(parts[2]) if compressed else parts[2]
+        value = None if raw is None else raw.decode("utf-8", errors="replace")
+    return None if value is None else (key.decode("latin-1"), value)
+
+
+def read_png_text(path: str | os.PathLike) -> dict[str, str]:
+    """All text chunks (tEXt, zTXt, iTXt) of the PNG at `path`; {} for images without any.
+
+    The chunks are walked without decoding a single pixel (an image of 20000x20000 costs what a small
+    one does), compressed text is inflated to at most MAX_TEXT_BYTES, and a damaged chunk is skipped.
+    """
+    import struct
+
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            if f.read(8) != PNG_SIGNATURE:
+                raise SDError(f"cannot read {p}: not a PNG file (generation parameters are stored in PNGs)")
+            texts: dict[str, str] = {}
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    break
+                length, kind = struct.unpack(">I4s", head)
+                if kind in (b"tEXt", b"zTXt", b"iTXt") and length <= 4 * MAX_TEXT_BYTES:
+                    data = f.read(length)
+                    entry = _png_text_chunk(kind, data) if len(data) == length else None
+                    if entry is not None:
+                        texts.setdefault(*entry)
+                    f.seek(4, os.SEEK_CUR)  # CRC
+                elif kind == b"IEND":
+                    break
+                else:
+                    f.seek(length + 4, os.SEEK_CUR)
+            return texts
+    except FileNotFoundError:
+        raise SDError(f"image not found: {p}") from None
+    except IsADirectoryError:
+        raise SDError(f"{p} is a folder, not an image") from None
+    except OSError as exc:
+        raise SDError(f"cannot read {p}: {_reason(exc)}") from None
+
+
+def printable(text: str, json_escapes: bool = False) -> str:
+    """`text` safe to print on a terminal: control and format characters other than newline, tab and the
+    emoji joiners (escape sequences a crafted PNG could carry, bidi overrides) are shown as \\xNN /
+    \\uNNNN (with json_escapes, as JSON's \\uNNNN, for text that is JSON) instead of being sent."""
+    import unicodedata
+
+    def show(c: str) -> str:
+        if c in "\n\t\u200c\u200d" or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            return c
+        if json_escapes or ord(c) >= 0x100:
+            return f"\\u{ord(c):04x}" if ord(c) < 0x10000 else json.dumps(c)[1:-1]
+        return f"\\x{ord(c):02x}"
+
+    return "".join(map(show, text))
+
+
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def model_hash(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """AUTOMATIC1111's (new) "Model hash": the first 10 hex digits of the SHA-256 of the whole file.
+
+    Read in chunks; remembered in memory per (real path, size, mtime), so a changed file is hashed anew.
+    """
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+        key = (real, st.st_size, st.st_mtime_ns)
+        if key not in _HASH_CACHE:
+            digest = hashlib.sha256()
+            with open(real, "rb") as f:
+                while chunk := f.read(chunk_size):
+                    digest.update(chunk)
+            _HASH_CACHE[key] = digest.hexdigest()[:10]
+    except FileNotFoundError:
+        raise SDError(f"checkpoint not found: {path}") from None
+    except OSError as exc:
+        raise SDError(f"cannot read {path}: {_reason(exc)}") from None
+    return _HASH_CACHE[key]

@@ -1,0 +1,283 @@
+"""The Python API: load a model once, generate many times, get images and their metadata back in memory.
+
+    from ldm.pipeline import Pipeline
+
+    pipe = Pipeline.load()                       # no checkpoint: the built-in demo model
+    for image in pipe.txt2img("a red circle on a blue background", seed=1):
+        image.image.save(f"{image.seed}.png")    # a watermarked PIL image; image.png() gives PNG bytes
+
+Every front end is a layer over this module: the commands and the batch runner (ldm.batch) call
+`Pipeline.session` for each run, the server calls the per-task methods. Each task's defaults (the
+reference's, or the demo model's own) come from ldm.families, so the same few arguments make the same
+image from the command line and from Python. Nothing here reads a command line or writes a file.
+"""
+from __future__ import annotations
+
+import gc
+import secrets
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from PIL import Image
+
+from ldm import families, imageio, metadata
+from ldm.errors import SDError
+from ldm.limits import Limits
+from ldm.plan import Batch, Job, SamplingSettings, make_plan
+from ldm.runtime import RuntimeOptions, autocast_context
+from ldm.sampling import PromptEncoder, sample_latents, start_noise
+from ldm.tasks import Depth2Img, Img2Img, Inpaint, Task, Txt2Img, Upscale, image_job
+from ldm.tasks.base import ImageInput
+
+
+class Cancelled(Exception):
+    """Raised by a generating call that Pipeline.cancel() stopped between two steps."""
+
+
+@dataclass
+class GeneratedImage:
+    """One generated image with everything needed to save or reproduce it."""
+    image: Image.Image  # watermarked ("SDV2", as every image sd makes)
+    seed: int
+    parameters: str  # AUTOMATIC1111's "parameters" text: prompt, negative prompt, settings
+    index: int  # k: the image's place in the call (seed + k unless a seed was fixed)
+    batch_size: int
+    position: int  # place in its batch (with batch_size, what reproduces the exact pixels)
+
+    def png(self) -> bytes:
+        """The image as PNG bytes carrying its "parameters" text: what `sd` would write to a file."""
+        return imageio.png_bytes(self.image, {metadata.PARAMETERS_KEY: self.parameters})
+
+
+@dataclass
+class Progress:
+    """What a progress callback gets after every sampling step of a call."""
+    step: int  # steps done in this call, 1 .. total
+    total: int  # steps the whole call takes (all its batches)
+    batch: int  # the batch running, 0-based
+    batches: int
+    denoised: torch.Tensor = field(repr=False)  # the current x0 estimate, latents (B, C, h, w): see preview()
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class Pipeline:
+    """A loaded model and the generating tasks on it; see Pipeline.load."""
+
+    def __init__(self, model, choice, options: RuntimeOptions):
+        self.model, self.choice, self.options = model, choice, options
+        self._cancel = threading.Event()
+
+    @classmethod
+    def load(cls, ckpt: Optional[str | Path] = None, config: Optional[str | Path] = None, *, device: str = "auto",
+             precision: str = "auto", compile: bool = False, torchscript: bool = False, ipex: Optional[bool] = None,
+             threads: Optional[int] = None, trust_config: bool = False, task: str = "txt2img",
+             quiet: bool = False) -> "Pipeline":
+        """Load a checkpoint (no ckpt: the built-in demo model). Without `config` the checkpoint's keys (and
+        for txt2img checkpoints a one-call probe of the UNet) choose the reference config. `device`
+        (auto, cpu, cuda), `precision` (auto, full, autocast, bf16, fp16) and the fast paths are the
+        commands' flags of the same names; `task` only matters without a checkpoint (depth2img and
+        upscale need one); `quiet` drops the notes on stderr."""
+        options = RuntimeOptions(device=device, precision=precision, compile=compile, torchscript=torchscript,
+                                 ipex=ipex, threads=threads, trust_config=trust_config)
+        return cls(*cls._read(options, ckpt, config, task, quiet), options)
+
+    @staticmethod
+    def _read(options: RuntimeOptions, ckpt, config, task: str, quiet: bool):
+        from ldm.detect import choose_files, load_chosen
+
+        options.check()
+        config, ckpt, demo = choose_files(config, ckpt, task, quiet)
+        return load_chosen(config, ckpt, demo, options, quiet)
+
+    def load_model(self, ckpt: Optional[str | Path] = None, config: Optional[str | Path] = None,
+                   quiet: bool = False) -> None:
+        """Replace the loaded model by another checkpoint (same device and precision). The first model is
+        released before the second is read, so the two never take memory at once."""
+        self.model = self.choice = None
+        gc.collect()
+        self.model, self.choice = self._read(self.options, ckpt, config, "txt2img", quiet)
+
+    # -- what is loaded -------------------------------------------------------------------------------
+    @property
+    def config(self) -> Path:
+        return self.choice.config
+
+    @property
+    def ckpt(self) -> Path:
+        return self.choice.ckpt
+
+    @property
+    def demo(self) -> bool:
+        return self.choice.demo
+
+    @property
+    def native_size(self) -> int:
+        """The default side of txt2img images: 256 (demo), 512 (eps models), 768 (v models)."""
+        return self.choice.native_size
+
+    def defaults(self, task: str) -> dict:
+        """The settings `task` uses when none are given, for this model (ldm.families)."""
+        return families.task_defaults(task, self.demo)
+
+    # -- the tasks ------------------------------------------------------------------------------------
+    def txt2img(self, prompt: str, *, width: Optional[int] = None, height: Optional[int] = None,
+                **settings) -> list[GeneratedImage]:
+        """Images of `prompt`, `width` x `height` (default: the model's native size). Settings (all tasks):
+        negative_prompt, seed (None or -1: a random one), steps, scale, sampler, schedule, eta,
+        batch_size, n_iter, limits (ldm.limits.Limits), progress (a callback taking a Progress)."""
+        task = Txt2Img(height, width)
+        return self._generate(task, prompt, settings, H=height or self.native_size, W=width or self.native_size)
+
+    def img2img(self, image: ImageInput, prompt: str, *, strength: Optional[float] = None,
+                **settings) -> list[GeneratedImage]:
+        """`image` (a path or PIL image) redrawn after `prompt`; strength 0 keeps it, 1 ignores it."""
+        strength = self.defaults("img2img")["strength"] if strength is None else strength
+        return self._generate(Img2Img(image, strength), prompt, settings)
+
+    def depth2img(self, image: ImageInput, prompt: str, *, strength: Optional[float] = None,
+                  depth_map: Optional[ImageInput] = None, **settings) -> list[GeneratedImage]:
+        """img2img that keeps the image's depth (MiDaS's, or `depth_map`: grayscale, brighter = nearer)."""
+        strength = self.defaults("depth2img")["strength"] if strength is None else strength
+        return self._generate(Depth2Img(image, strength, depth_map=depth_map), prompt, settings)
+
+    def inpaint(self, image: ImageInput, mask: ImageInput, prompt: str, **settings) -> list[GeneratedImage]:
+        """Repaint the white part of `mask`; the other pixels are kept exactly."""
+        return self._generate(Inpaint(image, mask), prompt, settings)
+
+    def upscale(self, image: ImageInput, prompt: str, *, noise_level: Optional[int] = None,
+                tile: Optional[bool] = None, tile_size: int = 128, tile_overlap: Optional[int] = None,
+                **settings) -> list[GeneratedImage]:
+        """`image` enlarged 4x per side (the x4 upscaler), tiled when it would not fit in memory."""
+        noise_level = self.defaults("upscale")["noise_level"] if noise_level is None else noise_level
+        task = Upscale(image, noise_level, tile=tile, tile_size=tile_size, overlap=tile_overlap)
+        return self._generate(task, prompt, settings)
+
+    def _generate(self, task: Task, prompt: str, settings: dict, **size) -> list[GeneratedImage]:
+        progress = settings.pop("progress", None)
+        return self.generate(self.job(task, prompt, **settings, **size), task, progress)
+
+    def job(self, task: Task, prompt: str, *, negative_prompt: str = "", seed: Optional[int] = None,
+            steps: Optional[int] = None, scale: Optional[float] = None, sampler: str = "ddim",
+            schedule: Optional[str] = None, eta: Optional[float] = None, batch_size: Optional[int] = None,
+            n_iter: int = 1, limits: Optional[Limits] = None, H: int = 256, W: int = 256,
+            C: Optional[int] = None, f: Optional[int] = None) -> Job:
+        """The Job of one call: the task's defaults for this model where a setting is None."""
+        from ldm.models.diffusion.samplers import check_sampler
+
+        defaults = self.defaults(task.name)
+        if eta is None:
+            eta = families.default_eta(task.name, self.demo, check_sampler(sampler).eta is not None)
+        sampling = SamplingSettings(steps=defaults["steps"] if steps is None else steps, sampler=sampler,
+                                    schedule=schedule, eta=eta, scale=defaults["scale"] if scale is None else scale)
+        fields = dict(prompt=prompt, negative_prompt=negative_prompt, from_file=None, repeat=1,
+                      n_samples=1 if batch_size is None else batch_size, n_iter=n_iter, n_rows=0,
+                      seed=secrets.randbelow(2 ** 32) if seed is None or seed == -1 else seed, fixed_code=False,
+                      C=C or self.model.latent_channels, f=f or self.model.downsampling_factor, outdir=Path("."),
+                      config=self.config, ckpt=self.ckpt, device=str(self.model.runtime.device),
+                      precision=self.model.runtime.precision.mode, sampling=sampling, limits=limits or Limits())
+        if isinstance(task, Txt2Img):
+            return Job(H=H, W=W, **fields)
+        return image_job(task, **fields)
+
+    def generate(self, job: Job, task: Task, progress: Optional[ProgressCallback] = None) -> list[GeneratedImage]:
+        """Run a whole job (every batch of its plan) and return its images in order."""
+        self._cancel.clear()
+        job.check()
+        task.check(job)
+        plan = make_plan(job)
+        session = self.session(job, task)
+        counter = _StepCounter(self, progress, plan, task)
+        images = []
+        for batch in plan:
+            counter.batch = batch.index
+            images += session.images(batch, counter)
+        return images
+
+    def session(self, job: Job, task: Task) -> "Session":
+        """A run of `job` on this model: the task prepared, prompts encoded once each (the batch runner's
+        unit: it calls Session.images batch by batch)."""
+        return Session(self, job, task)
+
+    def cancel(self) -> None:
+        """Stop the running call after its current step (it raises Cancelled); the pipeline stays usable.
+        Safe to call from another thread (a server's "interrupt")."""
+        self._cancel.set()
+
+    def preview(self, denoised: torch.Tensor) -> list[Image.Image]:
+        """Decode a Progress's x0 latents into (unwatermarked) previews."""
+        with torch.inference_mode(), autocast_context(self.model):
+            images = self.model.decode_first_stage(denoised.to(self.model.runtime.device)).float()
+        return imageio.tensor_to_pil(images.cpu())
+
+
+class _StepCounter:
+    """The per-step hook of a call: counts steps for the progress callback and honours cancel()."""
+
+    def __init__(self, pipeline: Pipeline, progress: Optional[ProgressCallback], plan: list[Batch], task: Task):
+        self.pipeline, self.progress = pipeline, progress
+        self.total = sum(task.steps_run(batch.sampling.steps) for batch in plan)
+        self.batches, self.batch, self.done = len(plan), 0, 0
+
+    def __call__(self, info: dict) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(Progress(self.done, self.total, self.batch, self.batches, info["denoised"]))
+        if self.pipeline._cancel.is_set():
+            raise Cancelled(f"cancelled after step {self.done} of {self.total}")
+
+
+class Session:
+    """One run's task prepared on a loaded model: what all its batches share."""
+
+    def __init__(self, pipeline: Pipeline, job: Job, task: Task):
+        model = pipeline.model
+        self.pipeline, self.model, self.job, self.task = pipeline, model, job, task
+        self.device = model.runtime.device
+        if job.C != model.latent_channels or job.f != model.downsampling_factor:
+            raise SDError(f"--C {job.C} / --f {job.f} do not fit the model (it has {model.latent_channels} latent "
+                          f"channels and factor {model.downsampling_factor})")
+        task.prepare(model, job, self.device)
+        self.encoder = PromptEncoder(model)
+        self.common = {"Model hash": metadata.model_hash(pipeline.ckpt), "Model": Path(pipeline.ckpt).stem,
+                       "Config": Path(pipeline.config).name, "Mode": task.name,
+                       "Precision": model.runtime.precision.mode, **task.settings()}
+
+    def parameters(self, batch: Batch, position: int) -> str:
+        """The "parameters" text of the image at `position` of `batch` (known before sampling)."""
+        item, s = batch.items[position], batch.sampling
+        width, height = self.task.image_size(self.job.for_batch(batch))
+        several = len(batch.items) > 1  # A1111 writes the batch fields only for batches of several images
+        fields = {"Steps": s.steps, "Sampler": s.sampler, "Schedule type": s.schedule, "CFG scale": s.scale,
+                  "Seed": item.seed, "Size": f"{width}x{height}", "Eta": s.eta, **self.common,
+                  "Batch size": len(batch.items) if several else None, "Batch pos": position if several else None}
+        return metadata.format_parameters(item.prompt, item.negative_prompt, fields)
+
+    def images(self, batch: Batch, on_step: Optional[Callable[[dict], None]] = None,
+               positions: Optional[list[int]] = None) -> list[GeneratedImage]:
+        """Sample `batch` and return its kept images (or those at `positions`), watermarked."""
+        pictures = self.sample(batch, on_step)
+        out = []
+        for pos in batch.kept() if positions is None else positions:
+            item = batch.items[pos]
+            out.append(GeneratedImage(imageio.apply_watermark(pictures[pos]), item.seed, self.parameters(batch, pos),
+                                      item.index, len(batch.items), pos))
+        return out
+
+    def sample(self, batch: Batch, on_step: Optional[Callable[[dict], None]] = None) -> list[Image.Image]:
+        """Sample and decode one batch: PIL images for every position, not yet watermarked."""
+        job, settings, items, task = self.job.for_batch(batch), batch.sampling, batch.items, self.task
+        noise, generators = start_noise([item.seed for item in items], task.latent_shape(job))
+        with torch.inference_mode(), autocast_context(self.model):
+            c = self.encoder([it.prompt for it in items]).to(self.device)
+            uc = self.encoder([it.negative_prompt for it in items]).to(self.device) if settings.scale != 1.0 else None
+            inputs = task.batch(self.model, items, generators, self.device)
+            latents = sample_latents(self.model, noise.to(self.device), generators, c, uc, settings, on_step,
+                                     start_latents=inputs.start_latents, strength=inputs.strength,
+                                     extra_cond=inputs.extra_cond, apply_model=task.apply_model(self.model))
+            images = task.finish(task.decode(self.model, latents).float(), items)
+        return imageio.tensor_to_pil(images.cpu())

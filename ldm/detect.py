@@ -9,6 +9,7 @@ probe disagrees with it, one warning says the images will be noise and which con
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +107,9 @@ def probe_parameterization(model) -> tuple[str, float]:
     x = torch.full((2, model.latent_channels, PROBE_SIDE, PROBE_SIDE), PROBE_LEVEL, device=device)
     x[1] = -PROBE_LEVEL
     t = torch.full((2,), float(len(model.alphas_cumprod) - 1), device=device)
-    with torch.inference_mode(), autocast_context(model):
+    # A model from ldm.loading with RuntimeOptions runs under its precision's context; a bare one as it is.
+    context = autocast_context(model) if getattr(model, "runtime", None) is not None else contextlib.nullcontext()
+    with torch.inference_mode(), context:
         cond = model.make_cond(model.get_learned_conditioning(["", ""]).to(device))
         out = model.apply_model(x, t, cond).float()  # (2, C, 8, 8)
     slope = float(out[0].mean() - out[1].mean()) / (2 * PROBE_LEVEL)
@@ -184,7 +187,10 @@ def load_chosen(config: Optional[Path], ckpt: Path, demo: bool, opts, quiet: boo
     kind, chosen = settled["kind"], settled["config"]
     if kind not in ("demo", "given", "eps", "v") and not quiet:
         note(f"config: {chosen} (from the checkpoint's keys: {DESCRIPTIONS[kind]})")
-    size = DEMO_SIZE if demo else NATIVE_SIZE.get(kind, NATIVE_SIZE.get(getattr(model, "parameterization", "eps"), 512))
+    # The native txt2img side: the demo's, the probed kind's, or a given txt2img config's parameterization;
+    # image tasks take their input's size, so 512 there only fills the field.
+    txt2img = kind == "given" and getattr(model, "build_conditioning", None) is None
+    size = DEMO_SIZE if demo else NATIVE_SIZE.get(model.parameterization if txt2img else kind, 512)
     return model, ModelChoice(chosen, Path(ckpt), demo, kind, size)
 
 

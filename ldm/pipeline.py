@@ -84,6 +84,12 @@ class Pipeline:
         upscale need one); `quiet` drops the notes on stderr."""
         options = RuntimeOptions(device=device, precision=precision, compile=compile, torchscript=torchscript,
                                  ipex=ipex, threads=threads, trust_config=trust_config)
+        return cls.open(ckpt, config, options, task=task, quiet=quiet)
+
+    @classmethod
+    def open(cls, ckpt: Optional[str | Path], config: Optional[str | Path], options: RuntimeOptions, *,
+             task: str = "txt2img", quiet: bool = False) -> "Pipeline":
+        """Pipeline.load with the runtime settings as one RuntimeOptions (what a command's Job carries)."""
         return cls(*cls._read(options, ckpt, config, task, quiet), options)
 
     @staticmethod
@@ -98,6 +104,8 @@ class Pipeline:
                    quiet: bool = False) -> None:
         """Replace the loaded model by another checkpoint (same device and precision). The first model is
         released before the second is read, so the two never take memory at once."""
+        # Measured with two full-size SD 2.x checkpoints (docs/benchmarks.md): bf16 peaks at 3.2 GiB while
+        # switching (one model is 2.5 GiB), and dropping the model gives the memory back (0.7 GiB left).
         self.model = self.choice = None
         gc.collect()
         self.model, self.choice = self._read(self.options, ckpt, config, "txt2img", quiet)
@@ -167,7 +175,7 @@ class Pipeline:
             n_iter: int = 1, limits: Optional[Limits] = None, H: int = 256, W: int = 256,
             C: Optional[int] = None, f: Optional[int] = None) -> Job:
         """The Job of one call: the task's defaults for this model where a setting is None."""
-        from ldm.models.diffusion.samplers import check_sampler
+        from ldm.models.diffusion.sampler_names import check_sampler
 
         defaults = self.defaults(task.name)
         if eta is None:
@@ -178,8 +186,8 @@ class Pipeline:
                       n_samples=1 if batch_size is None else batch_size, n_iter=n_iter, n_rows=0,
                       seed=secrets.randbelow(2 ** 32) if seed is None or seed == -1 else seed, fixed_code=False,
                       C=C or self.model.latent_channels, f=f or self.model.downsampling_factor, outdir=Path("."),
-                      config=self.config, ckpt=self.ckpt, device=str(self.model.runtime.device),
-                      precision=self.model.runtime.precision.mode, sampling=sampling, limits=limits or Limits())
+                      config=self.config, ckpt=self.ckpt, runtime=self.options, sampling=sampling,
+                      limits=limits or Limits())
         if isinstance(task, Txt2Img):
             return Job(H=H, W=W, **fields)
         return image_job(task, **fields)

@@ -146,13 +146,7 @@ class Job:
     outdir: Path
     config: Optional[Path]  # None: chosen from the checkpoint's keys (ldm.detect)
     ckpt: Optional[Path]
-    device: str
-    precision: str
-    compile: bool = False  # --compile: torch.compile the UNet (artefacts cached on disk)
-    torchscript: bool = False  # --torchscript: trace and freeze the UNet
-    ipex: Optional[bool] = None  # --ipex/--no-ipex (None: IPEX for bf16 on CPU when installed)
-    threads: Optional[int] = None  # --threads (default: OMP_NUM_THREADS or all cores)
-    trust_config: bool = False  # --trust-config: the config may build classes outside ldm.*
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # --device, --precision, the fast paths
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     # Batch jobs (ldm/batch): resume, scale-out, reproduction.
     skip_existing: bool = False  # skip items whose file exists with matching metadata
@@ -179,17 +173,11 @@ class Job:
             self.__dict__["_lines"] = read_prompt_lines(self.from_file) if self.from_file else [PromptLine(self.prompt)]
         return self.__dict__["_lines"]
 
-    def runtime_options(self, device: Optional[torch.device] = None) -> RuntimeOptions:
-        """How to run the model: device, precision and the fast-path flags."""
-        return RuntimeOptions(device=str(device) if device is not None else self.device, precision=self.precision,
-                              compile=self.compile, torchscript=self.torchscript, ipex=self.ipex, threads=self.threads,
-                              trust_config=self.trust_config)
-
     def check(self) -> list[str]:
         """Validate every input that needs no model; returns the prompts."""
-        from ldm.models.diffusion.samplers import check_sampler
+        from ldm.models.diffusion.sampler_names import check_sampler
 
-        self.runtime_options().check()
+        self.runtime.check()
 
         for name in ("n_samples", "n_iter", "repeat", "num_nodes", "C", "f"):
             if getattr(self, name) < 1:

@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 
 # Tests never touch the network; libraries that could try must know it up front.
@@ -40,3 +41,10 @@ def agreeing_probe(request, monkeypatch):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_probe: run ldm.detect's eps/v probe for real (see agreeing_probe)")
+
+
+def smooth_photo() -> np.ndarray:
+    """A smooth 260x300 test picture (uint8 (300, 260, 3); sides not multiples of 8)."""
+    yy, xx = np.mgrid[0:300, 0:260] / 300.0
+    rgb = np.stack([128 + 100 * np.sin(6 * xx), 128 + 100 * np.cos(5 * yy), 255 * xx * yy], -1).clip(0, 255)
+    return rgb.astype(np.uint8)

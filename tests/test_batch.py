@@ -107,10 +107,11 @@ def test_bad_prompt_files_fail_up_front_in_one_line(case, content, message, tmp_
 # ------------------------------------------------------------------------------------------- plan
 def job(tmp_path, **kw):
     from ldm.plan import Job, SamplingSettings
+    from ldm.runtime import RuntimeOptions
 
     base = dict(prompt="p", negative_prompt="", from_file=None, repeat=1, n_samples=2, n_iter=1, n_rows=0, seed=10,
                 fixed_code=False, H=256, W=256, C=4, f=8, outdir=tmp_path, config=Path("c.yaml"), ckpt=None,
-                device="cpu", precision="full", sampling=SamplingSettings(steps=3))
+                runtime=RuntimeOptions("cpu", "full"), sampling=SamplingSettings(steps=3))
     return Job(**{**base, **kw})
 
 

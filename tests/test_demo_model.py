@@ -89,7 +89,6 @@ def test_img2img_strength_sets_how_far_the_result_moves(demo):
 def test_inpainting_repaints_only_the_masked_cells(demo):
     """Latent blending (ldm.tasks.LatentBlend) with a prompt of another colour: the cells under the mask
     move away from the input's latent much more than the kept cells."""
-    from ldm.models.diffusion.denoiser import DiscreteDenoiser
     from ldm.models.diffusion.schedules import sigmas_from_alphas_cumprod
     from ldm.tasks import LatentBlend
 
@@ -99,7 +98,7 @@ def test_inpainting_repaints_only_the_masked_cells(demo):
     blend = LatentBlend(demo.apply_model, sigmas_from_alphas_cumprod(demo.alphas_cumprod), keep)
     blend.z0, blend.noise = z0, torch.randn(z0.shape, generator=torch.Generator().manual_seed(5))
     z = generate(demo, ["a large green circle on a blue background, center"], steps=20, seed=5,
-                 denoiser=DiscreteDenoiser(demo, blend), latents_only=True)
+                 apply_model=blend, latents_only=True)
     kept, masked = keep.expand_as(z0), ~keep.expand_as(z0)
     # measured 3.8 (masked) against 1.1 (kept; their sampler state is free, only the model's input is
     # blended, and the command pastes the kept pixels back)

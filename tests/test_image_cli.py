@@ -40,12 +40,12 @@ def model_args(ckpts, kind):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """A smooth 260x300 test picture (sides not multiples of 8), a 64x64 one, and masks."""
-    root = tmp_path_factory.mktemp("images")
-    yy, xx = np.mgrid[0:300, 0:260] / 300.0
-    rgb = np.stack([128 + 100 * np.sin(6 * xx), 128 + 100 * np.cos(5 * yy), 255 * xx * yy], -1).clip(0, 255)
+    from tests.conftest import smooth_photo
+
+    root, rgb = tmp_path_factory.mktemp("images"), smooth_photo()
     paths = {"photo": root / "photo.png", "small": root / "small.png", "mask": root / "mask.png"}
-    Image.fromarray(rgb.astype(np.uint8)).save(paths["photo"])  # 260 wide, 300 high
-    Image.fromarray(rgb[::4, ::4][:64, :64].astype(np.uint8)).save(paths["small"])
+    Image.fromarray(rgb).save(paths["photo"])  # 260 wide, 300 high
+    Image.fromarray(rgb[::4, ::4][:64, :64]).save(paths["small"])
     mask = np.zeros((600, 520), np.uint8)  # twice the photo's size: resized to it
     mask[200:400, 160:360] = 255  # repaint rows 100..200, columns 80..180 of the photo
     Image.fromarray(mask).save(paths["mask"])
@@ -221,7 +221,7 @@ def test_depth2img_midas_conditioning_is_the_models(ckpts, images, tmp_path):
     task = tasks.Depth2Img(images["photo"], 0.5)
     job = tasks.image_job(task, prompt="", negative_prompt="", from_file=None, repeat=1, n_samples=1, n_iter=1,
                           n_rows=0, seed=0, fixed_code=False, C=4, f=8, outdir=tmp_path, config=Path("x"),
-                          ckpt=None, device="cpu", precision="full")
+                          ckpt=None)
     task.prepare(model, job, torch.device("cpu"))
     expected = model.build_conditioning(pil_to_tensor(task.image))["c_concat"]
     torch.testing.assert_close(task.c_concat, expected)

@@ -43,7 +43,8 @@ def lightning_accelerator(job: "Job") -> str:
     """--accelerator, or the one --device implies (cpu -> cpu, cuda -> gpu, auto -> auto)."""
     chosen = job.accelerator
     if chosen is None:
-        chosen = "cpu" if job.device == "cpu" else "gpu" if str(job.device).startswith("cuda") else "auto"
+        device = job.runtime.device
+        chosen = "cpu" if device == "cpu" else "gpu" if str(device).startswith("cuda") else "auto"
     return "gpu" if chosen == "cuda" else chosen
 
 

@@ -57,9 +57,8 @@ def open_session(job: Job, task: Task, device=None):
     has the model's config and, where --H/--W was left out, its native size."""
     from ldm.pipeline import Pipeline
 
-    pipeline = Pipeline.load(job.ckpt, job.config, device=str(device) if device is not None else job.device,
-                             precision=job.precision, compile=job.compile, torchscript=job.torchscript, ipex=job.ipex,
-                             threads=job.threads, trust_config=job.trust_config, task=task.name, quiet=True)
+    options = job.runtime if device is None else dataclasses.replace(job.runtime, device=str(device))
+    pipeline = Pipeline.open(job.ckpt, job.config, options, task=task.name, quiet=True)
     return pipeline.session(dataclasses.replace(job.sized(pipeline.native_size), config=pipeline.config), task)
 
 

@@ -36,16 +36,12 @@ COMMAND_MODULES = ("txt2img", "samplers", "img2img", "inpaint", "depth2img", "up
 
 
 def _register_commands() -> None:
-    # Imported here so `sd --help` stays cheap. A module that does not exist yet in this checkout is
-    # skipped; any other import error is a bug and propagates.
+    # Imported here, not at the top, so that importing ldm.cli stays cheap; no command module imports torch
+    # at import time, so `sd --help` does not either (tests/test_pipeline.py checks it).
     import importlib
 
     for name in COMMAND_MODULES:
-        try:
-            importlib.import_module(f"ldm.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"ldm.cli.{name}":
-                raise
+        importlib.import_module(f"ldm.cli.{name}")
 
 
 class Terminated(KeyboardInterrupt):

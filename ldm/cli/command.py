@@ -62,6 +62,8 @@ def shared_flags(
 
 # Flags whose default depends on the task and the model (ldm.families), resolved once the model is chosen.
 MODEL_DEPENDENT = ("steps", "n_iter", "n_samples", "scale", "ddim_eta")
+# The shared flags that are ldm.runtime.RuntimeOptions fields, passed on as one RuntimeOptions.
+RUNTIME_FLAGS = ("device", "precision", "compile", "torchscript", "ipex", "threads", "trust_config")
 
 
 def run_command(task, *, plms: bool, dpm: bool, sampler: Optional[str], schedule: Optional[str], **fields) -> None:
@@ -73,8 +75,9 @@ def run_command(task, *, plms: bool, dpm: bool, sampler: Optional[str], schedule
     from ldm import families
     from ldm.batch.run import run_job
     from ldm.detect import choose_files
-    from ldm.models.diffusion.samplers import check_sampler
+    from ldm.models.diffusion.sampler_names import check_sampler
     from ldm.plan import Job, SamplingSettings
+    from ldm.runtime import RuntimeOptions
     from ldm.tasks import ImageTask, image_job
 
     config, ckpt, demo = choose_files(fields.pop("config"), fields.pop("ckpt"), task.name)
@@ -89,6 +92,7 @@ def run_command(task, *, plms: bool, dpm: bool, sampler: Optional[str], schedule
     sampling = SamplingSettings(steps=fields.pop("steps"), sampler=sampler_name, schedule=schedule,
                                 eta=fields.pop("ddim_eta"), scale=fields.pop("scale"))
     fields["precision"] = opt.pick_precision(fields["precision"], fields.pop("bf16"))
+    fields["runtime"] = RuntimeOptions(**{name: fields.pop(name) for name in RUNTIME_FLAGS})
     fields["limits"] = Limits(**{name: fields.pop(name) for name in ("max_side", "max_steps", "max_batch", "max_images")})
     if isinstance(task, ImageTask):
         job = image_job(task, sampling=sampling, **fields)

@@ -24,16 +24,16 @@ Dpm = Annotated[bool, typer.Option("--dpm", help="Use DPM-Solver (same as --samp
 
 
 def _sampler_help() -> str:
-    from ldm.models.diffusion.samplers import SAMPLERS
+    from ldm.models.diffusion.sampler_names import SAMPLER_INFO  # a table without torch: --help stays light
 
-    listed = "; ".join(f"{name}: {spec.description.split(';')[0]} (~{spec.steps} steps)" for name, spec in SAMPLERS.items())
+    listed = "; ".join(f"{name}: {spec.description.split(';')[0]} (~{spec.steps} steps)" for name, spec in SAMPLER_INFO.items())
     return f"Sampler (default ddim; `sd samplers` for details). {listed}."
 
 
 def _schedule_help() -> str:
-    from ldm.models.diffusion.schedules import SCHEDULES
+    from ldm.models.diffusion.sampler_names import SCHEDULE_INFO
 
-    return f"Noise schedule instead of the sampler's default: {', '.join(SCHEDULES)}."
+    return f"Noise schedule instead of the sampler's default: {', '.join(SCHEDULE_INFO)}."
 
 
 Sampler = Annotated[Optional[str], typer.Option("--sampler", help=_sampler_help())]
@@ -52,8 +52,8 @@ Scale = Annotated[Optional[float], typer.Option(
 FromFile = Annotated[Optional[Path], typer.Option(
     "--from-file", "--from_file", help="Read prompts from this file, one per line.")]
 Config = Annotated[Optional[Path], typer.Option(
-    "--config", envvar="SD_CONFIG", help="The model's YAML config [default with --ckpt: "
-    "configs/stable-diffusion/v2-inference.yaml].")]
+    "--config", envvar="SD_CONFIG", help="The model's YAML config [default with --ckpt: the reference config the "
+    "checkpoint's keys and a one-call eps/v probe choose; a given one wins, with a warning if the probe disagrees].")]
 Ckpt = Annotated[Optional[Path], typer.Option(
     "--ckpt", envvar="SD_CKPT", help="Checkpoint (.ckpt or .safetensors). Without it the built-in demo model "
     "(configs/demo/) is used.")]

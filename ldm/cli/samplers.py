@@ -6,8 +6,7 @@ from ldm.cli import app
 
 @app.command("samplers", help="List the samplers (--sampler NAME) with their step-count advice.")
 def samplers() -> None:
-    from ldm.models.diffusion.samplers import SAMPLERS
-    from ldm.models.diffusion.schedules import SCHEDULES
+    from ldm.models.diffusion.sampler_names import SAMPLER_INFO as SAMPLERS, SCHEDULE_INFO as SCHEDULES
 
     width = max(len(name) for name in SAMPLERS)
     print(f"{'name':<{width}}  steps  schedule      what it is good for")

@@ -2,8 +2,8 @@
 
 Prompts come from the held-out split of ldm.data.shapes: colour/shape/background triples the model was
 trained on, in sentence templates and position phrases it never saw. Generation uses the project's own
-sampling path (DiscreteDenoiser -> CFGDenoiser -> samplers.run) with the design's seeding rule (image k
-starts from randn((C, h, w), Generator().manual_seed(seed + k))).
+sampling path (ldm.sampling: DiscreteDenoiser -> CFGDenoiser -> samplers.run) with the design's seeding
+rule (image k starts from randn((C, h, w), Generator().manual_seed(seed + k))).
 """
 from __future__ import annotations
 
@@ -25,26 +25,22 @@ def heldout_prompts(n: int = 40, seed: int = 1234, wording: str = "heldout") -> 
             for i in range(n)]
 
 
-def start_noise(n: int, shape: tuple[int, int, int], seed: int) -> tuple[torch.Tensor, list[torch.Generator]]:
-    generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(n)]
-    return torch.stack([torch.randn(shape, generator=g) for g in generators]), generators
-
-
 @torch.no_grad()
 def generate(model, prompts: list[str], *, steps: int = 20, scale: float = 5.0, seed: int = 0,
              sampler: str = "ddim", size: int = 256, start_latents: torch.Tensor | None = None,
-             strength: float = 1.0, denoiser=None, latents_only: bool = False):
-    """Images (B, size, size, 3) uint8 for the prompts, sampled in one batch (or the VP latents)."""
-    from ldm.models.diffusion.denoiser import CFGDenoiser, DiscreteDenoiser
-    from ldm.models.diffusion.samplers import run
+             strength: float = 1.0, apply_model=None, latents_only: bool = False):
+    """Images (B, size, size, 3) uint8 for the prompts, sampled in one batch (or the VP latents), through
+    the pipeline's own sampling path (ldm.sampling); `apply_model` wraps the model's call as a task's does."""
+    from ldm.plan import SamplingSettings
+    from ldm.sampling import sample_latents, start_noise
 
     f = model.downsampling_factor
-    noise, generators = start_noise(len(prompts), (model.latent_channels, size // f, size // f), seed)
-    cond = {"cond": model.make_cond(model.get_learned_conditioning(prompts)),
-            "uncond": model.make_cond(model.get_learned_conditioning([""] * len(prompts)))}
-    denoise = CFGDenoiser(denoiser or DiscreteDenoiser(model), scale)
-    z = run(denoise, noise, cond, sampler, steps=steps, generators=generators, start_latents=start_latents,
-            strength=strength)
+    noise, generators = start_noise([seed + k for k in range(len(prompts))],
+                                    (model.latent_channels, size // f, size // f))
+    c = model.get_learned_conditioning(prompts)
+    uc = model.get_learned_conditioning([""] * len(prompts))
+    z = sample_latents(model, noise, generators, c, uc, SamplingSettings(steps=steps, sampler=sampler, scale=scale),
+                       start_latents=start_latents, strength=strength, apply_model=apply_model)
     return z if latents_only else decode(model, z)
 
 

@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 
 from ldm.errors import SDError
+from ldm.models.diffusion import sampler_names as names
+from ldm.models.diffusion.sampler_names import SAMPLER_INFO
 from ldm.models.diffusion.schedules import SCHEDULES, make_schedule, trim_for_strength
 
 NoiseSampler = Callable[[float, float], torch.Tensor]
@@ -305,49 +307,26 @@ class BatchedNoiseSampler:
 
 @dataclass(frozen=True)
 class SamplerSpec:
+    """A sampler's step rule and its table entry (ldm.models.diffusion.sampler_names.SAMPLER_INFO)."""
     fn: Callable
-    schedule: str  # default schedule name (schedules.SCHEDULES)
-    description: str  # what it is good for, one line
-    steps: int  # recommended number of steps
-    eta: Optional[float] = None  # default eta for samplers that take one; None: deterministic
+    schedule: str
+    description: str
+    steps: int
+    eta: Optional[float] = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-SAMPLERS: dict[str, SamplerSpec] = {
-    "ddim": SamplerSpec(sample_ddim, "ddim_uniform", "the reference's default; first order, deterministic at "
-                        "eta 0 (eta > 0 adds noise); needs about 50 steps", 50, eta=0.0),
-    "plms": SamplerSpec(sample_plms, "ddim_uniform", "the reference's --plms: multistep, one model call per "
-                        "step, better than DDIM at 25-50 steps; also for v models", 30),
-    "dpm": SamplerSpec(sample_dpm_solver, "time_uniform", "the reference's --dpm: DPM-Solver++ 2M, "
-                       "time-uniform; good images in 15-25 steps, robust with guidance", 20, options={"order": 2}),
-    "dpm3": SamplerSpec(sample_dpm_solver, "time_uniform", "DPM-Solver++ 3M: more accurate than dpm without "
-                        "guidance; prefer dpm at high guidance scales", 20, options={"order": 3}),
-    "euler": SamplerSpec(sample_euler, "uniform", "Euler on the probability-flow ODE: simple and "
-                         "deterministic, first order; 30-50 steps", 40),
-    "euler_a": SamplerSpec(sample_euler_ancestral, "uniform", "Euler ancestral: fresh noise each step, "
-                           "varied soft images; does not settle on one image as steps grow", 30, eta=1.0),
-    "heun": SamplerSpec(sample_heun, "uniform", "Heun: second order, two model calls per step; accurate "
-                        "but slow", 20),
-    "dpm2": SamplerSpec(sample_dpm2, "uniform", "DPM2: second order, two model calls per step (midpoint "
-                        "in log sigma)", 20),
-    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, "karras", "DPM++ 2M: second order multistep, one call per "
-                            "step; the usual choice for 20-30 steps", 25),
-    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, "karras", "DPM++ 2M SDE: second order with fresh "
-                                "noise; detailed images in 25-30 steps", 25, eta=1.0),
-}
+_STEP_RULES = {"ddim": sample_ddim, "plms": sample_plms, "dpm": sample_dpm_solver, "dpm3": sample_dpm_solver,
+               "euler": sample_euler, "euler_a": sample_euler_ancestral, "heun": sample_heun, "dpm2": sample_dpm2,
+               "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_sde": sample_dpmpp_2m_sde}
+SAMPLERS: dict[str, SamplerSpec] = {name: SamplerSpec(_STEP_RULES[name], **vars(info))
+                                    for name, info in SAMPLER_INFO.items()}
 
 
 def check_sampler(sampler: str, schedule: Optional[str] = None, eta: Optional[float] = None) -> SamplerSpec:
     """The sampler's spec, after checking the names and that eta fits it (SDError otherwise)."""
-    if sampler not in SAMPLERS:
-        raise SDError(f"unknown sampler '{sampler}' (one of {', '.join(SAMPLERS)}; `sd samplers` describes them)")
-    if schedule is not None and schedule not in SCHEDULES:
-        raise SDError(f"unknown schedule '{schedule}' (one of {', '.join(SCHEDULES)})")
-    spec = SAMPLERS[sampler]
-    if eta and spec.eta is None:
-        stochastic = ", ".join(name for name, s in SAMPLERS.items() if s.eta is not None)
-        raise SDError(f"sampler '{sampler}' is deterministic and takes no eta (got {eta}); eta applies to {stochastic}")
-    return spec
+    names.check_sampler(sampler, schedule, eta)
+    return SAMPLERS[sampler]
 
 
 def make_sigmas(name_or_schedule: str, model_sigmas: torch.Tensor, steps: int) -> torch.Tensor:

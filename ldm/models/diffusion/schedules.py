@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from ldm.errors import SDError
+from ldm.models.diffusion.sampler_names import SCHEDULE_INFO
 
 
 # -- the discrete model's sigmas and the sigma <-> t mapping ------------------------------------------
@@ -139,15 +140,17 @@ def _model_range(fn: Callable[[int, float, float], torch.Tensor]) -> Callable[[i
     return lambda n, model_sigmas: fn(n, float(model_sigmas[0]), float(model_sigmas[-1]))
 
 
-# name -> (fn(steps, model_sigmas) -> sigmas, one-line description)
-SCHEDULES: dict[str, tuple[Callable[[int, torch.Tensor], torch.Tensor], str]] = {
-    "ddim_uniform": (ddim_uniform, "the reference's DDIM/PLMS timesteps (every T/steps-th), ending at timestep 0"),
-    "time_uniform": (time_uniform, "DPM-Solver's uniform-in-time spacing (the reference's --dpm), ending at timestep 0"),
-    "logsnr": (logsnr_uniform, "DPM-Solver's uniform-in-logSNR spacing, ending at timestep 0"),
-    "karras": (_model_range(karras), "Karras et al. rho=7 spacing, dense at low noise, ending at 0"),
-    "exponential": (_model_range(exponential), "uniform in log(sigma), ending at 0"),
-    "uniform": (uniform, "uniform in timestep (A1111/ComfyUI \"normal\"), ending at 0"),
+# name -> (fn(steps, model_sigmas) -> sigmas, one-line description from sampler_names.SCHEDULE_INFO)
+_SCHEDULE_FUNCTIONS = {
+    "ddim_uniform": ddim_uniform,
+    "time_uniform": time_uniform,
+    "logsnr": logsnr_uniform,
+    "karras": _model_range(karras),
+    "exponential": _model_range(exponential),
+    "uniform": uniform,
 }
+SCHEDULES: dict[str, tuple[Callable[[int, torch.Tensor], torch.Tensor], str]] = {
+    name: (fn, SCHEDULE_INFO[name]) for name, fn in _SCHEDULE_FUNCTIONS.items()}
 
 
 def make_schedule(name: str, model_sigmas: torch.Tensor, steps: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ device unchanged (no buffers), so a loader can assign checkpoint tensors with lo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,85 @@ def _per_level(name: str, value: int | Sequence[int], levels: int) -> list[int]:
     return value
 
 
+@dataclass(frozen=True)
+class _Levels:
+    """Per channel_mult level: res blocks, transformer depth, how many blocks get a transformer, and
+    whether those transformers skip self-attention."""
+    res_blocks: list[int]
+    depths: list[int]
+    attn_blocks: list[int]
+    no_self_attn: list[bool]
+
+
+def _check_config(*, dims, use_spatial_transformer, context_dim, n_embed, resblock_updown, num_heads,
+                  num_head_channels, num_classes, adm_in_channels, model_channels, channel_mult, num_res_blocks,
+                  transformer_depth, num_attention_blocks, disable_self_attentions) -> _Levels:
+    """One-line SDErrors for UNet configs sd cannot build; the per-level lists of a valid one."""
+    levels = len(channel_mult)
+    if dims != 2:
+        raise SDError(f"UNetModel: dims={dims} is not supported (SD 2.x UNets are 2-D, dims=2)")
+    if not use_spatial_transformer:
+        raise SDError("UNetModel: use_spatial_transformer=False (the legacy AttentionBlock UNet) is not supported")
+    if not isinstance(context_dim, int):
+        raise SDError(f"UNetModel: context_dim={context_dim!r} must be one integer (the text embedding width)")
+    if n_embed is not None:
+        raise SDError("UNetModel: n_embed (codebook-id prediction) is not supported")
+    if resblock_updown:
+        raise SDError("UNetModel: resblock_updown=True is not supported (SD 2.x resamples with Downsample/Upsample)")
+    if num_heads == -1 and num_head_channels == -1:
+        raise SDError("UNetModel: set num_heads or num_head_channels")
+    if num_classes is not None and not isinstance(num_classes, int) and num_classes != "sequential":
+        raise SDError(f"UNetModel: num_classes={num_classes!r} is not supported (an int or 'sequential')")
+    if num_classes == "sequential" and adm_in_channels is None:
+        raise SDError("UNetModel: num_classes='sequential' needs adm_in_channels")
+    for mult in channel_mult:
+        if (model_channels * mult) % 32:
+            raise SDError(f"UNetModel: model_channels * channel_mult = {model_channels * mult} is not a "
+                          "multiple of 32 (GroupNorm groups)")
+    res_blocks = _per_level("num_res_blocks", num_res_blocks, levels)
+    depths = _per_level("transformer_depth", transformer_depth, levels)
+    # How many blocks of each level get a transformer (counted per level in encoder and decoder); by default all.
+    if num_attention_blocks is None:
+        attn_blocks = [r + 1 for r in res_blocks]
+    else:
+        attn_blocks = _per_level("num_attention_blocks", num_attention_blocks, levels)
+        if any(a > r for a, r in zip(attn_blocks, res_blocks)):
+            raise SDError(f"UNetModel: num_attention_blocks={attn_blocks} exceeds num_res_blocks={res_blocks}")
+    no_self_attn = [bool(d) for d in disable_self_attentions] if disable_self_attentions is not None \
+        else [False] * levels
+    if len(no_self_attn) != levels:
+        raise SDError(f"UNetModel: disable_self_attentions needs one entry per channel_mult level ({levels})")
+    return _Levels(res_blocks, depths, attn_blocks, no_self_attn)
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Makes the UNet's ResBlocks and SpatialTransformers with the config's shared settings."""
+    time_embed_dim: int
+    dropout: float
+    context_dim: int
+    num_heads: int
+    num_head_channels: int
+    use_scale_shift_norm: bool
+    use_linear: bool
+
+    def heads(self, ch: int) -> tuple[int, int]:
+        """(n_heads, d_head) at width ch: a fixed head width, or a fixed head count."""
+        fixed_width = self.num_head_channels != -1
+        name, value = ("num_head_channels", self.num_head_channels) if fixed_width else ("num_heads", self.num_heads)
+        if value <= 0 or ch % value:
+            raise SDError(f"UNetModel: {name}={value} does not split {ch} channels into equal heads")
+        return (ch // value, value) if fixed_width else (value, ch // value)
+
+    def transformer(self, ch: int, depth: int, disable_self_attn: bool) -> SpatialTransformer:
+        n_heads, d_head = self.heads(ch)
+        return SpatialTransformer(ch, n_heads, d_head, depth=depth, dropout=self.dropout, context_dim=self.context_dim,
+                                  disable_self_attn=disable_self_attn, use_linear=self.use_linear)
+
+    def resblock(self, ch: int, out_ch: int | None = None) -> ResBlock:
+        return ResBlock(ch, self.time_embed_dim, self.dropout, out_ch, use_scale_shift_norm=self.use_scale_shift_norm)
+
+
 class UNetModel(nn.Module):
     """The SD 2.x UNet: eps/v prediction from a noisy latent, a timestep, a text context and (optionally)
     a class label (the x4 upscaler's noise level, unCLIP's image embedding).
@@ -176,65 +256,19 @@ class UNetModel(nn.Module):
         adm_in_channels: int | None = None,
     ):
         super().__init__()
-        channel_mult = list(channel_mult)
-        levels = len(channel_mult)
-        if dims != 2:
-            raise SDError(f"UNetModel: dims={dims} is not supported (SD 2.x UNets are 2-D, dims=2)")
-        if not use_spatial_transformer:
-            raise SDError("UNetModel: use_spatial_transformer=False (the legacy AttentionBlock UNet) is not supported")
-        if not isinstance(context_dim, int):
-            raise SDError(f"UNetModel: context_dim={context_dim!r} must be one integer (the text embedding width)")
-        if n_embed is not None:
-            raise SDError("UNetModel: n_embed (codebook-id prediction) is not supported")
-        if resblock_updown:
-            raise SDError("UNetModel: resblock_updown=True is not supported (SD 2.x resamples with Downsample/Upsample)")
-        if num_heads == -1 and num_head_channels == -1:
-            raise SDError("UNetModel: set num_heads or num_head_channels")
-        if num_classes is not None and not isinstance(num_classes, int) and num_classes != "sequential":
-            raise SDError(f"UNetModel: num_classes={num_classes!r} is not supported (an int or 'sequential')")
-        if num_classes == "sequential" and adm_in_channels is None:
-            raise SDError("UNetModel: num_classes='sequential' needs adm_in_channels")
-        for mult in channel_mult:
-            if (model_channels * mult) % 32:
-                raise SDError(f"UNetModel: model_channels * channel_mult = {model_channels * mult} is not a "
-                              "multiple of 32 (GroupNorm groups)")
-        res_blocks = _per_level("num_res_blocks", num_res_blocks, levels)
-        depths = _per_level("transformer_depth", transformer_depth, levels)
-        # How many blocks of each level get a transformer (counted per level in encoder and decoder);
-        # by default all of them.
-        if num_attention_blocks is None:
-            attn_blocks = [r + 1 for r in res_blocks]
-        else:
-            attn_blocks = _per_level("num_attention_blocks", num_attention_blocks, levels)
-            if any(a > r for a, r in zip(attn_blocks, res_blocks)):
-                raise SDError(f"UNetModel: num_attention_blocks={attn_blocks} exceeds num_res_blocks={res_blocks}")
-        no_self_attn = [bool(d) for d in disable_self_attentions] if disable_self_attentions is not None \
-            else [False] * levels
-        if len(no_self_attn) != levels:
-            raise SDError(f"UNetModel: disable_self_attentions needs one entry per channel_mult level ({levels})")
-
+        levels = _check_config(dims=dims, use_spatial_transformer=use_spatial_transformer, context_dim=context_dim,
+                               n_embed=n_embed, resblock_updown=resblock_updown, num_heads=num_heads,
+                               num_head_channels=num_head_channels, num_classes=num_classes,
+                               adm_in_channels=adm_in_channels, model_channels=model_channels,
+                               channel_mult=channel_mult, num_res_blocks=num_res_blocks,
+                               transformer_depth=transformer_depth, num_attention_blocks=num_attention_blocks,
+                               disable_self_attentions=disable_self_attentions)
         self.in_channels = in_channels
         self.model_channels = model_channels
         self.out_channels = out_channels
         self.num_classes = num_classes
         self.context_dim = context_dim
         self.dtype_hint = torch.bfloat16 if use_bf16 else torch.float16 if use_fp16 else torch.float32
-
-        def heads(ch: int) -> tuple[int, int]:
-            """(n_heads, d_head) at width ch: a fixed head width, or a fixed head count."""
-            name, value = ("num_head_channels", num_head_channels) if num_head_channels != -1 \
-                else ("num_heads", num_heads)
-            if value <= 0 or ch % value:
-                raise SDError(f"UNetModel: {name}={value} does not split {ch} channels into equal heads")
-            return (ch // value, value) if num_head_channels != -1 else (value, ch // value)
-
-        def transformer(ch: int, depth: int, disable_self_attn: bool) -> SpatialTransformer:
-            n_heads, d_head = heads(ch)
-            return SpatialTransformer(ch, n_heads, d_head, depth=depth, dropout=dropout, context_dim=context_dim,
-                                      disable_self_attn=disable_self_attn, use_linear=use_linear_in_transformer)
-
-        def resblock(ch: int, out_ch: int | None = None) -> ResBlock:
-            return ResBlock(ch, time_embed_dim, dropout, out_ch, use_scale_shift_norm=use_scale_shift_norm)
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
@@ -247,42 +281,57 @@ class UNetModel(nn.Module):
             self.label_emb = nn.Sequential(nn.Sequential(
                 nn.Linear(adm_in_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
             ))
-
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
-        skip_chans = [model_channels]  # channels of every input block's output, consumed by the decoder
-        ch, ds = model_channels, 1
-        for level, mult in enumerate(channel_mult):
-            for nr in range(res_blocks[level]):
-                layers: list[nn.Module] = [resblock(ch, model_channels * mult)]
-                ch = model_channels * mult
-                if ds in attention_resolutions and nr < attn_blocks[level]:
-                    layers.append(transformer(ch, depths[level], no_self_attn[level]))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_chans.append(ch)
-            if level != levels - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, conv_resample, ch)))
-                skip_chans.append(ch)
-                ds *= 2
-
+        blocks = _Blocks(time_embed_dim, dropout, context_dim, num_heads, num_head_channels, use_scale_shift_norm,
+                         use_linear_in_transformer)
+        skip_chans = self._build_encoder(in_channels, model_channels, channel_mult, attention_resolutions,
+                                         conv_resample, levels, blocks)
+        ch = skip_chans[-1]
         self.middle_block = TimestepEmbedSequential(
-            resblock(ch), transformer(ch, depths[-1], disable_middle_self_attn), resblock(ch)
+            blocks.resblock(ch), blocks.transformer(ch, levels.depths[-1], disable_middle_self_attn), blocks.resblock(ch)
         )
-
-        self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(res_blocks[level] + 1):
-                layers = [resblock(ch + skip_chans.pop(), model_channels * mult)]
-                ch = model_channels * mult
-                if ds in attention_resolutions and i < attn_blocks[level]:
-                    layers.append(transformer(ch, depths[level], no_self_attn[level]))
-                if level and i == res_blocks[level]:
-                    layers.append(Upsample(ch, conv_resample, ch))
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
-
+        ch = self._build_decoder(model_channels, channel_mult, attention_resolutions, conv_resample, levels, blocks,
+                                 skip_chans)
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
         )
+
+    def _build_encoder(self, in_channels: int, model_channels: int, channel_mult: Sequence[int],
+                       attention_resolutions: Sequence[int], conv_resample: bool, levels: "_Levels",
+                       blocks: "_Blocks") -> list[int]:
+        """input_blocks; returns the channels of every input block's output (the decoder's skips)."""
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        skip_chans = [model_channels]
+        ch, ds = model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for nr in range(levels.res_blocks[level]):
+                layers: list[nn.Module] = [blocks.resblock(ch, model_channels * mult)]
+                ch = model_channels * mult
+                if ds in attention_resolutions and nr < levels.attn_blocks[level]:
+                    layers.append(blocks.transformer(ch, levels.depths[level], levels.no_self_attn[level]))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, conv_resample, ch)))
+                skip_chans.append(ch)
+                ds *= 2
+        return skip_chans
+
+    def _build_decoder(self, model_channels: int, channel_mult: Sequence[int], attention_resolutions: Sequence[int],
+                       conv_resample: bool, levels: "_Levels", blocks: "_Blocks", skip_chans: list[int]) -> int:
+        """output_blocks, consuming the encoder's skips; returns the channels of the last one."""
+        self.output_blocks = nn.ModuleList()
+        ch, ds = skip_chans[-1], 2 ** (len(channel_mult) - 1)
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(levels.res_blocks[level] + 1):
+                layers = [blocks.resblock(ch + skip_chans.pop(), model_channels * mult)]
+                ch = model_channels * mult
+                if ds in attention_resolutions and i < levels.attn_blocks[level]:
+                    layers.append(blocks.transformer(ch, levels.depths[level], levels.no_self_attn[level]))
+                if level and i == levels.res_blocks[level]:
+                    layers.append(Upsample(ch, conv_resample, ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        return ch
 
     def _check_inputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
                       y: torch.Tensor | None) -> None:

@@ -52,6 +52,18 @@ def _release_pages(tensor: torch.Tensor) -> None:
 _LIBC: list = []
 
 
+def release_memory() -> None:
+    """Give the memory of dropped models back to the system: collect them, then let glibc trim its heaps
+    (glibc keeps freed heap memory for reuse; measured after dropping a 2.5 GiB bf16 model: 0.7 to 1.6 GiB
+    still resident without the trim, varying from run to run)."""
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            _libc().malloc_trim(0)
+
+
 def _libc():
     if not _LIBC:
         _LIBC.append(ctypes.CDLL(None, use_errno=True))

@@ -13,7 +13,6 @@ image from the command line and from Python. Nothing here reads a command line o
 """
 from __future__ import annotations
 
-import gc
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -104,11 +103,15 @@ class Pipeline:
                    quiet: bool = False) -> None:
         """Replace the loaded model by another checkpoint (same device and precision). The first model is
         released before the second is read, so the two never take memory at once."""
-        # Measured with two full-size SD 2.x checkpoints (docs/benchmarks.md): bf16 peaks at 3.2 GiB while
-        # switching (one model is 2.5 GiB), and dropping the model gives the memory back (0.7 GiB left).
-        self.model = self.choice = None
-        gc.collect()
+        self.close()
         self.model, self.choice = self._read(self.options, ckpt, config, "txt2img", quiet)
+
+    def close(self) -> None:
+        """Drop the model and give its memory back (measured, docs/benchmarks.md); load_model loads another."""
+        from ldm.loading import release_memory
+
+        self.model = self.choice = None
+        release_memory()
 
     # -- what is loaded -------------------------------------------------------------------------------
     @property

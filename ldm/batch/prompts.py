@@ -108,8 +108,8 @@ def parse_size(value, where: str, key: str = "size") -> tuple[int, int]:
     else:
         size = None
     if size is None:
-        raise SDError(f"{where}: \"size\" must be \"WIDTHxHEIGHT\" or [WIDTH, HEIGHT], got {json.dumps(value)}")
-    return size  # type: ignore[return-value]  (multiples of 8 etc.: generate.check_size)
+        raise SDError(f"{where}: \"{key}\" must be \"WIDTHxHEIGHT\" or [WIDTH, HEIGHT], got {json.dumps(value)}")
+    return size  # type: ignore[return-value]  (multiples of 8 etc.: plan.check_size)
 
 
 def parse_json_line(text: str, where: str) -> PromptLine:

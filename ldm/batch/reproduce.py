@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ldm import metadata
+from ldm.batch.prompts import parse_size
 from ldm.errors import SDError, note
 
 if TYPE_CHECKING:
@@ -41,13 +42,6 @@ def _field(fields: dict[str, str], key: str, cast: Callable, default, path: Path
         raise SDError(f"{path}: its {key} '{fields[key]}' is not readable") from None
 
 
-def _size(value: str) -> tuple[int, int]:
-    parts = value.lower().split("x")
-    if len(parts) != 2:
-        raise ValueError(value)
-    return int(parts[0]), int(parts[1])
-
-
 def job_from_image(job: "Job", mode_name: str = "txt2img", sized: bool = True,
                    mode_fields: Callable[[dict], None] = lambda fields: None) -> "Job":
     """`job` with everything the image records; checkpoint, config, outdir and device stay the job's.
@@ -66,7 +60,8 @@ def job_from_image(job: "Job", mode_name: str = "txt2img", sized: bool = True,
         mode_fields(fields)
     except SDError as exc:
         raise SDError(f"{path}: {exc}") from None
-    width, height = _field(fields, "Size", _size, (job.W, job.H), path) if sized else (job.W, job.H)
+    width, height = (parse_size(fields["Size"], str(path), "Size") if sized and "Size" in fields
+                     else (job.W, job.H))
     sampling = dataclasses.replace(
         job.sampling,
         steps=_field(fields, "Steps", int, job.sampling.steps, path),

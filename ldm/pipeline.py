@@ -116,14 +116,17 @@ class Pipeline:
     # -- what is loaded -------------------------------------------------------------------------------
     @property
     def config(self) -> Path:
+        """The config the model was built from (given, or chosen from the checkpoint)."""
         return self.choice.config
 
     @property
     def ckpt(self) -> Path:
+        """The checkpoint file loaded."""
         return self.choice.ckpt
 
     @property
     def demo(self) -> bool:
+        """True for the built-in demo model."""
         return self.choice.demo
 
     @property

@@ -5,9 +5,17 @@ BIN := $(VENV)/bin
 # torch/torchvision pins: the CPU-capable builds this project is tested with.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test bench install-ipex clean
+.PHONY: install test bench install-ipex install-browser clean
 
 install: $(BIN)/sd
+	-@$(MAKE) --no-print-directory install-browser
+
+# The page's browser tests drive Debian's chromium through playwright (never a browser playwright downloads).
+# Installed when we may (root, apt); elsewhere those tests are skipped with the reason.
+install-browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  echo "chromium not installed: the browser tests will be skipped (install Debian's chromium to run them)"
 
 $(BIN)/sd: setup.py requirements-test.txt
 	$(PYTHON) -m venv $(VENV)

@@ -23,9 +23,16 @@ setup(
         "safetensors>=0.4",
         "numpy",
         "tqdm",
+        # sd serve: the page (gradio, the reference's own choice for its demos, current version) and
+        # AUTOMATIC1111's HTTP API (FastAPI + uvicorn, what A1111 itself is built on)
+        "gradio>=6,<7",
+        "fastapi",
+        "uvicorn",
+        "python-multipart",
     ],
     extras_require={
-        "test": ["pytest", "diffusers>=0.30", "transformers>=4.40"],
+        # webuiapi: a real A1111 client to drive the server; playwright: drives Debian's chromium (never its own)
+        "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "webuiapi", "playwright", "requests"],
     },
     entry_points={"console_scripts": ["sd=ldm.entry:main"]},
 )

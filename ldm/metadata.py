@@ -189,36 +189,42 @@ def read_png_text(path: str | os.PathLike) -> dict[str, str]:
     The chunks are walked without decoding a single pixel (an image of 20000x20000 costs what a small
     one does), compressed text is inflated to at most MAX_TEXT_BYTES, and a damaged chunk is skipped.
     """
-    import struct
-
     p = Path(path)
     try:
         with open(p, "rb") as f:
-            if f.read(8) != PNG_SIGNATURE:
-                raise SDError(f"cannot read {p}: not a PNG file (generation parameters are stored in PNGs)")
-            texts: dict[str, str] = {}
-            while True:
-                head = f.read(8)
-                if len(head) < 8:
-                    break
-                length, kind = struct.unpack(">I4s", head)
-                if kind in (b"tEXt", b"zTXt", b"iTXt") and length <= 4 * MAX_TEXT_BYTES:
-                    data = f.read(length)
-                    entry = _png_text_chunk(kind, data) if len(data) == length else None
-                    if entry is not None:
-                        texts.setdefault(*entry)
-                    f.seek(4, os.SEEK_CUR)  # CRC
-                elif kind == b"IEND":
-                    break
-                else:
-                    f.seek(length + 4, os.SEEK_CUR)
-            return texts
+            return png_text_chunks(f, str(p))
     except FileNotFoundError:
         raise SDError(f"image not found: {p}") from None
     except IsADirectoryError:
         raise SDError(f"{p} is a folder, not an image") from None
     except OSError as exc:
         raise SDError(f"cannot read {p}: {_reason(exc)}") from None
+
+
+def png_text_chunks(f, name: str = "the image") -> dict[str, str]:
+    """The text chunks of the PNG open as the binary file `f` (a server's upload: io.BytesIO), as
+    read_png_text; SDError if it is not a PNG."""
+    import struct
+
+    if f.read(8) != PNG_SIGNATURE:
+        raise SDError(f"cannot read {name}: not a PNG file (generation parameters are stored in PNGs)")
+    texts: dict[str, str] = {}
+    while True:
+        head = f.read(8)
+        if len(head) < 8:
+            break
+        length, kind = struct.unpack(">I4s", head)
+        if kind in (b"tEXt", b"zTXt", b"iTXt") and length <= 4 * MAX_TEXT_BYTES:
+            data = f.read(length)
+            entry = _png_text_chunk(kind, data) if len(data) == length else None
+            if entry is not None:
+                texts.setdefault(*entry)
+            f.seek(4, os.SEEK_CUR)  # CRC
+        elif kind == b"IEND":
+            break
+        else:
+            f.seek(length + 4, os.SEEK_CUR)
+    return texts
 
 
 def printable(text: str, json_escapes: bool = False) -> str:

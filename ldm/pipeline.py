@@ -33,7 +33,12 @@ from ldm.tasks.base import ImageInput
 
 
 class Cancelled(Exception):
-    """Raised by a generating call that Pipeline.cancel() stopped between two steps."""
+    """Raised by a generating call that Pipeline.cancel() stopped between two steps; `images` holds the
+    images of the batches that had finished (a server returns them, as AUTOMATIC1111's interrupt does)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.images: list[GeneratedImage] = []
 
 
 @dataclass
@@ -159,9 +164,11 @@ class Pipeline:
         strength = self.defaults("depth2img")["strength"] if strength is None else strength
         return self._generate(Depth2Img(image, strength, depth_map=depth_map), prompt, settings)
 
-    def inpaint(self, image: ImageInput, mask: ImageInput, prompt: str, **settings) -> list[GeneratedImage]:
-        """Repaint the white part of `mask`; the other pixels are kept exactly."""
-        return self._generate(Inpaint(image, mask), prompt, settings)
+    def inpaint(self, image: ImageInput, mask: ImageInput, prompt: str, *, strength: float = 1.0,
+                **settings) -> list[GeneratedImage]:
+        """Repaint the white part of `mask`; the other pixels are kept exactly. strength < 1 starts the
+        masked part from the input noised to that level instead of from full noise."""
+        return self._generate(Inpaint(image, mask, strength), prompt, settings)
 
     def upscale(self, image: ImageInput, prompt: str, *, noise_level: Optional[int] = None,
                 tile: Optional[bool] = None, tile_size: int = 128, tile_overlap: Optional[int] = None,
@@ -206,10 +213,14 @@ class Pipeline:
         plan = make_plan(job)
         session = self.session(job, task)
         counter = _StepCounter(self, progress, plan, task)
-        images = []
-        for batch in plan:
-            counter.batch = batch.index
-            images += session.images(batch, counter)
+        images: list[GeneratedImage] = []
+        try:
+            for batch in plan:
+                counter.batch = batch.index
+                images += session.images(batch, counter)
+        except Cancelled as stop:
+            stop.images = images
+            raise
         return images
 
     def session(self, job: Job, task: Task) -> "Session":

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from ldm.cli.command import generating_command
+from ldm.cli.img2img import Strength
 
 Image = Annotated[Path, typer.Option("--image", help="The image to edit (any size).")]
 Mask = Annotated[Path, typer.Option(
@@ -17,7 +18,7 @@ Mask = Annotated[Path, typer.Option(
 @generating_command("inpaint", help="Repaint the masked part of an image. An inpainting checkpoint uses its 9-channel "
                     "UNet; any txt2img checkpoint inpaints by latent blending. Unmasked pixels are kept exactly.",
                     outdir=Path("outputs/inpaint-samples"))
-def inpaint(image: Image, mask: Mask):
+def inpaint(image: Image, mask: Mask, strength: Strength = 1.0):
     from ldm.tasks import Inpaint
 
-    return Inpaint(image, mask)
+    return Inpaint(image, mask, strength)

@@ -13,8 +13,8 @@ from PIL import Image
 from ldm import imageio
 from ldm.errors import SDError, note
 from ldm.plan import Item, Job
-from ldm.tasks.base import (BatchInputs, ImageInput, ImageTask, exact_tensor, extra_cond, pad_to_multiple, repeat_batch,
-                            require_model, shrink_to_work_size)
+from ldm.tasks.base import (BatchInputs, ImageInput, ImageTask, check_strength, exact_tensor, extra_cond, pad_to_multiple,
+                            repeat_batch, require_model, shrink_to_work_size, steps_for_strength)
 
 MASK_ASPECT_TOLERANCE = 0.01  # a mask whose aspect ratio differs more from the image's is refused
 
@@ -83,7 +83,10 @@ class Inpaint(ImageTask):
     """Repaint the white part of a mask: the 9-channel inpainting UNet, or latent blending with any model."""
     name = "inpaint"
 
-    def __init__(self, image: ImageInput, mask: ImageInput):
+    def __init__(self, image: ImageInput, mask: ImageInput, strength: float = 1.0):
+        # strength < 1 starts the masked cells from the input noised to that level (AUTOMATIC1111's
+        # "original" fill at its denoising strength); 1, the commands' value, from full noise.
+        self.strength = float(strength)
         self.original = shrink_to_work_size(imageio.load_image(image), "image")
         repaint = load_mask(mask, self.original.size)  # (H, W) bool
         if not repaint.any():
@@ -97,6 +100,13 @@ class Inpaint(ImageTask):
     def image_size(self, job: Job) -> tuple[int, int]:
         return self.original.size
 
+    def check(self, job: Job) -> None:
+        check_strength(self.strength)
+        super().check(job)
+
+    def steps_run(self, steps: int) -> int:
+        return steps_for_strength(steps, self.strength)
+
     def prepare(self, model, job: Job, device: torch.device) -> None:
         from ldm.models.diffusion.conditioned import LatentInpaintDiffusion
         from ldm.models.diffusion.schedules import sigmas_from_alphas_cumprod
@@ -105,6 +115,8 @@ class Inpaint(ImageTask):
         mask = self.repaint.to(device)
         if isinstance(model, LatentInpaintDiffusion):
             self.c_concat = model.build_conditioning(image, mask)["c_concat"]  # (1, 5, h, w)
+            if self.strength < 1.0:
+                self.z0 = model.encode_mean(image)  # (1, 4, h, w)
             return
         require_model(model, None, "inpaint", "an inpainting or a txt2img checkpoint")
         self.z0 = model.encode_mean(image)  # (1, 4, h, w)
@@ -115,11 +127,14 @@ class Inpaint(ImageTask):
     def batch(self, model, items: list[Item], generators, device) -> BatchInputs:
         n = len(items)
         if self.blend is None:
-            return BatchInputs(extra_cond=extra_cond(model, {"c_concat": repeat_batch(self.c_concat, n)}))
+            inputs = BatchInputs(extra_cond=extra_cond(model, {"c_concat": repeat_batch(self.c_concat, n)}))
+            if self.strength < 1.0:
+                inputs.start_latents, inputs.strength = repeat_batch(self.z0, n), self.strength
+            return inputs
         self.blend.z0 = repeat_batch(self.z0, n)
         self.blend.noise = torch.stack([torch.randn(self.z0.shape[1:], generator=g) for g in generators]).to(device)
-        # the masked cells start from the input's latent under full noise (A1111's "original" fill)
-        return BatchInputs(start_latents=self.blend.z0, strength=1.0)
+        # the masked cells start from the input's latent under noise (A1111's "original" fill)
+        return BatchInputs(start_latents=self.blend.z0, strength=self.strength)
 
     def apply_model(self, model):
         return super().apply_model(model) if self.blend is None else self.blend
@@ -132,4 +147,5 @@ class Inpaint(ImageTask):
         return torch.where(repaint > 0.5, images[..., :height, :width], kept)
 
     def settings(self) -> dict:
-        return {"Inpaint": "inpainting model" if self.blend is None else "latent blend"}
+        strength = {"Denoising strength": self.strength} if self.strength < 1.0 else {}
+        return {"Inpaint": "inpainting model" if self.blend is None else "latent blend", **strength}

@@ -1,0 +1,61 @@
+"""`sd serve`: the web page and AUTOMATIC1111's HTTP API on one loaded model (ldm.serve)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ldm.cli import app
+from ldm.cli import options as opt
+
+Host = Annotated[str, typer.Option("--host", help="Address to listen on (other than loopback: needs --api-auth or --insecure).")]
+Port = Annotated[int, typer.Option("--port", help="Port of the page and the API.")]
+ApiAuth = Annotated[Optional[str], typer.Option(
+    "--api-auth", help="USER:PASSWORD: HTTP Basic auth on every route, the page included.")]
+Insecure = Annotated[bool, typer.Option("--insecure", help="Serve a non-loopback --host without authentication.")]
+ModelsDir = Annotated[Optional[Path], typer.Option(
+    "--models-dir", help="Checkpoints clients may switch to (POST /sdapi/v1/options) [default: the --ckpt's folder].")]
+ServeOutdir = Annotated[Optional[Path], typer.Option(
+    "--outdir", help="Where save_images / the page's save box write (OUTDIR/<task>-samples/samples/NNNNN.png).")]
+Tab = Annotated[str, typer.Option("--tab", help="The page's first tab: txt2img, img2img, inpaint, depth2img, upscale.")]
+MaxBodyMb = Annotated[int, typer.Option("--max-body-mb", help="Refuse request bodies above this many MiB (413).")]
+MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse input images with more pixels than this.")]
+
+
+@app.command("serve", help="Serve a web page for every task and AUTOMATIC1111's /sdapi/v1 API on one loaded model.")
+def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.0.1", port: Port = 7860,
+          api_auth: ApiAuth = None, insecure: Insecure = False, models_dir: ModelsDir = None,
+          outdir: ServeOutdir = None, tab: Tab = "txt2img", device: opt.Device = "auto",
+          precision: opt.Precision = "auto", threads: opt.Threads = None, trust_config: opt.TrustConfig = False,
+          max_side: opt.MaxSide = 2048, max_steps: opt.MaxSteps = 150, max_batch: opt.MaxBatch = 8,
+          max_images: opt.MaxImages = 16, max_body_mb: MaxBodyMb = 64, max_pixels: MaxPixels = 16_000_000) -> None:
+    from ldm.entry import ready_for_interrupts
+    from ldm.errors import SDError, note
+    from ldm.limits import Limits
+    from ldm.serve.page import TABS
+
+    auth = None
+    if api_auth is not None:
+        user, sep, password = api_auth.partition(":")
+        if not sep or not user or not password:
+            raise SDError("--api-auth must be USER:PASSWORD")
+        auth = (user, password)
+    if tab not in TABS[:-1]:
+        raise SDError(f"--tab must be one of {', '.join(TABS[:-1])} (got '{tab}')")
+    if not 1 <= max_body_mb <= 4096 or max_pixels < 1 or not 1 <= port <= 65535:
+        raise SDError("--max-body-mb must be 1..4096, --max-pixels at least 1, --port 1..65535")
+    limits = Limits(max_side=max_side, max_steps=max_steps, max_batch=max_batch, max_images=max_images)
+    limits.check()
+    from ldm.serve.app import check_bind
+
+    said = check_bind(host, auth, insecure)  # before the model loads: a refused start costs nothing
+    ready_for_interrupts()
+    from ldm.pipeline import Pipeline
+    from ldm.serve.app import run
+
+    pipeline = Pipeline.load(ckpt, config, device=device, precision=precision, threads=threads,
+                             trust_config=trust_config, task=tab)
+    note(f"sd serve on http://{host}:{port}/ (page) and /sdapi/v1 (API, docs at /docs): {said}")
+    run(pipeline, host=host, port=port, auth=auth, models_dir=models_dir, outdir=outdir, limits=limits,
+        max_pixels=max_pixels, max_body=max_body_mb * 2 ** 20, first_tab=tab)

@@ -1,0 +1,206 @@
+"""AUTOMATIC1111's /sdapi/v1 protocol on top of ldm.pipeline: request fields, sampler names, responses.
+
+Clients such as the `webuiapi` package send every field A1111 knows. Fields sd honours are used; fields
+it cannot honour are accepted while they hold A1111's default (restore_faces false, enable_hr false,
+tiling false, no styles, no scripts ...) and refused with one 422 that names them otherwise; unknown
+fields are ignored, as A1111 does. Fields a request leaves out take sd's defaults for the loaded model.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+from typing import Any, Optional
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict
+
+from ldm import metadata
+
+# A1111's sampler names -> (our sampler, schedule or None for the sampler's own). The older builds named
+# sampler and schedule together ("DPM++ 2M Karras"); newer ones send the schedule in `scheduler`.
+SAMPLER_NAMES = {
+    "DDIM": ("ddim", None), "PLMS": ("plms", None), "Euler": ("euler", None), "Euler a": ("euler_a", None),
+    "Heun": ("heun", None), "DPM2": ("dpm2", None), "DPM++ 2M": ("dpmpp_2m", None),
+    "DPM++ 2M SDE": ("dpmpp_2m_sde", None), "DPM++ 2M Karras": ("dpmpp_2m", "karras"),
+    "DPM++ 2M SDE Karras": ("dpmpp_2m_sde", "karras"), "Euler Karras": ("euler", "karras"),
+    "DPM-Solver": ("dpm", None), "DPM-Solver 3": ("dpm3", None),
+}
+SAMPLER_ALIASES = {"DDIM": ["ddim"], "PLMS": ["plms"], "Euler": ["euler", "k_euler"], "Euler a": ["euler_a", "k_euler_a"],
+                   "Heun": ["heun", "k_heun"], "DPM2": ["dpm2", "k_dpm_2"], "DPM++ 2M": ["dpmpp_2m", "k_dpmpp_2m"],
+                   "DPM++ 2M SDE": ["dpmpp_2m_sde", "k_dpmpp_2m_sde"], "DPM-Solver": ["dpm"], "DPM-Solver 3": ["dpm3"]}
+SCHEDULER_NAMES = {"automatic": None, "Automatic": None, "karras": "karras", "Karras": "karras",
+                   "exponential": "exponential", "Exponential": "exponential", "uniform": "uniform",
+                   "Uniform": "uniform", "normal": "uniform", "Normal": "uniform", "ddim_uniform": "ddim_uniform",
+                   "DDIM": "ddim_uniform", "time_uniform": "time_uniform", "logsnr": "logsnr"}
+
+
+class RequestError(ValueError):
+    """A request sd cannot run as asked: the server answers 422 with this one line."""
+
+
+class Txt2ImgRequest(BaseModel):
+    """The fields of A1111's txt2img that sd reads (others are ignored)."""
+    model_config = ConfigDict(extra="ignore")
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    sampler_name: Optional[str] = None
+    sampler_index: Optional[str] = None  # older clients' name for sampler_name
+    scheduler: Optional[str] = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: Optional[int] = None
+    cfg_scale: Optional[float] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+    eta: Optional[float] = None
+    send_images: bool = True
+    save_images: bool = False
+    # Accepted at their A1111 defaults only (UNSUPPORTED below).
+    restore_faces: Optional[bool] = None
+    tiling: Optional[bool] = None
+    enable_hr: Optional[bool] = False
+    subseed_strength: Optional[float] = 0.0
+    seed_resize_from_h: Optional[int] = -1
+    seed_resize_from_w: Optional[int] = -1
+    s_churn: Optional[float] = 0.0
+    s_tmin: Optional[float] = 0.0
+    s_tmax: Optional[float] = None
+    s_noise: Optional[float] = 1.0
+    styles: Optional[list] = None
+    override_settings: Optional[dict] = None
+    script_name: Optional[str] = None
+    script_args: Optional[list] = None
+    alwayson_scripts: Optional[dict] = None
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """A1111's img2img: init image, strength, and for inpainting a mask and its options."""
+    init_images: list[str] = []
+    denoising_strength: float = 0.75
+    resize_mode: int = 0
+    mask: Optional[str] = None
+    mask_blur: Optional[int] = None  # A1111: 4 when left out
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    include_init_images: bool = False
+
+
+def _disabled_scripts(value: Optional[dict]) -> bool:
+    """alwayson_scripts that run nothing: none, or each with no args or a first arg of false (what clients
+    send to keep an extension off)."""
+    return all(not (entry or {}).get("args") or (entry or {}).get("args", [False])[0] is False
+               for entry in (value or {}).values())
+
+
+# field -> test that the value is A1111's default (what sd does anyway)
+UNSUPPORTED = {
+    "restore_faces": lambda v: not v, "tiling": lambda v: not v, "enable_hr": lambda v: not v,
+    "subseed_strength": lambda v: not v, "seed_resize_from_h": lambda v: v in (None, 0, -1),
+    "seed_resize_from_w": lambda v: v in (None, 0, -1), "s_churn": lambda v: not v, "s_tmin": lambda v: not v,
+    "s_tmax": lambda v: v in (None, 0) or v == math.inf, "s_noise": lambda v: v in (None, 1, 1.0),
+    "styles": lambda v: not v, "script_name": lambda v: not v, "script_args": lambda v: not v,
+    "alwayson_scripts": _disabled_scripts,
+}
+
+
+def refuse_unsupported(request: Txt2ImgRequest, current_model: str) -> None:
+    """RequestError naming every field set to something sd cannot do."""
+    asked = [name for name, is_default in UNSUPPORTED.items() if not is_default(getattr(request, name))]
+    overrides = {k: v for k, v in (request.override_settings or {}).items()
+                 if not (k == "sd_model_checkpoint" and v in (None, "", current_model))}
+    asked += [f"override_settings.{k}" for k in overrides]
+    if asked:
+        raise RequestError(f"sd cannot honour {', '.join(asked)}; leave them at AUTOMATIC1111's defaults")
+
+
+def sampler_of(request: Txt2ImgRequest) -> tuple[str, Optional[str]]:
+    """(our sampler, schedule) for the request's A1111 sampler and scheduler names (ours work too)."""
+    from ldm.models.diffusion.sampler_names import SAMPLER_INFO
+
+    name = request.sampler_name or request.sampler_index or "Euler a"
+    if name in SAMPLER_NAMES:
+        sampler, schedule = SAMPLER_NAMES[name]
+    elif name in SAMPLER_INFO:
+        sampler, schedule = name, None
+    else:
+        raise RequestError(f"unknown sampler_name '{name}' (one of {', '.join(SAMPLER_NAMES)})")
+    if request.scheduler not in (None, ""):
+        if request.scheduler not in SCHEDULER_NAMES:
+            raise RequestError(f"unknown scheduler '{request.scheduler}' (one of {', '.join(SCHEDULER_NAMES)})")
+        schedule = SCHEDULER_NAMES[request.scheduler] or schedule
+    return sampler, schedule
+
+
+def settings_of(request: Txt2ImgRequest) -> dict:
+    """The pipeline settings of a request (None where the model's default applies)."""
+    from ldm.models.diffusion.sampler_names import SAMPLER_INFO
+
+    sampler, schedule = sampler_of(request)
+    # A1111 applies eta to the samplers that take one and ignores it for the others (clients send 1.0).
+    eta = request.eta if SAMPLER_INFO[sampler].eta is not None else None
+    return dict(negative_prompt=request.negative_prompt, seed=request.seed, steps=request.steps,
+                scale=request.cfg_scale, sampler=sampler, schedule=schedule, eta=eta,
+                batch_size=request.batch_size, n_iter=request.n_iter)
+
+
+def decode_base64(data: Any, what: str) -> bytes:
+    """The bytes of a base64 string (a data: URL too); RequestError for anything else."""
+    if not isinstance(data, str) or not data:
+        raise RequestError(f"{what} must be a base64 image string")
+    if data.startswith("data:"):
+        data = data.split(",", 1)[-1]
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{what} is not valid base64") from None
+
+
+def decode_image(data: Any, what: str, max_pixels: int) -> Image.Image:
+    """A base64 PNG/JPEG (a data: URL too) -> a decoded PIL image; RequestError for anything else. The
+    size is read from the header and checked before anything is decoded."""
+    raw = decode_base64(data, what)
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            width, height = im.size  # the header only: nothing decoded yet
+            if width * height > max_pixels:
+                raise RequestError(f"{what} is {width}x{height} pixels, above the server's {max_pixels} "
+                                   "(sd serve --max-pixels)")
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, RequestError):
+            raise
+        raise RequestError(f"{what} is not an image sd can read") from None
+
+
+def encode_png(png: bytes) -> str:
+    return base64.b64encode(png).decode("ascii")
+
+
+def info_of(request: Txt2ImgRequest, images: list, model_hash: str, model_name: str,
+            interrupted: bool = False) -> str:
+    """A1111's `info`: a JSON string with the seeds and one "parameters" text per image."""
+    first = images[0] if images else None
+    fields = metadata.parse_parameters(first.parameters)[2] if first else {}
+    size = fields.get("Size", "x").split("x")
+    return json.dumps({
+        "prompt": request.prompt, "all_prompts": [request.prompt] * len(images),
+        "negative_prompt": request.negative_prompt, "all_negative_prompts": [request.negative_prompt] * len(images),
+        "seed": first.seed if first else request.seed, "all_seeds": [image.seed for image in images],
+        "subseed": -1, "all_subseeds": [-1] * len(images), "subseed_strength": 0,
+        "width": int(size[0]) if size[0] else request.width, "height": int(size[1]) if size[1] else request.height,
+        "sampler_name": request.sampler_name or request.sampler_index or "Euler a",
+        "cfg_scale": float(fields["CFG scale"]) if "CFG scale" in fields else request.cfg_scale,
+        "steps": int(fields["Steps"]) if "Steps" in fields else request.steps,
+        "batch_size": request.batch_size, "restore_faces": False, "sd_model_name": model_name,
+        "sd_model_hash": model_hash, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": getattr(request, "denoising_strength", None), "extra_generation_params": {},
+        "index_of_first_image": 0, "infotexts": [image.parameters for image in images], "styles": [],
+        "job_timestamp": "", "clip_skip": 1, "is_using_inpainting_conditioning": False, "interrupted": interrupted,
+    })

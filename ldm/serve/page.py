@@ -1,0 +1,252 @@
+"""The web page of `sd serve` (gradio): a tab per task, a PNG-info tab, progress, Stop, downloadable PNGs.
+
+Every tab's generate button runs a job on the server's worker (so page users and API clients share the
+one model in arrival order) and polls its progress for the bar. Results are the PNG bytes the commands
+write (watermark and "parameters" text), shown in a gallery from files in a private temporary folder,
+so what a user downloads is exactly that file.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page works offline: nothing phones home
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ldm import metadata  # noqa: E402
+from ldm.errors import SDError  # noqa: E402
+from ldm.pipeline import Cancelled  # noqa: E402
+from ldm.tasks import Depth2Img, Img2Img, Inpaint, Txt2Img, Upscale  # noqa: E402
+
+TABS = ("txt2img", "img2img", "inpaint", "depth2img", "upscale", "png-info")
+KEPT_FILES = 256  # result files kept for the gallery; older ones are removed
+POLL_SECONDS = 0.25
+
+
+def model_can_run(pipeline, task: str) -> Optional[str]:
+    """Why the loaded model cannot run `task`, or None when it can."""
+    kind = type(pipeline.model).__name__
+    plain = getattr(pipeline.model, "build_conditioning", None) is None
+    needs = {"txt2img": plain, "img2img": plain, "inpaint": plain or kind == "LatentInpaintDiffusion",
+             "depth2img": kind == "LatentDepth2ImageDiffusion", "upscale": kind == "LatentUpscaleDiffusion"}
+    if needs.get(task, True):
+        return None
+    wanted = {"depth2img": "a depth checkpoint (512-depth-ema.ckpt)", "upscale": "the x4 upscaler (x4-upscaler-ema.ckpt)"}
+    return f"The loaded model ({Path(pipeline.ckpt).name}) cannot run {task}: it needs {wanted.get(task, 'a txt2img or inpainting checkpoint')}."
+
+
+class Results:
+    """PNG files of results in a private temporary folder, the newest KEPT_FILES kept."""
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="sd-serve-"))
+        self.count = 0
+
+    def write(self, images) -> list[str]:
+        paths = []
+        for image in images:
+            self.count += 1
+            path = self.folder / f"{self.count:06d}-{image.seed}.png"
+            path.write_bytes(image.png())
+            paths.append(str(path))
+        for old in sorted(self.folder.glob("*.png"))[:-KEPT_FILES]:
+            old.unlink(missing_ok=True)
+        return paths
+
+
+def run_job(server, results: Results, make_task: Callable, prompt: str, settings: dict, progress: gr.Progress,
+            save_as: Optional[str], extra: Optional[Callable] = None):
+    """Queue a task on the worker, follow its progress, and return (gallery files, status line[, extra])."""
+
+    def job(pipe, on_step):
+        task = make_task()
+        images = pipe.generate(pipe.job(task, prompt, **settings), task, on_step)
+        return images, (extra(task) if extra else None)
+
+    future = server.worker.submit("page", job)
+    while not future.done():
+        state, waiting = server.worker.progress()
+        if state is not None and state.job == "page" and state.steps:
+            progress((state.step, state.steps), desc=f"step {state.step} of {state.steps}")
+        elif waiting:
+            progress(None, desc=f"queued behind {waiting} job(s)")
+        time.sleep(POLL_SECONDS)
+    try:
+        images, side = future.result()
+        status = f"{len(images)} image(s), seeds {', '.join(str(i.seed) for i in images)}"
+    except Cancelled as stop:
+        images, side, status = stop.images, None, f"stopped: {stop}"
+    except SDError as exc:
+        raise gr.Error(str(exc)) from None
+    if save_as and images and server.outdir is not None:
+        server.save(images, save_as)
+        status += f"; saved under {Path(server.outdir) / (save_as + '-samples')}"
+    files = results.write(images)
+    return (files, status) if extra is None else (files, status, side)
+
+
+def sampling_controls(defaults: dict, size: Optional[int]) -> dict:
+    """The knobs every task shares: negative prompt, sampler, schedule, steps, scale, seed, batch, size."""
+    from ldm.models.diffusion.sampler_names import SAMPLER_INFO, SCHEDULE_INFO
+
+    c = {"negative_prompt": gr.Textbox(label="Negative prompt", lines=1)}
+    with gr.Row():
+        c["sampler"] = gr.Dropdown(list(SAMPLER_INFO), value="ddim", label="Sampler")
+        c["schedule"] = gr.Dropdown(["sampler's own", *SCHEDULE_INFO], value="sampler's own", label="Schedule")
+        c["steps"] = gr.Slider(1, 150, value=defaults["steps"], step=1, label="Steps")
+        c["scale"] = gr.Slider(1.0, 20.0, value=defaults["scale"], step=0.5, label="Guidance scale")
+    with gr.Row():
+        c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
+        c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size")
+        c["n_iter"] = gr.Slider(1, 8, value=1, step=1, label="Batches")
+        if size is not None:
+            c["width"] = gr.Slider(256, 1024, value=size, step=64, label="Width")
+            c["height"] = gr.Slider(256, 1024, value=size, step=64, label="Height")
+    return c
+
+
+def settings_from(values: dict, defaults: dict) -> dict:
+    """Pipeline.job settings from the shared controls' values."""
+    schedule = values["schedule"]
+    return dict(negative_prompt=values["negative_prompt"] or "", sampler=values["sampler"],
+                schedule=None if schedule == "sampler's own" else schedule, steps=int(values["steps"]),
+                scale=float(values["scale"]), seed=int(values["seed"]), batch_size=int(values["batch_size"]),
+                n_iter=int(values["n_iter"]))
+
+
+def output_area(server, tab: str):
+    """Gallery, status line, Generate/Stop and the save checkbox of a tab."""
+    with gr.Row():
+        generate = gr.Button("Generate", variant="primary", elem_id=f"{tab}-generate")
+        stop = gr.Button("Stop", variant="stop", elem_id=f"{tab}-stop")
+    save = gr.Checkbox(value=False, label=f"Also save under {server.outdir}" if server.outdir else
+                       "Save to an outputs folder (start sd serve with --outdir)", interactive=server.outdir is not None)
+    gallery = gr.Gallery(label="Results (download gives the PNG with its parameters)", elem_id=f"{tab}-gallery",
+                         columns=4, height=360, object_fit="contain", preview=False, format="png")
+    status = gr.Textbox(label="Status", interactive=False, elem_id=f"{tab}-status")
+    stop.click(lambda: server.worker.interrupt() and None, None, None, queue=False)
+    return generate, save, gallery, status
+
+
+def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Callable, extra_output=None,
+             extra: Optional[Callable] = None):
+    """One generating tab: its own inputs, the shared controls, and the run wiring."""
+    pipe = server.pipeline
+    reason = model_can_run(pipe, tab)
+    if reason:
+        gr.Markdown(f"**{reason}** Load another checkpoint (POST /sdapi/v1/options) to use this tab.")
+    defaults = pipe.defaults(tab)
+    own = inputs(defaults)
+    prompt = gr.Textbox(label="Prompt", lines=2, elem_id=f"{tab}-prompt")
+    controls = sampling_controls(defaults, pipe.native_size if tab == "txt2img" else None)
+    generate, save, gallery, status = output_area(server, tab)
+    side = extra_output() if extra_output else None
+    names = list(own) + list(controls)
+
+    def run(prompt_text, save_it, *values, progress=gr.Progress()):
+        why = model_can_run(server.pipeline, tab)
+        if why:
+            raise gr.Error(why)
+        given = dict(zip(names, values))
+        settings = settings_from(given, defaults)
+        if tab == "txt2img":
+            settings.update(H=int(given["height"]), W=int(given["width"]))
+        return run_job(server, results, lambda: make_task(given), prompt_text, settings, progress,
+                       tab if save_it else None, extra)
+
+    outputs = [gallery, status] + ([side] if side is not None else [])
+    generate.click(run, [prompt, save, *own.values(), *controls.values()], outputs)
+    return prompt, controls
+
+
+def _need(value, what: str):
+    if value is None:
+        raise gr.Error(f"upload {what} first")
+    return value
+
+
+def _mask_of(edited) -> tuple[Image.Image, Image.Image]:
+    """(picture, mask) from the image editor: the uploaded background and the strokes painted on it."""
+    if not edited or edited.get("background") is None:
+        raise gr.Error("upload an image and paint the part to repaint")
+    background = edited["background"].convert("RGB")
+    alpha = np.zeros(background.size[::-1], dtype=np.uint8)
+    for layer in edited.get("layers") or []:
+        alpha = np.maximum(alpha, np.asarray(layer.convert("RGBA").resize(background.size))[..., 3])
+    return background, Image.fromarray(np.where(alpha > 0, 255, 0).astype(np.uint8))
+
+
+def page_theme() -> gr.themes.Theme:
+    """gradio's default look with the system's fonts: its own theme fetches web fonts, which an offline
+    machine cannot."""
+    return gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])
+
+
+def build_page(server, first_tab: str = "txt2img") -> gr.Blocks:
+    """The page's Blocks (mounted at / by ldm.serve.app)."""
+    results = Results()
+    with gr.Blocks(title="sd", analytics_enabled=False) as page:
+        gr.Markdown(f"### sd: Stable Diffusion 2.x — {Path(server.pipeline.ckpt).name}")
+        with gr.Tabs(selected=first_tab) as tabs:
+            with gr.Tab("txt2img", id="txt2img"):
+                t2i_prompt, t2i = task_tab(server, results, "txt2img", lambda d: {},
+                                           lambda g: Txt2Img(int(g["height"]), int(g["width"])))
+            with gr.Tab("img2img", id="img2img"):
+                task_tab(server, results, "img2img", lambda d: {
+                    "image": gr.Image(type="pil", label="Image", elem_id="img2img-image"),
+                    "strength": gr.Slider(0.0, 1.0, value=d["strength"], step=0.05, label="Strength")},
+                    lambda g: Img2Img(_need(g["image"], "an image"), g["strength"]))
+            with gr.Tab("inpaint", id="inpaint"):
+                task_tab(server, results, "inpaint", lambda d: {
+                    "edited": gr.ImageEditor(type="pil", label="Image: paint over what to repaint", elem_id="inpaint-editor",
+                                             brush=gr.Brush(colors=["#ffffff"], default_size=24), layers=False)},
+                    lambda g: Inpaint(*_mask_of(g["edited"])))
+            with gr.Tab("depth2img", id="depth2img"):
+                task_tab(server, results, "depth2img", lambda d: {
+                    "image": gr.Image(type="pil", label="Image", elem_id="depth2img-image"),
+                    "strength": gr.Slider(0.0, 1.0, value=d["strength"], step=0.05, label="Strength")},
+                    lambda g: Depth2Img(_need(g["image"], "an image"), g["strength"]),
+                    extra_output=lambda: gr.Image(label="Depth map used", type="pil", elem_id="depth2img-depth"),
+                    extra=lambda task: task.depth)
+            with gr.Tab("upscale", id="upscale"):
+                task_tab(server, results, "upscale", lambda d: {
+                    "image": gr.Image(type="pil", label="Low-resolution image", elem_id="upscale-image"),
+                    "noise_level": gr.Slider(0, 350, value=d["noise_level"], step=1, label="Noise level")},
+                    lambda g: Upscale(_need(g["image"], "an image"), int(g["noise_level"])))
+            with gr.Tab("png-info", id="png-info"):
+                png_info_tab(tabs, t2i_prompt, t2i)
+    return page
+
+
+def png_info_tab(tabs, prompt, controls: dict) -> None:
+    """Read the "parameters" text of a PNG (sd's or A1111's) and send it back to txt2img."""
+    upload = gr.File(label="A PNG made by sd or AUTOMATIC1111", file_types=[".png"], elem_id="png-info-file")
+    text = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="png-info-text")
+    send = gr.Button("Send to txt2img", elem_id="png-info-send")
+
+    def read(path):
+        if not path:
+            return ""
+        try:
+            return metadata.read_png_text(path).get(metadata.PARAMETERS_KEY, "(no generation parameters)")
+        except SDError as exc:
+            return str(exc)
+
+    def to_txt2img(parameters: str):
+        prompt_text, negative, fields = metadata.parse_parameters(parameters or "")
+        width, height = (fields.get("Size", "x").split("x") + [""])[:2]
+        number = lambda key, cast: cast(fields[key]) if key in fields else gr.update()  # noqa: E731
+        return [gr.Tabs(selected="txt2img"), prompt_text, negative,
+                fields.get("Sampler", gr.update()), number("Steps", int), number("CFG scale", float),
+                number("Seed", int), int(width) if width.isdigit() else gr.update(),
+                int(height) if height.isdigit() else gr.update()]
+
+    upload.change(read, upload, text)
+    send.click(to_txt2img, text, [tabs, prompt, controls["negative_prompt"], controls["sampler"], controls["steps"],
+                                  controls["scale"], controls["seed"], controls["width"], controls["height"]])

@@ -1,0 +1,91 @@
+"""One model, one job at a time: the server's queue in front of a Pipeline.
+
+Every request that touches the model (a generation from the page or the API, a model switch) is a job
+run by the one worker thread, in arrival order. `progress()` reports the running job and how many wait;
+`interrupt()` stops the running job after its current step (the pipeline raises Cancelled, with the
+images of the batches already done).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from ldm.pipeline import Pipeline, Progress
+
+
+@dataclass
+class JobState:
+    """What /progress and the page's bar show of the running job."""
+    job: str = ""
+    job_no: int = 0  # the running job's number since the server started
+    step: int = 0
+    steps: int = 0
+    started: float = 0.0
+    interrupted: bool = False
+    denoised: Any = field(default=None, repr=False)  # the last step's x0 latents (for a preview)
+
+
+class Worker:
+    """Runs jobs `fn(pipeline, progress)` one after the other on one thread."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        self._jobs: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._numbers = itertools.count(1)
+        self.state: Optional[JobState] = None
+        threading.Thread(target=self._loop, name="sd-worker", daemon=True).start()
+
+    def submit(self, name: str, fn: Callable[[Pipeline, Callable[[Progress], None]], Any]) -> concurrent.futures.Future:
+        """Queue a job; its future gives fn's result or raises its exception."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._waiting += 1
+        self._jobs.put((name, fn, future))
+        return future
+
+    def run(self, name: str, fn) -> Any:
+        """Queue a job and wait for it."""
+        return self.submit(name, fn).result()
+
+    def _loop(self) -> None:
+        while True:
+            name, fn, future = self._jobs.get()
+            with self._lock:
+                self._waiting -= 1
+                self.state = JobState(job=name, job_no=next(self._numbers), started=time.time())
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(self.pipeline, self._on_step))
+                except BaseException as exc:  # the job's error is its caller's, never the worker's
+                    future.set_exception(exc)
+            with self._lock:
+                self.state = None
+
+    def _on_step(self, progress: Progress) -> None:
+        state = self.state
+        if state is None:
+            return
+        state.step, state.steps, state.denoised = progress.step, progress.total, progress.denoised
+        if state.interrupted:  # an interrupt that came before the job's sampling started
+            self.pipeline.cancel()
+
+    def interrupt(self) -> bool:
+        """Stop the running job after its current step; False when nothing runs."""
+        state = self.state
+        if state is None:
+            return False
+        state.interrupted = True
+        self.pipeline.cancel()
+        return True
+
+    def progress(self) -> tuple[Optional[JobState], int]:
+        """(the running job's state or None, how many jobs wait)."""
+        with self._lock:
+            return self.state, self._waiting

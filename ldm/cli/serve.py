@@ -33,7 +33,7 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
     from ldm.entry import ready_for_interrupts
     from ldm.errors import SDError, note
     from ldm.limits import Limits
-    from ldm.serve.page import TABS
+    from ldm.families import TASKS
 
     auth = None
     if api_auth is not None:
@@ -41,13 +41,13 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
         if not sep or not user or not password:
             raise SDError("--api-auth must be USER:PASSWORD")
         auth = (user, password)
-    if tab not in TABS[:-1]:
-        raise SDError(f"--tab must be one of {', '.join(TABS[:-1])} (got '{tab}')")
+    if tab not in TASKS:
+        raise SDError(f"--tab must be one of {', '.join(TASKS)} (got '{tab}')")
     if not 1 <= max_body_mb <= 4096 or max_pixels < 1 or not 1 <= port <= 65535:
         raise SDError("--max-body-mb must be 1..4096, --max-pixels at least 1, --port 1..65535")
     limits = Limits(max_side=max_side, max_steps=max_steps, max_batch=max_batch, max_images=max_images)
     limits.check()
-    from ldm.serve.app import check_bind
+    from ldm.serve.bind import check_bind
 
     said = check_bind(host, auth, insecure)  # before the model loads: a refused start costs nothing
     ready_for_interrupts()

@@ -7,7 +7,6 @@ included) needs HTTP Basic auth. Errors a client causes are 4xx with a one-line 
 from __future__ import annotations
 
 import base64
-import ipaddress
 import logging
 import secrets
 import sys
@@ -220,23 +219,10 @@ def build_app(server: Server, *, auth: Optional[tuple[str, str]] = None, page: b
     return Guard(app, max_body=server.max_body, auth=auth)
 
 
-def check_bind(host: str, auth: Optional[tuple[str, str]], insecure: bool) -> str:
-    """The line to print at start; SDError for a non-loopback host with neither credentials nor --insecure."""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if loopback:
-        return "only this machine can connect" + (" (HTTP Basic auth on)" if auth else "")
-    if auth:
-        return f"listening on {host}: every route needs HTTP Basic auth"
-    if insecure:
-        return f"listening on {host} WITHOUT authentication (--insecure): anyone who can reach it can use it"
-    raise SDError(f"--host {host} lets other machines connect: pass --api-auth USER:PASSWORD, or --insecure to "
-                  "serve without authentication")
-
-
 def configure_logging() -> None:
+    """One line per request on stderr (set up once per process)."""
+    if log.handlers:
+        return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     log.addHandler(handler)

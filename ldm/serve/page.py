@@ -91,7 +91,7 @@ def run_job(server, results: Results, make_task: Callable, prompt: str, settings
     return (files, status) if extra is None else (files, status, side)
 
 
-def sampling_controls(defaults: dict, size: Optional[int]) -> dict:
+def sampling_controls(tab: str, defaults: dict, size: Optional[int]) -> dict:
     """The knobs every task shares: negative prompt, sampler, schedule, steps, scale, seed, batch, size."""
     from ldm.models.diffusion.sampler_names import SAMPLER_INFO, SCHEDULE_INFO
 
@@ -99,11 +99,11 @@ def sampling_controls(defaults: dict, size: Optional[int]) -> dict:
     with gr.Row():
         c["sampler"] = gr.Dropdown(list(SAMPLER_INFO), value="ddim", label="Sampler")
         c["schedule"] = gr.Dropdown(["sampler's own", *SCHEDULE_INFO], value="sampler's own", label="Schedule")
-        c["steps"] = gr.Slider(1, 150, value=defaults["steps"], step=1, label="Steps")
+        c["steps"] = gr.Slider(1, 150, value=defaults["steps"], step=1, label="Steps", elem_id=f"{tab}-steps")
         c["scale"] = gr.Slider(1.0, 20.0, value=defaults["scale"], step=0.5, label="Guidance scale")
     with gr.Row():
-        c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
-        c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size")
+        c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{tab}-seed")
+        c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{tab}-batch")
         c["n_iter"] = gr.Slider(1, 8, value=1, step=1, label="Batches")
         if size is not None:
             c["width"] = gr.Slider(256, 1024, value=size, step=64, label="Width")
@@ -144,7 +144,7 @@ def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Ca
     defaults = pipe.defaults(tab)
     own = inputs(defaults)
     prompt = gr.Textbox(label="Prompt", lines=2, elem_id=f"{tab}-prompt")
-    controls = sampling_controls(defaults, pipe.native_size if tab == "txt2img" else None)
+    controls = sampling_controls(tab, defaults, pipe.native_size if tab == "txt2img" else None)
     generate, save, gallery, status = output_area(server, tab)
     side = extra_output() if extra_output else None
     names = list(own) + list(controls)

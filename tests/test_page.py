@@ -1,0 +1,172 @@
+"""The `sd serve` page in a real browser: Debian's chromium driven by playwright, with no network.
+
+Skipped with the reason where chromium or playwright is missing (`make install-browser` installs
+chromium where root may). `SD_SCREENSHOTS=docs/screenshots python -m pytest tests/test_page.py` also
+refreshes the README's screenshots.
+"""
+import os
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm.pipeline import Pipeline
+from ldm.serve.app import Server
+from tests.serving import serving
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium here (make install-browser installs it)")
+# Debian's chromium as root needs --no-sandbox; on a closed network the background services must stay off.
+ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--disable-quic"]
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return Pipeline.load(device="cpu", quiet=True)
+
+
+@pytest.fixture(scope="module")
+def site(demo):
+    with serving(Server(demo), page=True) as (url, port):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, site):
+    context = browser.new_context(viewport={"width": 1200, "height": 1000})
+    page = context.new_page()
+    page.outside = []  # requests to anything but this server
+    page.on("request", lambda r: page.outside.append(r.url) if urlparse(r.url).hostname != "127.0.0.1" else None)
+    page.goto(site, wait_until="networkidle")
+    page.wait_for_selector("#txt2img-prompt textarea")
+    yield page
+    context.close()
+
+
+def result_png(page, tab: str) -> bytes:
+    """The bytes the gallery's first image downloads."""
+    src = page.get_attribute(f"#{tab}-gallery img", "src")
+    return page.request.get(src).body()
+
+
+def status(page, tab: str) -> str:
+    return page.input_value(f"#{tab}-status textarea")
+
+
+def test_the_page_works_offline_and_makes_the_commands_png(page, demo):
+    page.fill("#txt2img-prompt textarea", PROMPT)
+    page.fill("#txt2img-seed input", "1")
+    page.click("#txt2img-generate")
+    page.wait_for_selector("#txt2img-gallery img", timeout=60_000)
+    assert status(page, "txt2img") == "1 image(s), seeds 1"
+    assert result_png(page, "txt2img") == demo.txt2img(PROMPT, seed=1)[0].png()
+    assert page.outside == []
+
+
+def test_a_brush_stroke_repaints_only_under_it(page, tmp_path):
+    from tests.conftest import smooth_photo
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(smooth_photo()).save(photo)  # 260 x 300
+    page.get_by_role("tab", name="inpaint").click()
+    page.set_input_files("#inpaint-editor input[type=file]", str(photo))
+    page.wait_for_timeout(2000)
+    canvas = page.locator("#inpaint-editor canvas").first.bounding_box()
+    x, y = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2
+    page.mouse.move(x - 50, y)
+    page.mouse.down()
+    for step in range(1, 11):  # a horizontal stroke through the middle of the picture
+        page.mouse.move(x - 50 + 10 * step, y)
+    page.mouse.up()
+    page.wait_for_timeout(1000)  # the editor sends its layers a moment after the stroke
+    page.fill("#inpaint-prompt textarea", "a green square on a blue background")
+    page.fill("#inpaint-seed input", "3")
+    page.click("#inpaint-generate")
+    page.wait_for_selector("#inpaint-gallery img", timeout=60_000)
+    out = tmp_path / "out.png"
+    out.write_bytes(result_png(page, "inpaint"))
+    got = np.asarray(Image.open(out).convert("RGB"), np.int16)
+    before = smooth_photo().astype(np.int16)
+    assert got.shape == before.shape
+    far = np.ones(before.shape[:2], bool)
+    far[110:190, :] = False  # rows near the stroke (the picture's middle row is 150)
+    # away from the stroke only the watermark touches the pixels; under it, they are repainted
+    assert np.abs(got - before)[far].mean() < 1.5
+    assert np.abs(got - before)[~far].max() > 40
+
+
+def test_stop_ends_a_long_run(page):
+    page.fill("#txt2img-prompt textarea", PROMPT)
+    page.fill("#txt2img-steps input[type=number]", "150")
+    page.fill("#txt2img-batch input[type=number]", "4")
+    page.click("#txt2img-generate")
+    page.wait_for_selector("text=/step \\d+ of 150/", timeout=60_000)
+    started = time.time()
+    page.click("#txt2img-stop")
+    page.wait_for_function("document.querySelector('#txt2img-status textarea').value.startsWith('stopped')",
+                           timeout=30_000)
+    assert time.time() - started < 10
+    assert "cancelled after step" in status(page, "txt2img")
+
+
+def test_every_tab_renders(page, tmp_path):
+    folder = Path(os.environ.get("SD_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    for tab in ("txt2img", "img2img", "inpaint", "depth2img", "upscale", "png-info"):
+        page.get_by_role("tab", name=tab).click()
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(folder / f"{tab}.png"))
+        if tab in ("depth2img", "upscale"):  # the demo model is text-to-image: these tabs say so
+            assert page.get_by_text(f"cannot run {tab}").is_visible()
+    assert len(list(folder.glob("*.png"))) >= 6
+
+
+def test_png_info_reads_a_png_and_sends_it_to_txt2img(page, demo, tmp_path):
+    made = demo.txt2img(PROMPT, negative_prompt="blurry", seed=12, steps=7)[0]
+    path = tmp_path / "made.png"
+    path.write_bytes(made.png())
+    page.get_by_role("tab", name="png-info").click()
+    page.set_input_files("#png-info-file input[type=file]", str(path))
+    page.wait_for_function("document.querySelector('#png-info-text textarea').value.length > 0", timeout=20_000)
+    assert page.input_value("#png-info-text textarea") == made.parameters
+    page.click("#png-info-send")
+    page.wait_for_function(f"document.querySelector('#txt2img-prompt textarea').value === {PROMPT!r}", timeout=20_000)
+    assert page.input_value("#txt2img-seed input") == "12"
+    assert page.input_value("#txt2img-steps input[type=number]") == "7"
+
+
+def test_the_depth_tab_shows_the_depth_map_used(browser, tmp_path):
+    from tests.conftest import smooth_photo
+    from tests.tinyckpt import build_tiny, save_tiny
+
+    ckpt = save_tiny(build_tiny("tiny-v2-midas.yaml", 4), tmp_path / "depth.ckpt")
+    config = Path(__file__).parent / "configs" / "tiny-v2-midas.yaml"
+    photo = tmp_path / "photo.png"
+    Image.fromarray(smooth_photo()).save(photo)
+    pipe = Pipeline.load(ckpt, config, device="cpu", precision="full", quiet=True)
+    with serving(Server(pipe), page=True) as (url, port):
+        page = browser.new_page(viewport={"width": 1200, "height": 1000})
+        page.goto(url, wait_until="networkidle")
+        page.get_by_role("tab", name="depth2img").click()
+        page.set_input_files("#depth2img-image input[type=file]", str(photo))
+        page.wait_for_timeout(1000)
+        page.fill("#depth2img-steps input[type=number]", "3")
+        page.click("#depth2img-generate")
+        page.wait_for_selector("#depth2img-depth img", timeout=60_000)
+        assert page.is_visible("#depth2img-gallery img")
+        page.close()

@@ -215,7 +215,7 @@ def build_app(server: Server, *, auth: Optional[tuple[str, str]] = None, page: b
         from ldm.serve.page import build_page, page_theme
 
         app = gr.mount_gradio_app(app, build_page(server, first_tab), path="/", show_error=True, theme=page_theme(),
-                                  footer_links=["api"])
+                                  footer_links=["api"], max_file_size=server.max_body)
     return Guard(app, max_body=server.max_body, auth=auth)
 
 

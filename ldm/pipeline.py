@@ -148,7 +148,8 @@ class Pipeline:
                 **settings) -> list[GeneratedImage]:
         """Images of `prompt`, `width` x `height` (default: the model's native size). Settings (all tasks):
         negative_prompt, seed (None or -1: a random one), steps, scale, sampler, schedule, eta,
-        batch_size, n_iter, limits (ldm.limits.Limits), progress (a callback taking a Progress)."""
+        batch_size, n_iter, limits (ldm.limits.Limits), emphasis ("original", "none", "off": how
+        AUTOMATIC1111's (word:1.2) weights apply), progress (a callback taking a Progress)."""
         task = Txt2Img(height, width)
         return self._generate(task, prompt, settings, H=height or self.native_size, W=width or self.native_size)
 
@@ -186,7 +187,7 @@ class Pipeline:
             steps: Optional[int] = None, scale: Optional[float] = None, sampler: str = "ddim",
             schedule: Optional[str] = None, eta: Optional[float] = None, batch_size: Optional[int] = None,
             n_iter: int = 1, limits: Optional[Limits] = None, H: int = 256, W: int = 256,
-            C: Optional[int] = None, f: Optional[int] = None) -> Job:
+            C: Optional[int] = None, f: Optional[int] = None, emphasis: str = "original") -> Job:
         """The Job of one call: the task's defaults for this model where a setting is None."""
         from ldm.models.diffusion.sampler_names import check_sampler
 
@@ -200,7 +201,7 @@ class Pipeline:
                       seed=secrets.randbelow(2 ** 32) if seed is None or seed == -1 else seed, fixed_code=False,
                       C=C or self.model.latent_channels, f=f or self.model.downsampling_factor, outdir=Path("."),
                       config=self.config, ckpt=self.ckpt, runtime=self.options, sampling=sampling,
-                      limits=limits or Limits())
+                      limits=limits or Limits(), emphasis=emphasis)
         if isinstance(task, Txt2Img):
             return Job(H=H, W=W, **fields)
         return image_job(task, **fields)
@@ -267,10 +268,12 @@ class Session:
             raise SDError(f"--C {job.C} / --f {job.f} do not fit the model (it has {model.latent_channels} latent "
                           f"channels and factor {model.downsampling_factor})")
         task.prepare(model, job, self.device)
-        self.encoder = PromptEncoder(model)
+        self.encoder = PromptEncoder(model, emphasis=job.emphasis)
         self.common = {"Model hash": metadata.model_hash(pipeline.ckpt), "Model": Path(pipeline.ckpt).stem,
                        "Config": Path(pipeline.config).name, "Mode": task.name,
-                       "Precision": model.runtime.precision.mode, **task.settings()}
+                       "Precision": model.runtime.precision.mode, **task.settings(),
+                       # A1111 writes Emphasis only when it is not its default, "Original"
+                       "Emphasis": {"none": "No norm", "off": "None"}.get(job.emphasis)}
 
     def parameters(self, batch: Batch, position: int) -> str:
         """The "parameters" text of the image at `position` of `batch` (known before sampling)."""
@@ -293,13 +296,21 @@ class Session:
                                       item.index, len(batch.items), pos))
         return out
 
+    def conditioning(self, items, guided: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Text features of the batch's prompts (B, 77 * k, width) and, when guided, of its negative prompts,
+        padded to one chunk count."""
+        c = self.encoder.encode([it.prompt for it in items])
+        uc = self.encoder.encode([it.negative_prompt for it in items]) if guided else []
+        length = max(f.shape[0] for f in c + uc)
+        return (self.encoder.stack(c, length).to(self.device),
+                self.encoder.stack(uc, length).to(self.device) if guided else None)
+
     def sample(self, batch: Batch, on_step: Optional[Callable[[dict], None]] = None) -> list[Image.Image]:
         """Sample and decode one batch: PIL images for every position, not yet watermarked."""
         job, settings, items, task = self.job.for_batch(batch), batch.sampling, batch.items, self.task
         noise, generators = start_noise([item.seed for item in items], task.latent_shape(job))
         with torch.inference_mode(), autocast_context(self.model):
-            c = self.encoder([it.prompt for it in items]).to(self.device)
-            uc = self.encoder([it.negative_prompt for it in items]).to(self.device) if settings.scale != 1.0 else None
+            c, uc = self.conditioning(items, guided=settings.scale != 1.0)
             inputs = task.batch(self.model, items, generators, self.device)
             latents = sample_latents(self.model, noise.to(self.device), generators, c, uc, settings, on_step,
                                      start_latents=inputs.start_latents, strength=inputs.strength,

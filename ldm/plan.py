@@ -127,6 +127,16 @@ def check_steps(sampling: "SamplingSettings", limits: Limits, timesteps: int, wh
     make_sigmas(sampling.schedule or sampling.sampler, stand_in, sampling.steps)
 
 
+def refuse_lora_tags(prompts: list[str]) -> None:
+    """<lora:...> tags need LoRA support, which sd does not have yet: one line instead of tagging text."""
+    from ldm.prompt_syntax import take_loras
+
+    for prompt in prompts:
+        tags = take_loras(prompt)[1]
+        if tags:
+            raise SDError(f"the prompt asks for LoRA {tags[0].name} (<lora:...>), which sd cannot apply yet")
+
+
 @dataclass
 class Job:
     """Everything a run needs, validated up front by `check()` before any model is loaded."""
@@ -148,6 +158,7 @@ class Job:
     ckpt: Optional[Path]
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # --device, --precision, the fast paths
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    emphasis: str = "original"  # --emphasis: original | none | off (ldm.modules.encoders.prompt_chunks)
     # Batch jobs (ldm/batch): resume, scale-out, reproduction.
     skip_existing: bool = False  # skip items whose file exists with matching metadata
     devices: Optional[int] = None  # processes per node (Lightning DDP); None: one process, no Lightning
@@ -195,7 +206,10 @@ class Job:
         check_number("--ddim_eta", self.sampling.eta, minimum=0)
         check_seed(self.seed)
         check_text("--prompt", self.prompt)
+        refuse_lora_tags([self.prompt] + [line.prompt for line in self.prompt_lines()])
         check_text("--negative-prompt", self.negative_prompt)
+        if self.emphasis not in ("original", "none", "off"):
+            raise SDError(f"--emphasis must be one of original, none, off (got '{self.emphasis}')")
         check_sampler(self.sampling.sampler, self.sampling.schedule)  # names first: check_steps builds the schedule
         timesteps = self.timesteps()
         check_steps(self.sampling, self.limits, timesteps)

@@ -21,29 +21,59 @@ def start_noise(seeds: list[int], shape: tuple[int, int, int]) -> tuple[torch.Te
 
 
 class PromptEncoder:
-    """Encodes each distinct prompt once (prompt files often repeat prompts).
+    """Encodes each distinct prompt once (prompt files often repeat prompts), as AUTOMATIC1111 reads them.
 
-    The cache keeps the `capacity` most recently used embeddings (a (77, 1024) float32 embedding is
-    about 0.3 MB), so a file of many thousand distinct prompts does not grow memory without bound.
+    Plain prompts (no emphasis syntax, no embedding names, at most 75 tokens) are encoded together in one
+    batch through the model's own text path, as before the prompt syntax existed, so their features are
+    bit-identical to it; the others go through ldm.modules.encoders.prompt_chunks one by one. The cache keeps
+    the `capacity` most recently used prompts (a (77, 1024) float32 chunk is about 0.3 MB).
     """
 
-    def __init__(self, model, capacity: int = 256):
-        self.model = model
-        self.capacity = capacity
+    def __init__(self, model, capacity: int = 256, emphasis: str = "original", embeddings=None):
+        self.model, self.capacity, self.emphasis = model, capacity, emphasis
+        self.embeddings = embeddings or {}
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
+    def _plain(self, prompt: str) -> bool:
+        from ldm.modules.encoders.prompt_chunks import CHUNK
+        from ldm.prompt_syntax import parse_weights
+
+        if self.emphasis == "off":
+            return True
+        if parse_weights(prompt) != [(prompt, 1.0)] or any(name in prompt for name in self.embeddings):
+            return False
+        return len(self.model.cond_stage_model.tokenizer().encode(prompt)) <= CHUNK
+
+    def encode(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Features (77 * chunks, width) of each prompt."""
+        from ldm.modules.encoders.prompt_chunks import encode_prompt
+
         todo = list(dict.fromkeys(p for p in prompts if p not in self.cache))
-        if todo:
-            embeddings = self.model.get_learned_conditioning(todo)
-            for prompt, emb in zip(todo, embeddings):
+        plain = [p for p in todo if self._plain(p)]
+        if plain:
+            for prompt, emb in zip(plain, self.model.get_learned_conditioning(plain)):
                 self.cache[prompt] = emb
-        out = torch.stack([self.cache[p] for p in prompts])
+        for prompt in todo:
+            if prompt not in self.cache:
+                self.cache[prompt] = encode_prompt(self.model.cond_stage_model, prompt, self.emphasis, self.embeddings)
+        out = [self.cache[p] for p in prompts]
         for p in dict.fromkeys(prompts):
             self.cache.move_to_end(p)
         while len(self.cache) > max(self.capacity, len(set(prompts))):
             self.cache.popitem(last=False)
         return out
+
+    def stack(self, features: list[torch.Tensor], length: int) -> torch.Tensor:
+        """(B, length, width): each prompt's features, shorter ones padded with the empty prompt's chunk
+        (so a prompt and a negative prompt of different chunk counts batch, as A1111 pads them)."""
+        if all(f.shape[0] == length for f in features):
+            return torch.stack(features)
+        empty = self.encode([""])[0]  # (77, width)
+        return torch.stack([torch.cat([f, *[empty] * ((length - f.shape[0]) // empty.shape[0])]) for f in features])
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        features = self.encode(prompts)
+        return self.stack(features, max(f.shape[0] for f in features))
 
 
 def sample_latents(model, noise: torch.Tensor, generators: list[torch.Generator], c: torch.Tensor,

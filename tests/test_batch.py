@@ -149,7 +149,7 @@ def test_prompt_encoder_encodes_each_distinct_prompt_once():
             calls.append(list(prompts))
             return torch.stack([torch.full((2,), float(len(p))) for p in prompts])
 
-    encoder = PromptEncoder(Model(), capacity=2)
+    encoder = PromptEncoder(Model(), capacity=2, emphasis="off")  # "off": the model's plain text path only
     out = encoder(["aa", "b", "aa", "b"])
     assert calls == [["aa", "b"]] and out[:, 0].tolist() == [2.0, 1.0, 2.0, 1.0]
     encoder(["b", "ccc"])  # "aa" is now the least recently used and leaves the cache

@@ -83,4 +83,5 @@ def job_from_image(job: "Job", mode_name: str = "txt2img", sized: bool = True,
         job, prompt=prompt, negative_prompt=negative, seed=_field(fields, "Seed", int, job.seed, path),
         W=width, H=height, sampling=sampling,
         runtime=dataclasses.replace(job.runtime, precision=fields.get("Precision", job.runtime.precision)),
+        emphasis={"No norm": "none", "None": "off"}.get(fields.get("Emphasis", ""), "original"),
         from_file=None, n_samples=1, n_iter=1, repeat=1, fixed_code=False, reproduce=(batch_size, position))

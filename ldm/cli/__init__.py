@@ -32,7 +32,8 @@ def _root() -> None:
 
 
 # Command modules, each adding its commands to `app` when imported.
-COMMAND_MODULES = ("txt2img", "samplers", "img2img", "inpaint", "depth2img", "upscale", "info", "train", "serve")
+COMMAND_MODULES = ("txt2img", "samplers", "img2img", "inpaint", "depth2img", "upscale", "info", "train", "serve",
+                   "prompt")
 
 
 def _register_commands() -> None:

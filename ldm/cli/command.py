@@ -47,6 +47,7 @@ def shared_flags(
     compile: opt.Compile = False,
     threads: opt.Threads = None,
     trust_config: opt.TrustConfig = False,
+    emphasis: opt.Emphasis = "original",
     skip_existing: bopt.SkipExisting = False,
     devices: bopt.Devices = None,
     num_nodes: bopt.NumNodes = 1,

@@ -198,12 +198,17 @@ class OpenCLIPTextModel(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
 
-    def forward(self, tokens: torch.Tensor, skip_last: int = 0) -> torch.Tensor:
-        """Per-token features (B, L, W) after all resblocks but the last `skip_last`, then ln_final."""
+    def forward(self, tokens: torch.Tensor, skip_last: int = 0, vectors=()) -> torch.Tensor:
+        """Per-token features (B, L, W) after all resblocks but the last `skip_last`, then ln_final.
+        `vectors` [(position, vector (W,)), ...] replace the token embeddings there in every row (textual
+        inversion)."""
         n = tokens.shape[1]
         if n > self.context_length:
             raise SDError(f"{n} text tokens exceed the text encoder's context length {self.context_length}")
-        x = self.token_embedding(tokens) + self.positional_embedding[:n]  # (B, 77, W)
+        x = self.token_embedding(tokens)  # (B, 77, W)
+        for position, vector in vectors:
+            x[:, position] = vector.to(x)
+        x = x + self.positional_embedding[:n]
         for block in self.transformer.resblocks[: len(self.transformer.resblocks) - skip_last]:
             x = block(x, self.causal)
         return self.ln_final(x)  # (B, 77, W)
@@ -261,10 +266,15 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         # + 2 for the start and end tokens, which are always kept.
         return [max(0, len(tokenizer.encode(text)) + 2 - self.max_length) for text in texts]
 
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, 77) -> features (B, 77, width) from the configured layer."""
+    def tokenizer(self):
+        """The BPE tokenizer (ldm.modules.encoders.tokenizer.CLIPTokenizer) of this text tower."""
+        return _tokenizer(self.max_length, self.tokenizer_kwargs)
+
+    def encode_tokens(self, tokens: torch.Tensor, vectors=()) -> torch.Tensor:
+        """Token ids (B, 77) -> features (B, 77, width) from the configured layer; `vectors` replace token
+        embeddings at their positions (textual inversion)."""
         tokens = tokens.to(self.model.token_embedding.weight.device)
-        return self.model(tokens, skip_last=self.layer_idx)
+        return self.model(tokens, skip_last=self.layer_idx, vectors=vectors)
 
     def forward(self, texts: list[str] | str) -> torch.Tensor:
         return self.encode_tokens(self.tokenize(texts))  # (B, 77, width)

@@ -149,7 +149,8 @@ class Pipeline:
         """Images of `prompt`, `width` x `height` (default: the model's native size). Settings (all tasks):
         negative_prompt, seed (None or -1: a random one), steps, scale, sampler, schedule, eta,
         batch_size, n_iter, limits (ldm.limits.Limits), emphasis ("original", "none", "off": how
-        AUTOMATIC1111's (word:1.2) weights apply), progress (a callback taking a Progress)."""
+        AUTOMATIC1111's (word:1.2) weights apply), embeddings (a folder of textual-inversion files; by
+        default embeddings/ beside the checkpoints folder), progress (a callback taking a Progress)."""
         task = Txt2Img(height, width)
         return self._generate(task, prompt, settings, H=height or self.native_size, W=width or self.native_size)
 
@@ -187,7 +188,8 @@ class Pipeline:
             steps: Optional[int] = None, scale: Optional[float] = None, sampler: str = "ddim",
             schedule: Optional[str] = None, eta: Optional[float] = None, batch_size: Optional[int] = None,
             n_iter: int = 1, limits: Optional[Limits] = None, H: int = 256, W: int = 256,
-            C: Optional[int] = None, f: Optional[int] = None, emphasis: str = "original") -> Job:
+            C: Optional[int] = None, f: Optional[int] = None, emphasis: str = "original",
+            embeddings: Optional[str | Path] = None) -> Job:
         """The Job of one call: the task's defaults for this model where a setting is None."""
         from ldm.models.diffusion.sampler_names import check_sampler
 
@@ -201,7 +203,8 @@ class Pipeline:
                       seed=secrets.randbelow(2 ** 32) if seed is None or seed == -1 else seed, fixed_code=False,
                       C=C or self.model.latent_channels, f=f or self.model.downsampling_factor, outdir=Path("."),
                       config=self.config, ckpt=self.ckpt, runtime=self.options, sampling=sampling,
-                      limits=limits or Limits(), emphasis=emphasis)
+                      limits=limits or Limits(), emphasis=emphasis,
+                      embeddings=Path(embeddings) if embeddings is not None else None)
         if isinstance(task, Txt2Img):
             return Job(H=H, W=W, **fields)
         return image_job(task, **fields)
@@ -268,7 +271,12 @@ class Session:
             raise SDError(f"--C {job.C} / --f {job.f} do not fit the model (it has {model.latent_channels} latent "
                           f"channels and factor {model.downsampling_factor})")
         task.prepare(model, job, self.device)
-        self.encoder = PromptEncoder(model, emphasis=job.emphasis)
+        from ldm.textual_inversion import load_folder
+
+        folder, asked = job.embeddings_dir()
+        self.embeddings = load_folder(folder, model.cond_stage_model.model.token_embedding.weight.shape[1], asked)
+        self.encoder = PromptEncoder(model, emphasis=job.emphasis,
+                                     embeddings={name: e.vectors for name, e in self.embeddings.items()})
         self.common = {"Model hash": metadata.model_hash(pipeline.ckpt), "Model": Path(pipeline.ckpt).stem,
                        "Config": Path(pipeline.config).name, "Mode": task.name,
                        "Precision": model.runtime.precision.mode, **task.settings(),
@@ -280,8 +288,12 @@ class Session:
         item, s = batch.items[position], batch.sampling
         width, height = self.task.image_size(self.job.for_batch(batch))
         several = len(batch.items) > 1  # A1111 writes the batch fields only for batches of several images
+        from ldm.textual_inversion import used_in
+
+        used = used_in([item.prompt, item.negative_prompt], self.embeddings)
+        ti = ", ".join(f"{e.name}: {e.hash}" for e in used) or None  # A1111's "TI hashes" field
         fields = {"Steps": s.steps, "Sampler": s.sampler, "Schedule type": s.schedule, "CFG scale": s.scale,
-                  "Seed": item.seed, "Size": f"{width}x{height}", "Eta": s.eta, **self.common,
+                  "Seed": item.seed, "Size": f"{width}x{height}", "Eta": s.eta, **self.common, "TI hashes": ti,
                   "Batch size": len(batch.items) if several else None, "Batch pos": position if several else None}
         return metadata.format_parameters(item.prompt, item.negative_prompt, fields)
 

@@ -159,6 +159,7 @@ class Job:
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # --device, --precision, the fast paths
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     emphasis: str = "original"  # --emphasis: original | none | off (ldm.modules.encoders.prompt_chunks)
+    embeddings: Optional[Path] = None  # --embeddings DIR (None: embeddings/ beside the checkpoints folder)
     # Batch jobs (ldm/batch): resume, scale-out, reproduction.
     skip_existing: bool = False  # skip items whose file exists with matching metadata
     devices: Optional[int] = None  # processes per node (Lightning DDP); None: one process, no Lightning
@@ -235,6 +236,8 @@ class Job:
                     check_steps(dataclasses.replace(self.sampling, **overrides), self.limits, timesteps, "\"steps\"")
             except SDError as exc:
                 raise SDError(f"{line.where}: {exc}") from None
+        if self.embeddings is not None and not Path(self.embeddings).is_dir():
+            raise SDError(f"--embeddings {self.embeddings}: no such folder")
         if self.ckpt is None:
             raise SDError("no checkpoint given: pass --ckpt FILE (.ckpt or .safetensors; see checkpoints/README.md)")
         if not Path(self.ckpt).exists():
@@ -252,6 +255,13 @@ class Job:
         params = load_config(self.config).model.get("params", {}) or {}
         value = params.get("timesteps", 1000)
         return value if isinstance(value, int) and value > 1 else 1000
+
+    def embeddings_dir(self) -> tuple[Optional[Path], bool]:
+        """(the textual-inversion folder, whether it was asked for): --embeddings, else embeddings/ beside
+        the folder that holds the checkpoint."""
+        if self.embeddings is not None:
+            return Path(self.embeddings), True
+        return (Path(self.ckpt).resolve().parent.parent / "embeddings" if self.ckpt else None), False
 
     def sized(self, native_size: int) -> "Job":
         """This job with the model's native size wherever --H/--W was left out."""

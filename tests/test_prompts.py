@@ -120,3 +120,91 @@ def test_sd_prompt_shows_chunks_weights_and_loras(capsys):
     assert out[1] == "chunk 1 (3 tokens): a (red:1.5) cube"
     assert out[2] == "chunk 2 (2 tokens): a table"
     assert out[-1] == "LoRA wood: text encoder x0.7, UNet x0.2"
+
+
+# -- textual inversion ---------------------------------------------------------------------------------
+
+def write_embeddings(folder, width):
+    """One file in each format, with known vectors; returns {name: (n, width) vectors}."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    vectors = {name: torch.randn(n, width, generator=g) for name, n in (("a1111tok", 2), ("difftok", 1),
+                                                                       ("diffbin", 1), ("kohyatok", 3))}
+    torch.save({"string_to_param": {"*": vectors["a1111tok"]}, "name": "a1111tok", "step": 100}, folder / "a1111tok.pt")
+    save_file({"<difftok>": vectors["difftok"][0]}, str(folder / "difftok.safetensors"))
+    torch.save({"<diffbin>": vectors["diffbin"][0]}, folder / "diffbin.bin")
+    save_file({"emb_params": vectors["kohyatok"]}, str(folder / "kohyatok.safetensors"))
+    return vectors
+
+
+def test_each_embedding_format_loads_and_its_vectors_reach_the_text_tower(embedder, tmp_path):
+    from ldm.textual_inversion import load_folder
+
+    width = embedder.model.token_embedding.weight.shape[1]
+    vectors = write_embeddings(tmp_path / "emb", width)
+    loaded = load_folder(tmp_path / "emb", width)
+    assert sorted(loaded) == sorted(vectors)
+    for name, v in vectors.items():
+        assert torch.equal(loaded[name].vectors, v) and len(loaded[name].hash) == 12
+    seen = []
+    hook = embedder.model.transformer.resblocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        z = encode_prompt(embedder, "a a1111tok cat", embeddings={"a1111tok": vectors["a1111tok"]})
+    finally:
+        hook.remove()
+    x = seen[0][0]  # (77, width): token embeddings + positions, the tower's input
+    pos = embedder.model.positional_embedding
+    torch.testing.assert_close(x[2:4], vectors["a1111tok"] + pos[2:4])  # start, "a", then the two vectors
+    cat = embedder.tokenizer().encode("cat")[0]
+    torch.testing.assert_close(x[4], embedder.model.token_embedding.weight[cat] + pos[4])
+    weighted = encode_prompt(embedder, "a (a1111tok:1.3) cat", embeddings={"a1111tok": vectors["a1111tok"]})
+    assert weighted.shape == z.shape and not torch.equal(weighted, z)
+
+
+def test_bad_embeddings_are_one_line(tmp_path):
+    import pickle
+
+    from ldm.errors import SDError
+    from ldm.textual_inversion import load_embedding
+
+    torch.save({"string_to_param": {"*": torch.zeros(1, 768)}}, tmp_path / "sd1.pt")
+    with pytest.raises(SDError, match="an SD 1.x embedding \\(768 wide\\)"):
+        load_embedding(tmp_path / "sd1.pt", 1024)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"string_to_param": {"*": Evil()}}))
+    with pytest.raises(SDError, match="never unpickles code"):
+        load_embedding(tmp_path / "evil.pt", 1024)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 40)
+    with pytest.raises(SDError, match="not a readable safetensors file"):
+        load_embedding(tmp_path / "junk.safetensors", 1024)
+
+
+def test_the_command_uses_embeddings_and_records_their_hashes(tiny_ckpts, tmp_path, capsys):
+    from PIL import Image
+
+    from ldm import metadata
+    from ldm.cli import main
+    from ldm.textual_inversion import load_folder
+
+    width = tiny_ckpts["eps"]["model"].cond_stage_model.model.token_embedding.weight.shape[1]
+    write_embeddings(tmp_path / "emb", width)
+    args = ["txt2img", "--ckpt", str(tiny_ckpts["eps"]["safetensors"]), "--config", tiny_ckpts["eps"]["config"],
+            "--steps", "2", "--H", "256", "--W", "256", "--n_samples", "1", "--n_iter", "1", "--precision", "full",
+            "--device", "cpu", "--prompt", "a kohyatok cube", "-n", "difftok"]
+    assert main([*args, "--embeddings", str(tmp_path / "emb"), "--outdir", str(tmp_path / "o")]) == 0
+    image = next((tmp_path / "o" / "samples").glob("*.png"))
+    fields = metadata.parse_parameters(metadata.read_png_text(image)["parameters"])[2]
+    hashes = {name: e.hash for name, e in load_folder(tmp_path / "emb", width).items()}
+    assert fields["TI hashes"] == f"difftok: {hashes['difftok']}, kohyatok: {hashes['kohyatok']}"
+    assert main([*args, "--embeddings", str(tmp_path / "nowhere"), "--outdir", str(tmp_path / "p")]) == 1
+    assert "--embeddings" in capsys.readouterr().err
+    plain = Image.open(image)
+    assert main([*args, "--outdir", str(tmp_path / "q")]) == 0  # the default folder (absent): no embeddings
+    other = Image.open(next((tmp_path / "q" / "samples").glob("*.png")))
+    assert plain.tobytes() != other.tobytes()  # without the embedding the word is plain text

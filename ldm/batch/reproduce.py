@@ -42,6 +42,21 @@ def _field(fields: dict[str, str], key: str, cast: Callable, default, path: Path
         raise SDError(f"{path}: its {key} '{fields[key]}' is not readable") from None
 
 
+def _note_missing_embeddings(job: "Job", recorded: str, path: Path) -> None:
+    """Say which textual-inversion files the image used that are missing here or differ (by hash)."""
+    import hashlib
+
+    folder = job.embeddings_dir()[0]
+    for entry in filter(None, (e.strip() for e in recorded.split(","))):
+        name, _, digest = entry.partition(":")
+        files = [folder / f"{name.strip()}{suffix}" for suffix in (".pt", ".bin", ".safetensors")] if folder else []
+        found = next((f for f in files if f.is_file()), None)
+        if found is None:
+            note(f"{path} used the embedding {name.strip()}, which is not in {folder}: the image will differ")
+        elif hashlib.sha256(found.read_bytes()).hexdigest()[:12] != digest.strip():
+            note(f"{path} used the embedding {name.strip()} with hash {digest.strip()}; {found} differs: the image will differ")
+
+
 def job_from_image(job: "Job", mode_name: str = "txt2img", sized: bool = True,
                    mode_fields: Callable[[dict], None] = lambda fields: None) -> "Job":
     """`job` with everything the image records; checkpoint, config, outdir and device stay the job's.
@@ -70,6 +85,7 @@ def job_from_image(job: "Job", mode_name: str = "txt2img", sized: bool = True,
         eta=_field(fields, "Eta", float, job.sampling.eta, path),
         scale=_field(fields, "CFG scale", float, job.sampling.scale, path),
     )
+    _note_missing_embeddings(job, fields.get("TI hashes", ""), path)
     batch_size = _field(fields, "Batch size", int, 1, path)
     position = _field(fields, "Batch pos", int, 0, path)
     if not 0 <= position < batch_size:

@@ -48,6 +48,7 @@ def shared_flags(
     threads: opt.Threads = None,
     trust_config: opt.TrustConfig = False,
     emphasis: opt.Emphasis = "original",
+    embeddings: opt.Embeddings = None,
     skip_existing: bopt.SkipExisting = False,
     devices: bopt.Devices = None,
     num_nodes: bopt.NumNodes = 1,

@@ -80,6 +80,9 @@ MaxImages = Annotated[int, typer.Option("--max-images", help="Refuse runs that w
 Emphasis = Annotated[str, typer.Option(
     "--emphasis", help="AUTOMATIC1111's prompt weights, (word:1.2) [word] BREAK: original (weights, then the mean "
     "restored), none (weights only), off (brackets are plain text, one 77-token chunk).")]
+Embeddings = Annotated[Optional[Path], typer.Option(
+    "--embeddings", help="Folder of textual-inversion embeddings (.pt/.bin/.safetensors): a file's stem used as a "
+    "word in the prompt inserts its vectors [default: embeddings/ beside the checkpoints folder].")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: OMP_NUM_THREADS, else all cores).")]
 
 

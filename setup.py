@@ -31,8 +31,9 @@ setup(
         "python-multipart",
     ],
     extras_require={
-        # webuiapi: a real A1111 client to drive the server; playwright: drives Debian's chromium (never its own)
-        "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "webuiapi", "playwright", "requests"],
+        # webuiapi: a real A1111 client to drive the server; playwright: drives Debian's chromium (never its own);
+        # peft: diffusers' LoRA loading, the independent implementation the LoRA merge is checked against
+        "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "webuiapi", "playwright", "requests", "peft"],
     },
     entry_points={"console_scripts": ["sd=ldm.entry:main"]},
 )

@@ -73,7 +73,10 @@ class Pipeline:
     """A loaded model and the generating tasks on it; see Pipeline.load."""
 
     def __init__(self, model, choice, options: RuntimeOptions):
+        from ldm.lora import Merged
+
         self.model, self.choice, self.options = model, choice, options
+        self.loras = Merged(model)  # the LoRAs merged into this model's weights (undone exactly when others come)
         self._cancel = threading.Event()
 
     @classmethod
@@ -108,14 +111,17 @@ class Pipeline:
                    quiet: bool = False) -> None:
         """Replace the loaded model by another checkpoint (same device and precision). The first model is
         released before the second is read, so the two never take memory at once."""
+        from ldm.lora import Merged
+
         self.close()
         self.model, self.choice = self._read(self.options, ckpt, config, "txt2img", quiet)
+        self.loras = Merged(self.model)
 
     def close(self) -> None:
         """Drop the model and give its memory back (measured, docs/benchmarks.md); load_model loads another."""
         from ldm.loading import release_memory
 
-        self.model = self.choice = None
+        self.model = self.choice = self.loras = None
         release_memory()
 
     # -- what is loaded -------------------------------------------------------------------------------
@@ -189,7 +195,7 @@ class Pipeline:
             schedule: Optional[str] = None, eta: Optional[float] = None, batch_size: Optional[int] = None,
             n_iter: int = 1, limits: Optional[Limits] = None, H: int = 256, W: int = 256,
             C: Optional[int] = None, f: Optional[int] = None, emphasis: str = "original",
-            embeddings: Optional[str | Path] = None) -> Job:
+            embeddings: Optional[str | Path] = None, loras: tuple = (), lora_dir: Optional[str | Path] = None) -> Job:
         """The Job of one call: the task's defaults for this model where a setting is None."""
         from ldm.models.diffusion.sampler_names import check_sampler
 
@@ -204,7 +210,8 @@ class Pipeline:
                       C=C or self.model.latent_channels, f=f or self.model.downsampling_factor, outdir=Path("."),
                       config=self.config, ckpt=self.ckpt, runtime=self.options, sampling=sampling,
                       limits=limits or Limits(), emphasis=emphasis,
-                      embeddings=Path(embeddings) if embeddings is not None else None)
+                      embeddings=Path(embeddings) if embeddings is not None else None, loras=tuple(loras),
+                      lora_dir=Path(lora_dir) if lora_dir is not None else None)
         if isinstance(task, Txt2Img):
             return Job(H=H, W=W, **fields)
         return image_job(task, **fields)
@@ -275,6 +282,9 @@ class Session:
 
         folder, asked = job.embeddings_dir()
         self.embeddings = load_folder(folder, model.cond_stage_model.model.token_embedding.weight.shape[1], asked)
+        prompts = [job.prompt] + [line.prompt for line in job.prompt_lines()]
+        for lora in job.lora_files().all_files(prompts):  # every LoRA fits before anything is sampled or written
+            pipeline.loras.check(lora)
         self.encoder = PromptEncoder(model, emphasis=job.emphasis,
                                      embeddings={name: e.vectors for name, e in self.embeddings.items()})
         self.common = {"Model hash": metadata.model_hash(pipeline.ckpt), "Model": Path(pipeline.ckpt).stem,
@@ -292,8 +302,10 @@ class Session:
 
         used = used_in([item.prompt, item.negative_prompt], self.embeddings)
         ti = ", ".join(f"{e.name}: {e.hash}" for e in used) or None  # A1111's "TI hashes" field
+        loras = ", ".join(f"{lora.name}: {lora.hash}" for lora, _, _ in self.loras_of(batch.items)) or None
         fields = {"Steps": s.steps, "Sampler": s.sampler, "Schedule type": s.schedule, "CFG scale": s.scale,
                   "Seed": item.seed, "Size": f"{width}x{height}", "Eta": s.eta, **self.common, "TI hashes": ti,
+                  "Lora hashes": loras,
                   "Batch size": len(batch.items) if several else None, "Batch pos": position if several else None}
         return metadata.format_parameters(item.prompt, item.negative_prompt, fields)
 
@@ -308,9 +320,24 @@ class Session:
                                       item.index, len(batch.items), pos))
         return out
 
+    def loras_of(self, items) -> list:
+        """The batch's LoRAs: (file, text weight, UNet weight) from --lora and its prompts' tags."""
+        return self.job.lora_files().for_prompts([it.prompt for it in items])
+
+    def merge_loras(self, items) -> None:
+        """Merge exactly the batch's LoRAs into the model (undoing others); the fast paths bake weights in."""
+        wanted = self.loras_of(items)
+        if wanted and (self.job.runtime.compile or self.job.runtime.torchscript or
+                       type(self.model.model.diffusion_model).__name__ != "UNetModel"):
+            raise SDError("LoRA is merged into the UNet's weights, which --compile, --torchscript and --ipex "
+                          "have baked in: drop them to use LoRA")
+        self.pipeline.loras.apply(wanted)
+        self.encoder.state = self.pipeline.loras.active
+
     def conditioning(self, items, guided: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Text features of the batch's prompts (B, 77 * k, width) and, when guided, of its negative prompts,
         padded to one chunk count."""
+        self.merge_loras(items)
         c = self.encoder.encode([it.prompt for it in items])
         uc = self.encoder.encode([it.negative_prompt for it in items]) if guided else []
         length = max(f.shape[0] for f in c + uc)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -21,6 +21,9 @@ from ldm.batch.prompts import PromptLine, read_prompt_lines
 from ldm.errors import SDError
 from ldm.limits import SEED_MAX, Limits, check_number, check_seed, check_text
 from ldm.runtime import RuntimeOptions
+
+if TYPE_CHECKING:
+    from ldm.lora import LoraPlan
 
 
 @dataclass
@@ -127,16 +130,6 @@ def check_steps(sampling: "SamplingSettings", limits: Limits, timesteps: int, wh
     make_sigmas(sampling.schedule or sampling.sampler, stand_in, sampling.steps)
 
 
-def refuse_lora_tags(prompts: list[str]) -> None:
-    """<lora:...> tags need LoRA support, which sd does not have yet: one line instead of tagging text."""
-    from ldm.prompt_syntax import take_loras
-
-    for prompt in prompts:
-        tags = take_loras(prompt)[1]
-        if tags:
-            raise SDError(f"the prompt asks for LoRA {tags[0].name} (<lora:...>), which sd cannot apply yet")
-
-
 @dataclass
 class Job:
     """Everything a run needs, validated up front by `check()` before any model is loaded."""
@@ -160,6 +153,8 @@ class Job:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     emphasis: str = "original"  # --emphasis: original | none | off (ldm.modules.encoders.prompt_chunks)
     embeddings: Optional[Path] = None  # --embeddings DIR (None: embeddings/ beside the checkpoints folder)
+    loras: tuple = ()  # --lora FILE[:W], for every image
+    lora_dir: Optional[Path] = None  # --lora-dir: where <lora:NAME:W> finds NAME (None: loras/ beside the checkpoints)
     # Batch jobs (ldm/batch): resume, scale-out, reproduction.
     skip_existing: bool = False  # skip items whose file exists with matching metadata
     devices: Optional[int] = None  # processes per node (Lightning DDP); None: one process, no Lightning
@@ -207,7 +202,6 @@ class Job:
         check_number("--ddim_eta", self.sampling.eta, minimum=0)
         check_seed(self.seed)
         check_text("--prompt", self.prompt)
-        refuse_lora_tags([self.prompt] + [line.prompt for line in self.prompt_lines()])
         check_text("--negative-prompt", self.negative_prompt)
         if self.emphasis not in ("original", "none", "off"):
             raise SDError(f"--emphasis must be one of original, none, off (got '{self.emphasis}')")
@@ -236,6 +230,7 @@ class Job:
                     check_steps(dataclasses.replace(self.sampling, **overrides), self.limits, timesteps, "\"steps\"")
             except SDError as exc:
                 raise SDError(f"{line.where}: {exc}") from None
+        self.lora_files()
         if self.embeddings is not None and not Path(self.embeddings).is_dir():
             raise SDError(f"--embeddings {self.embeddings}: no such folder")
         if self.ckpt is None:
@@ -255,6 +250,18 @@ class Job:
         params = load_config(self.config).model.get("params", {}) or {}
         value = params.get("timesteps", 1000)
         return value if isinstance(value, int) and value > 1 else 1000
+
+    def lora_files(self) -> "LoraPlan":
+        """The run's LoRA files: --lora ones for every image, <lora:NAME:...> tags looked up in the LoRA
+        folder (checked here, before any model loads)."""
+        from ldm.lora import LoraPlan
+
+        if "_loras" not in self.__dict__:
+            folder = Path(self.lora_dir) if self.lora_dir is not None else (
+                Path(self.ckpt).resolve().parent.parent / "loras" if self.ckpt else None)
+            prompts = [self.prompt] + [line.prompt for line in self.prompt_lines()]
+            self.__dict__["_loras"] = LoraPlan.make(self.loras, folder, prompts)
+        return self.__dict__["_loras"]
 
     def embeddings_dir(self) -> tuple[Optional[Path], bool]:
         """(the textual-inversion folder, whether it was asked for): --embeddings, else embeddings/ beside

@@ -32,7 +32,8 @@ class PromptEncoder:
     def __init__(self, model, capacity: int = 256, emphasis: str = "original", embeddings=None):
         self.model, self.capacity, self.emphasis = model, capacity, emphasis
         self.embeddings = embeddings or {}
-        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.state: tuple = ()  # the merged LoRAs: the text tower's weights, so part of every cache key
+        self.cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     def _plain(self, prompt: str) -> bool:
         from ldm.modules.encoders.prompt_chunks import CHUNK
@@ -47,19 +48,23 @@ class PromptEncoder:
     def encode(self, prompts: list[str]) -> list[torch.Tensor]:
         """Features (77 * chunks, width) of each prompt."""
         from ldm.modules.encoders.prompt_chunks import encode_prompt
+        from ldm.prompt_syntax import take_loras
 
-        todo = list(dict.fromkeys(p for p in prompts if p not in self.cache))
-        plain = [p for p in todo if self._plain(p)]
+        texts = [take_loras(p)[0] if "<lora:" in p else p for p in prompts]  # the tags are not words
+        keys = [(self.state, t) for t in texts]
+        todo = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in self.cache))
+        plain = [t for t in todo if self._plain(t)]
         if plain:
-            for prompt, emb in zip(plain, self.model.get_learned_conditioning(plain)):
-                self.cache[prompt] = emb
-        for prompt in todo:
-            if prompt not in self.cache:
-                self.cache[prompt] = encode_prompt(self.model.cond_stage_model, prompt, self.emphasis, self.embeddings)
-        out = [self.cache[p] for p in prompts]
-        for p in dict.fromkeys(prompts):
-            self.cache.move_to_end(p)
-        while len(self.cache) > max(self.capacity, len(set(prompts))):
+            for text, emb in zip(plain, self.model.get_learned_conditioning(plain)):
+                self.cache[(self.state, text)] = emb
+        for text in todo:
+            if (self.state, text) not in self.cache:
+                self.cache[(self.state, text)] = encode_prompt(self.model.cond_stage_model, text, self.emphasis,
+                                                               self.embeddings)
+        out = [self.cache[k] for k in keys]
+        for k in dict.fromkeys(keys):
+            self.cache.move_to_end(k)
+        while len(self.cache) > max(self.capacity, len(set(keys))):
             self.cache.popitem(last=False)
         return out
 

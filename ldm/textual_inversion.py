@@ -95,9 +95,14 @@ def load_folder(folder: Optional[Path], width: int, required: bool = False) -> d
     return {p.stem: load_embedding(p, width) for p in files}
 
 
-def used_in(prompts: list[str], embeddings: dict[str, Embedding]) -> list[Embedding]:
-    """The embeddings whose names appear as words in the prompts (for the "TI hashes" field)."""
+def names_in(prompts: list[str], names) -> list[str]:
+    """The names that appear as words in the prompts, sorted."""
     import re
 
-    return [e for name, e in sorted(embeddings.items())
+    return [name for name in sorted(names)
             if any(re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", p) for p in prompts)]
+
+
+def used_in(prompts: list[str], embeddings: dict[str, Embedding]) -> list[Embedding]:
+    """The embeddings whose names appear as words in the prompts (for the "TI hashes" field)."""
+    return [embeddings[name] for name in names_in(prompts, embeddings)]

@@ -153,7 +153,7 @@ def test_prompt_encoder_encodes_each_distinct_prompt_once():
     out = encoder(["aa", "b", "aa", "b"])
     assert calls == [["aa", "b"]] and out[:, 0].tolist() == [2.0, 1.0, 2.0, 1.0]
     encoder(["b", "ccc"])  # "aa" is now the least recently used and leaves the cache
-    assert calls[-1] == ["ccc"] and list(encoder.cache) == ["b", "ccc"]
+    assert calls[-1] == ["ccc"] and [text for _, text in encoder.cache] == ["b", "ccc"]
     encoder(["aa"])
     assert calls[-1] == ["aa"]
 

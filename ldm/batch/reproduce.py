@@ -42,6 +42,17 @@ def _field(fields: dict[str, str], key: str, cast: Callable, default, path: Path
         raise SDError(f"{path}: its {key} '{fields[key]}' is not readable") from None
 
 
+def _note_flag_loras(prompt: str, recorded: str, path: Path) -> None:
+    """LoRAs the image used that its prompt does not tag (they came from --lora): say so."""
+    from ldm.prompt_syntax import take_loras
+
+    tagged = {tag.name for tag in take_loras(prompt)[1]}
+    for entry in filter(None, (e.strip() for e in recorded.split(","))):
+        name = entry.partition(":")[0].strip()
+        if name not in tagged:
+            note(f"{path} was made with LoRA {entry} from --lora: pass the same --lora to reproduce it")
+
+
 def _note_missing_embeddings(job: "Job", recorded: str, path: Path) -> None:
     """Say which textual-inversion files the image used that are missing here or differ (by hash)."""
     import hashlib
@@ -86,6 +97,7 @@ def job_from_image(job: "Job", mode_name: str = "txt2img", sized: bool = True,
         scale=_field(fields, "CFG scale", float, job.sampling.scale, path),
     )
     _note_missing_embeddings(job, fields.get("TI hashes", ""), path)
+    _note_flag_loras(prompt, fields.get("Lora hashes", ""), path)
     batch_size = _field(fields, "Batch size", int, 1, path)
     position = _field(fields, "Batch pos", int, 0, path)
     if not 0 <= position < batch_size:

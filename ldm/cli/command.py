@@ -49,6 +49,8 @@ def shared_flags(
     trust_config: opt.TrustConfig = False,
     emphasis: opt.Emphasis = "original",
     embeddings: opt.Embeddings = None,
+    lora: opt.Lora = None,
+    lora_dir: opt.LoraDir = None,
     skip_existing: bopt.SkipExisting = False,
     devices: bopt.Devices = None,
     num_nodes: bopt.NumNodes = 1,
@@ -95,6 +97,7 @@ def run_command(task, *, plms: bool, dpm: bool, sampler: Optional[str], schedule
                                 eta=fields.pop("ddim_eta"), scale=fields.pop("scale"))
     fields["precision"] = opt.pick_precision(fields["precision"], fields.pop("bf16"))
     fields["runtime"] = RuntimeOptions(**{name: fields.pop(name) for name in RUNTIME_FLAGS})
+    fields["loras"] = tuple(fields.pop("lora") or ())
     fields["limits"] = Limits(**{name: fields.pop(name) for name in ("max_side", "max_steps", "max_batch", "max_images")})
     if isinstance(task, ImageTask):
         job = image_job(task, sampling=sampling, **fields)

@@ -83,6 +83,11 @@ Emphasis = Annotated[str, typer.Option(
 Embeddings = Annotated[Optional[Path], typer.Option(
     "--embeddings", help="Folder of textual-inversion embeddings (.pt/.bin/.safetensors): a file's stem used as a "
     "word in the prompt inserts its vectors [default: embeddings/ beside the checkpoints folder].")]
+Lora = Annotated[Optional[list[str]], typer.Option(
+    "--lora", help="FILE[:WEIGHT]: merge this LoRA (kohya or diffusers/PEFT .safetensors) for every image; "
+    "repeatable. In prompts, <lora:NAME:W> or <lora:NAME:TEXT_W:UNET_W> takes NAME from --lora-dir.")]
+LoraDir = Annotated[Optional[Path], typer.Option(
+    "--lora-dir", help="Folder of LoRA files named by <lora:NAME:W> tags [default: loras/ beside the checkpoints folder].")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: OMP_NUM_THREADS, else all cores).")]
 
 

@@ -7,10 +7,12 @@ from typing import Annotated
 import typer
 
 from ldm.cli import app
+from ldm.cli import options as opt
 
 
 @app.command("prompt", help="Show how a prompt is parsed: its 75-token chunks, each token's weight, LoRA tags.")
-def prompt(text: Annotated[str, typer.Argument(help="The prompt, with AUTOMATIC1111's syntax.")]) -> None:
+def prompt(text: Annotated[str, typer.Argument(help="The prompt, with AUTOMATIC1111's syntax.")],
+           embeddings: opt.Embeddings = None) -> None:
     from ldm.limits import check_text
     from ldm.metadata import printable
     from ldm.modules.encoders.prompt_chunks import CHUNK, prompt_chunks
@@ -21,13 +23,26 @@ def prompt(text: Annotated[str, typer.Argument(help="The prompt, with AUTOMATIC1
     words, loras = take_loras(text)
     tokenizer = get_tokenizer(77)
     names = {i: s.replace("</w>", " ") for s, i in tokenizer.vocab.items()}
-    chunks = prompt_chunks(tokenizer, words)
+    found = _embeddings(embeddings, words)
+    chunks = prompt_chunks(tokenizer, words, {name: [None] * n for name, n in found.items()})
     print(f"{sum(len(c.tokens) for c in chunks)} tokens in {len(chunks)} chunk(s) of {CHUNK}")
     for k, chunk in enumerate(chunks):
         shown = []
         for token, weight in zip(chunk.tokens, chunk.weights):
-            word = printable(names.get(token, "?")).strip() or "·"
+            word = "<embedding>" if token is None else printable(names.get(token, "?")).strip() or "·"
             shown.append(word if weight == 1.0 else f"({word}:{weight:.4g})")
         print(f"chunk {k + 1} ({len(chunk.tokens)} tokens): {' '.join(shown)}")
+    for name, n in found.items():
+        print(f"embedding {name}: {n} vector(s)")
     for tag in loras:
         print(f"LoRA {tag.name}: text encoder x{tag.text_weight:g}, UNet x{tag.unet_weight:g}")
+
+
+def _embeddings(folder, words: str) -> dict[str, int]:
+    """{name: vector count} of the textual-inversion files in `folder` whose names the prompt uses."""
+    from ldm.textual_inversion import SUFFIXES, _read, names_in, vectors_of
+
+    if folder is None:
+        return {}
+    files = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix in SUFFIXES} if folder.is_dir() else {}
+    return {name: vectors_of(_read(files[name]), name).shape[0] for name in names_in([words], files)}

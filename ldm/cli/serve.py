@@ -29,7 +29,8 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
           outdir: ServeOutdir = None, tab: Tab = "txt2img", device: opt.Device = "auto",
           precision: opt.Precision = "auto", threads: opt.Threads = None, trust_config: opt.TrustConfig = False,
           max_side: opt.MaxSide = 2048, max_steps: opt.MaxSteps = 150, max_batch: opt.MaxBatch = 8,
-          max_images: opt.MaxImages = 16, max_body_mb: MaxBodyMb = 64, max_pixels: MaxPixels = 16_000_000) -> None:
+          max_images: opt.MaxImages = 16, max_body_mb: MaxBodyMb = 64, max_pixels: MaxPixels = 16_000_000,
+          embeddings: opt.Embeddings = None, lora_dir: opt.LoraDir = None) -> None:
     from ldm.entry import ready_for_interrupts
     from ldm.errors import SDError, note
     from ldm.limits import Limits
@@ -47,6 +48,8 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
         raise SDError("--max-body-mb must be 1..4096, --max-pixels at least 1, --port 1..65535")
     limits = Limits(max_side=max_side, max_steps=max_steps, max_batch=max_batch, max_images=max_images)
     limits.check()
+    if embeddings is not None and not embeddings.is_dir():
+        raise SDError(f"--embeddings {embeddings}: no such folder")
     from ldm.serve.bind import check_bind
 
     said = check_bind(host, auth, insecure)  # before the model loads: a refused start costs nothing
@@ -58,4 +61,5 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
                              trust_config=trust_config, task=tab)
     note(f"sd serve on http://{host}:{port}/ (page) and /sdapi/v1 (API, docs at /docs): {said}")
     run(pipeline, host=host, port=port, auth=auth, models_dir=models_dir, outdir=outdir, limits=limits,
-        max_pixels=max_pixels, max_body=max_body_mb * 2 ** 20, first_tab=tab)
+        max_pixels=max_pixels, max_body=max_body_mb * 2 ** 20, first_tab=tab, embeddings=embeddings,
+        lora_dir=lora_dir)

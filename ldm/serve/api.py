@@ -41,7 +41,8 @@ def checked(server, request: Txt2ImgRequest) -> dict:
     a1111.refuse_unsupported(request, server.current_title())
     if request.save_images and server.outdir is None:
         raise RequestError("save_images needs a folder: start the server with sd serve --outdir DIR")
-    return {**a1111.settings_of(request), "limits": server.limits}
+    return {**a1111.settings_of(request), "limits": server.limits, "embeddings": server.embeddings,
+            "lora_dir": server.lora_dir}
 
 
 def txt2img(server, request: Txt2ImgRequest) -> dict:

@@ -30,8 +30,11 @@ class Server:
     """What the routes and the page share: the worker (and its pipeline), the models folder, the bounds."""
 
     def __init__(self, pipeline: Pipeline, *, models_dir: Optional[Path] = None, outdir: Optional[Path] = None,
-                 limits: Limits = Limits(), max_pixels: int = 16_000_000, max_body: int = 64 * 2 ** 20):
+                 limits: Limits = Limits(), max_pixels: int = 16_000_000, max_body: int = 64 * 2 ** 20,
+                 embeddings: Optional[Path] = None, lora_dir: Optional[Path] = None):
         self.worker = Worker(pipeline)
+        # textual-inversion and LoRA folders for every request (None: beside the checkpoints folder)
+        self.embeddings, self.lora_dir = embeddings, lora_dir
         self.models_dir = Path(models_dir) if models_dir is not None else Path(pipeline.ckpt).parent
         self.outdir, self.limits, self.max_pixels, self.max_body = outdir, limits, max_pixels, max_body
 
@@ -232,13 +235,14 @@ def configure_logging() -> None:
 
 def run(pipeline: Pipeline, *, host: str, port: int, auth: Optional[tuple[str, str]] = None,
         models_dir: Optional[Path] = None, outdir: Optional[Path] = None, limits: Limits = Limits(),
-        max_pixels: int = 16_000_000, max_body: int = 64 * 2 ** 20, first_tab: str = "txt2img") -> None:
+        max_pixels: int = 16_000_000, max_body: int = 64 * 2 ** 20, first_tab: str = "txt2img",
+        embeddings: Optional[Path] = None, lora_dir: Optional[Path] = None) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM)."""
     import uvicorn
 
     configure_logging()
     server = Server(pipeline, models_dir=models_dir, outdir=outdir, limits=limits, max_pixels=max_pixels,
-                    max_body=max_body)
+                    max_body=max_body, embeddings=embeddings, lora_dir=lora_dir)
     app = build_app(server, auth=auth, first_tab=first_tab)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -154,7 +154,9 @@ def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Ca
         if why:
             raise gr.Error(why)
         given = dict(zip(names, values))
-        settings = {**settings_from(given, defaults), "limits": server.limits}  # the page obeys the API's bounds
+        # the page obeys the API's bounds and uses the server's embeddings
+        settings = {**settings_from(given, defaults), "limits": server.limits, "embeddings": server.embeddings,
+                    "lora_dir": server.lora_dir}
         if tab == "txt2img":
             settings.update(H=int(given["height"]), W=int(given["width"]))
         return run_job(server, results, lambda: make_task(given), prompt_text, settings, progress,

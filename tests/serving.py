@@ -7,6 +7,33 @@ import threading
 import time
 
 
+def loopback_works() -> bool:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        try:
+            socket.create_connection(server.getsockname(), timeout=2).close()
+            return True
+        except OSError:
+            return False
+
+
+def ensure_loopback() -> None:
+    """Skip unless 127.0.0.1 is reachable. A fresh network namespace (`unshare -n make test`) has its
+    loopback interface down; as root we may bring it up there, which touches nothing outside it."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if loopback_works():
+        return
+    if shutil.which("ip"):
+        subprocess.run(["ip", "link", "set", "lo", "up"], capture_output=True, check=False)
+    if not loopback_works():
+        pytest.skip("127.0.0.1 is unreachable in this network namespace (its loopback interface is down)")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -20,6 +47,7 @@ def serving(server, *, auth=None, page=False):
 
     from ldm.serve.app import build_app, configure_logging
 
+    ensure_loopback()
     configure_logging()
     port = free_port()
     config = uvicorn.Config(build_app(server, auth=auth, page=page), host="127.0.0.1", port=port,

@@ -29,6 +29,8 @@ setup(
         "fastapi",
         "uvicorn",
         "python-multipart",
+        # --backend openvino: Intel's maintained CPU runtime (IPEX, the older path, is end-of-life)
+        "openvino>=2025",
     ],
     extras_require={
         # webuiapi: a real A1111 client to drive the server; playwright: drives Debian's chromium (never its own);

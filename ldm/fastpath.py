@@ -52,12 +52,22 @@ def enable_compile_cache(path: Path) -> None:
     functorch_config.enable_autograd_cache = True
 
 
+def falls_through(self, name: str):
+    """__getattr__ of a wrapper module: its own attributes, else those of the module it wraps (`inner`)."""
+    try:
+        return nn.Module.__getattr__(self, name)
+    except AttributeError:
+        return getattr(nn.Module.__getattr__(self, type(self).inner), name)
+
+
 class FastUNet(nn.Module):
     """The UNet behind a faster callable (compiled, traced or IPEX-optimised), with the same interface.
 
     Attribute reads (in_channels, out_channels, ...) fall through to the original module. Traced graphs
     are specialised to the input shapes they saw, so one is traced per shape/dtype signature.
     """
+
+    inner = "unet"
 
     def __init__(self, unet: nn.Module, kind: str, build: Callable[[nn.Module, tuple], Callable]):
         super().__init__()
@@ -66,11 +76,7 @@ class FastUNet(nn.Module):
         self._build = build
         self._graphs: dict[Any, Callable] = {}
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("unet"), name)
+    __getattr__ = falls_through
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
                 y: Optional[torch.Tensor] = None) -> torch.Tensor:

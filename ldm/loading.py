@@ -178,12 +178,16 @@ def load_model(config: str | Path, ckpt: str | Path, opts: Optional[RuntimeOptio
             return model
         device = resolve_device(opts.device)
         prec = resolve_precision(opts.precision, device, config_precision_hint(loaded_config))
+        if opts.backend == "openvino":  # it converts float32 modules; its own bf16 is set as an inference hint
+            opts = replace(opts, precision=prec.mode)
+            prec = resolve_precision("full", device)
         # channels_last: oneDNN's convolutions and torch's CPU group norm work on NHWC without reorders;
         # the UNet's attention blocks then reshape (B, C, H, W) -> (B, HW, C) as a free view.
         channels_last = opts.channels_last if opts.channels_last is not None else device.type == "cpu"
         state_dict = cast_state_dict(state_dict, lambda key: part_dtype(key, prec),
                                      lambda key: channels_last and key.startswith(UNET_PREFIX))
         model = assign_weights(build_on_meta(loaded_config.model), state_dict, str(ckpt), str(config))
+        model.runtime_ckpt = Path(ckpt)  # what a backend keys its converted models by
     del state_dict
     return _place(model, opts, device, prec, channels_last, inspect)
 
@@ -204,6 +208,12 @@ def _place(model: nn.Module, opts: RuntimeOptions, device: torch.device, prec: P
     model.runtime = RuntimeState(device, prec, opts)
     if inspect is not None:
         inspect(model)
+    if opts.backend == "openvino":
+        from ldm.metadata import model_hash
+        from ldm.openvino_backend import use_openvino
+
+        use_openvino(model, model_hash(model.runtime_ckpt), bf16=opts.precision in ("bf16", "autocast"))
+        return model
     unet_holder = getattr(model, "model", None)
     unet = getattr(unet_holder, "diffusion_model", None)
     if unet is not None:

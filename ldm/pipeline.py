@@ -83,14 +83,14 @@ class Pipeline:
     def load(cls, ckpt: Optional[str | Path] = None, config: Optional[str | Path] = None, *, device: str = "auto",
              precision: str = "auto", compile: bool = False, torchscript: bool = False, ipex: Optional[bool] = None,
              threads: Optional[int] = None, trust_config: bool = False, task: str = "txt2img",
-             quiet: bool = False) -> "Pipeline":
+             quiet: bool = False, backend: str = "torch") -> "Pipeline":
         """Load a checkpoint (no ckpt: the built-in demo model). Without `config` the checkpoint's keys (and
         for txt2img checkpoints a one-call probe of the UNet) choose the reference config. `device`
         (auto, cpu, cuda), `precision` (auto, full, autocast, bf16, fp16) and the fast paths are the
-        commands' flags of the same names; `task` only matters without a checkpoint (depth2img and
-        upscale need one); `quiet` drops the notes on stderr."""
+        commands' flags of the same names; `backend` "openvino" runs the UNet and VAE decoder with OpenVINO;
+        `task` only matters without a checkpoint (depth2img and upscale need one); `quiet` drops the notes."""
         options = RuntimeOptions(device=device, precision=precision, compile=compile, torchscript=torchscript,
-                                 ipex=ipex, threads=threads, trust_config=trust_config)
+                                 ipex=ipex, threads=threads, trust_config=trust_config, backend=backend)
         return cls.open(ckpt, config, options, task=task, quiet=quiet)
 
     @classmethod
@@ -290,6 +290,7 @@ class Session:
         self.common = {"Model hash": metadata.model_hash(pipeline.ckpt), "Model": Path(pipeline.ckpt).stem,
                        "Config": Path(pipeline.config).name, "Mode": task.name,
                        "Precision": model.runtime.precision.mode, **task.settings(),
+                       "Backend": _backend_field(model),
                        # A1111 writes Emphasis only when it is not its default, "Original"
                        "Emphasis": {"none": "No norm", "off": "None"}.get(job.emphasis)}
 
@@ -356,3 +357,11 @@ class Session:
                                      extra_cond=inputs.extra_cond, apply_model=task.apply_model(self.model))
             images = task.finish(task.decode(self.model, latents).float(), items)
         return imageio.tensor_to_pil(images.cpu())
+
+
+def _backend_field(model) -> Optional[str]:
+    """The PNG's "Backend" field: none for PyTorch, "openvino f32" / "openvino bf16" otherwise."""
+    options = model.runtime.options
+    if options.backend == "torch":
+        return None
+    return f"{options.backend} {'bf16' if options.precision in ('bf16', 'autocast') else 'f32'}"

@@ -17,7 +17,6 @@ Precision modes (resolved from "auto" by `resolve_precision`):
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from ldm.errors import SDError, note, warning
 DEVICES = ("auto", "cpu", "cuda")
 MAX_THREADS = 1024  # a thread pool past this is a typo, and its stacks alone would take gigabytes
 PRECISIONS = ("auto", "full", "autocast", "bf16", "fp16")
+BACKENDS = ("torch", "openvino")
 
 # Parts of a LatentDiffusion by checkpoint key prefix.
 UNET_PREFIX = "model.diffusion_model."
@@ -41,8 +41,7 @@ VAE_PREFIX = "first_stage_model."
 class RuntimeOptions:
     """How to run a model: the commands' --device/--precision/--compile/--torchscript/--ipex/--threads.
 
-    ipex: None (default) uses IPEX for the bf16 CPU path when it is installed, because it measured faster
-    than the native path (docs/benchmarks.md); True requires it, False never uses it.
+    ipex: True uses Intel Extension for PyTorch (end-of-life: Intel stopped it after 2.8), never by default.
     channels_last: None picks the measured default (on for the UNet on CPU), True/False forces it.
     compile_cache: where torch.compile keeps its artefacts (default ~/.cache/sd/inductor).
     """
@@ -55,6 +54,7 @@ class RuntimeOptions:
     channels_last: Optional[bool] = None
     compile_cache: Optional[Path] = None
     trust_config: bool = False  # --trust-config: the config may name classes outside ldm.* (ldm.util.check_target)
+    backend: str = "torch"  # --backend: torch, or openvino for the UNet and VAE decoder (ldm.openvino_backend)
 
     def check(self) -> "RuntimeOptions":
         """Validate everything that needs no model; raises SDError with one line."""
@@ -64,6 +64,12 @@ class RuntimeOptions:
             raise SDError(f"--precision must be one of {', '.join(PRECISIONS)} (got '{self.precision}')")
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
             raise SDError(f"--threads must be from 1 to {MAX_THREADS} (got {self.threads})")
+        if self.backend not in BACKENDS:
+            raise SDError(f"--backend must be one of {', '.join(BACKENDS)} (got '{self.backend}')")
+        if self.backend == "openvino" and (self.compile or self.torchscript or self.ipex):
+            raise SDError("--backend openvino runs the UNet itself: drop --compile, --torchscript and --ipex")
+        if self.backend == "openvino" and str(self.device).startswith("cuda"):
+            raise SDError("--backend openvino runs on the CPU: use --device cpu (or --backend torch on CUDA)")
         if self.compile and self.torchscript:
             raise SDError("--compile and --torchscript are two ways to the same end; pick one")
         if self.ipex and self.compile:
@@ -75,11 +81,9 @@ class RuntimeOptions:
         return self
 
     def use_ipex(self, device: torch.device, precision: "Precision") -> bool:
-        """Whether the UNet goes through IPEX: as asked, or by default on the bf16 CPU path when installed."""
-        if self.ipex is not None:
-            return self.ipex
-        return (device.type == "cpu" and precision.mode == "bf16" and not self.compile
-                and importlib.util.find_spec("intel_extension_for_pytorch") is not None)
+        """Whether the UNet goes through IPEX: only when asked (--ipex). Intel ended IPEX after 2.8 (its
+        issue #867, October 2025), so it is never a default; --backend openvino is the live CPU path."""
+        return bool(self.ipex)
 
 
 @dataclass(frozen=True)

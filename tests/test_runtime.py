@@ -302,14 +302,12 @@ def test_intel_bf16_configs_use_bf16_only_where_it_is_native(monkeypatch, capsys
     assert hint is None and resolve_precision("auto", CPU, hint).mode == "full"
 
 
-def test_ipex_is_the_default_bf16_cpu_path_only_when_installed(monkeypatch):
+def test_ipex_is_never_a_default(monkeypatch):
+    """IPEX is end-of-life: even installed, only --ipex uses it."""
     import importlib.util
 
-    bf16, full = resolve_precision("bf16", CPU), resolve_precision("full", CPU)
+    bf16 = resolve_precision("bf16", CPU)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # "installed"
-    assert RuntimeOptions().use_ipex(CPU, bf16) is True
-    assert RuntimeOptions().use_ipex(CPU, full) is False
-    assert RuntimeOptions(compile=True).use_ipex(CPU, bf16) is False
-    assert RuntimeOptions(ipex=False).use_ipex(CPU, bf16) is False
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # not installed
     assert RuntimeOptions().use_ipex(CPU, bf16) is False
+    assert RuntimeOptions(ipex=False).use_ipex(CPU, bf16) is False
+    assert RuntimeOptions(ipex=True).use_ipex(CPU, bf16) is True

@@ -51,6 +51,7 @@ def shared_flags(
     embeddings: opt.Embeddings = None,
     lora: opt.Lora = None,
     lora_dir: opt.LoraDir = None,
+    backend: opt.Backend = "torch",
     skip_existing: bopt.SkipExisting = False,
     devices: bopt.Devices = None,
     num_nodes: bopt.NumNodes = 1,
@@ -67,7 +68,7 @@ def shared_flags(
 # Flags whose default depends on the task and the model (ldm.families), resolved once the model is chosen.
 MODEL_DEPENDENT = ("steps", "n_iter", "n_samples", "scale", "ddim_eta")
 # The shared flags that are ldm.runtime.RuntimeOptions fields, passed on as one RuntimeOptions.
-RUNTIME_FLAGS = ("device", "precision", "compile", "torchscript", "ipex", "threads", "trust_config")
+RUNTIME_FLAGS = ("device", "precision", "compile", "torchscript", "ipex", "threads", "trust_config", "backend")
 
 
 def run_command(task, *, plms: bool, dpm: bool, sampler: Optional[str], schedule: Optional[str], **fields) -> None:

@@ -65,8 +65,8 @@ Repeat = Annotated[int, typer.Option("--repeat", help="Repeat each prompt of --f
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, or auto (cuda when available).")]
 Torchscript = Annotated[bool, typer.Option("--torchscript", help="Trace and freeze the UNet with TorchScript.")]
 Ipex = Annotated[Optional[bool], typer.Option(
-    "--ipex/--no-ipex", help="Intel Extension for PyTorch for the UNet (default: used for bf16 on CPU when installed, "
-    "as it measured faster; install with make install-ipex).")]
+    "--ipex/--no-ipex", help="Intel Extension for PyTorch for the UNet. End-of-life (Intel stopped it after 2.8, "
+    "October 2025): never a default; use --backend openvino. Needs make install-ipex and .venv-ipex/bin/sd.")]
 Bf16 = Annotated[bool, typer.Option("--bf16", help="The reference's flag: same as --precision bf16.")]
 Compile = Annotated[bool, typer.Option(
     "--compile", help="torch.compile the UNet (oneDNN fusions); compiled kernels are cached in ~/.cache/sd.")]
@@ -88,6 +88,9 @@ Lora = Annotated[Optional[list[str]], typer.Option(
     "repeatable. In prompts, <lora:NAME:W> or <lora:NAME:TEXT_W:UNET_W> takes NAME from --lora-dir.")]
 LoraDir = Annotated[Optional[Path], typer.Option(
     "--lora-dir", help="Folder of LoRA files named by <lora:NAME:W> tags [default: loras/ beside the checkpoints folder].")]
+Backend = Annotated[str, typer.Option(
+    "--backend", help="torch, or openvino: the UNet and VAE decoder converted to OpenVINO (CPU; fp32, or bf16 "
+    "where native; converted once per shape and cached in ~/.cache/sd/openvino).")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: OMP_NUM_THREADS, else all cores).")]
 
 

@@ -1,0 +1,64 @@
+"""The UNet guidance step at 512x512 (batch 2) in PyTorch and in OpenVINO, on full-size random weights.
+
+    .venv/bin/python benchmarks/openvino_unet.py
+
+One process: the checkpoint (benchmarks/fullsize.py) is loaded once per backend, conversion and compile
+are timed, then the steps are timed in turns (torch fp32, openvino f32, openvino bf16 where native:
+A B C A B C ...) and reported as medians and ratios to torch fp32, with each backend's relative error.
+Not part of the tests.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fullsize import checkpoint_for  # noqa: E402
+
+from ldm.loading import load_model  # noqa: E402
+from ldm.runtime import RuntimeOptions, cpu_has_fast_bf16  # noqa: E402
+
+
+def main(turns: int = 4) -> None:
+    ckpt = checkpoint_for("v2-inference.yaml")  # (before moving the cache: the checkpoint stays where it is)
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sd-ov-bench-")  # a cold OpenVINO cache: time it
+    config = Path(__file__).resolve().parent.parent / "configs/stable-diffusion/v2-inference.yaml"
+    g = torch.Generator().manual_seed(0)
+    x, t, c = torch.randn(2, 4, 64, 64, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 1024, generator=g)
+    variants = {"torch fp32": RuntimeOptions("cpu", "full")}
+    variants["openvino f32"] = RuntimeOptions("cpu", "full", backend="openvino")
+    if cpu_has_fast_bf16():
+        variants["openvino bf16"] = RuntimeOptions("cpu", "bf16", backend="openvino")
+    unets = {}
+    for name, opts in variants.items():
+        unet = load_model(config, ckpt, opts).model.diffusion_model
+        start = time.perf_counter()
+        with torch.inference_mode():
+            unet(x, t, c)  # conversion and compile happen on the first call
+        print(f"{name}: first call (convert + compile) {time.perf_counter() - start:.1f} s", flush=True)
+        unets[name] = unet
+    times = {name: [] for name in unets}
+    outputs = {}
+    for _ in range(turns):
+        for name, unet in unets.items():
+            with torch.inference_mode():
+                start = time.perf_counter()
+                outputs[name] = unet(x, t, c).float()
+                times[name].append(time.perf_counter() - start)
+    ref = statistics.median(times["torch fp32"])
+    for name, seconds in times.items():
+        err = ((outputs[name] - outputs["torch fp32"]).norm() / outputs["torch fp32"].norm()).item()
+        print(f"{name}: median {statistics.median(seconds):.2f} s (min {min(seconds):.2f}), "
+              f"{statistics.median(seconds) / ref:.2f} x torch fp32, relative error {err:.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""`--backend openvino`: the UNet and the VAE decoder run by OpenVINO, Intel's live CPU inference runtime.
+
+Each part is exported from the loaded PyTorch module with torch.export (not the deprecated tracer),
+converted by `openvino.convert_model`, and compiled for the static shapes of each call it meets. The
+converted model is saved under ~/.cache/sd/openvino/ keyed by checkpoint hash, part, input shapes and
+precision, and OpenVINO caches its compiled blob beside it, so a second run of the same shape starts in
+seconds. Precisions: f32, and bf16 where the CPU has it natively (INFERENCE_PRECISION_HINT); results differ
+from PyTorch fp32 only by rounding. The weights are baked into the converted model, so LoRA cannot be
+merged afterwards (refused by the pipeline).
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ldm.errors import SDError, note
+from ldm.fastpath import falls_through
+
+VERSION = 1  # bump when what is exported changes, so stale cached models are not reused
+
+
+def openvino_module():
+    try:
+        import openvino  # noqa: F401
+    except ImportError as exc:
+        raise SDError("--backend openvino needs the openvino package: pip install openvino") from exc
+    return openvino
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "sd" / "openvino"
+
+
+class OpenVINOPart(nn.Module):
+    """A module run by OpenVINO, converted and compiled once per input signature (shapes and dtypes).
+
+    Attribute reads (out_channels, in_channels ...) fall through to the PyTorch module, which stays
+    for them and as the export source.
+    """
+
+    inner = "module"
+
+    def __init__(self, module: nn.Module, part: str, checkpoint_hash: str, hint: str):
+        super().__init__()
+        self.module, self.part, self.checkpoint_hash, self.hint = module.eval(), part, checkpoint_hash, hint
+        self._compiled: dict[Any, Any] = {}
+
+    __getattr__ = falls_through
+
+    def forward(self, *args: Optional[torch.Tensor], **kwargs: Optional[torch.Tensor]) -> torch.Tensor:
+        bound = inspect.signature(self.module.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        args = tuple(bound.arguments.values())  # in the module's order: (x, timesteps, context, y) for the UNet
+        check = getattr(self.module, "_check_inputs", None)
+        if check is not None:  # one-line errors, which a compiled graph cannot raise
+            check(*args)
+        given = tuple(a.float() if a.is_floating_point() else a for a in args if a is not None)
+        if self.part == "unet" and given[1].ndim == 0:
+            given = (given[0], given[1].expand(given[0].shape[0]), *given[2:])
+        key = tuple((tuple(a.shape), str(a.dtype)) for a in given)
+        if key not in self._compiled:
+            self._compiled[key] = self._compile(given, key)
+        outputs = self._compiled[key]([a.detach().cpu().numpy() for a in given])
+        return torch.from_numpy(outputs[0].copy())
+
+    def _compile(self, args: tuple, key) -> Any:
+        ov = openvino_module()
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(repr((VERSION, self.checkpoint_hash, self.part, key, ov.__version__,
+                                    torch.__version__)).encode()).hexdigest()[:20]
+        xml = folder / f"{self.part}-{name}.xml"
+        if not xml.is_file():
+            start = time.perf_counter()
+            note(f"converting the {self.part} for OpenVINO ({' x '.join(str(tuple(s)) for s, _ in key)}; once, "
+                 f"cached in {folder})")
+            with torch.no_grad():
+                exported = torch.export.export(self.module, args)
+            # compress_to_fp16 (save_model's default) would round every weight to fp16: keep them as they are
+            ov.save_model(ov.convert_model(exported), str(xml), compress_to_fp16=False)
+            note(f"{self.part} converted in {time.perf_counter() - start:.1f} s")
+        core = ov.Core()
+        core.set_property({"CACHE_DIR": str(folder)})
+        return core.compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": self.hint})
+
+
+def use_openvino(model: nn.Module, checkpoint_hash: str, bf16: bool) -> None:
+    """Put the UNet and the VAE decoder of a loaded fp32 model on OpenVINO (bf16 inference where native)."""
+    openvino_module()
+    hint = "bf16" if bf16 else "f32"
+    holder = model.model
+    holder.diffusion_model = OpenVINOPart(holder.diffusion_model, "unet", checkpoint_hash, hint)
+    vae = getattr(model, "first_stage_model", None)
+    if vae is not None:
+        vae.decoder = OpenVINOPart(vae.decoder, "decoder", checkpoint_hash, hint)

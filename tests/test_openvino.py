@@ -1,0 +1,53 @@
+"""--backend openvino: the UNet and VAE decoder converted (torch.export -> OpenVINO), same numbers, cached."""
+import numpy as np
+import pytest
+import torch
+
+from ldm.errors import SDError
+from ldm.pipeline import Pipeline
+from ldm.runtime import RuntimeOptions
+
+pytest.importorskip("openvino")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "sd" / "openvino"
+
+
+def psnr(a, b):
+    return 10 * np.log10(255.0 ** 2 / max(np.mean((a.astype(np.float64) - b) ** 2), 1e-12))
+
+
+def test_openvino_gives_torchs_numbers_and_caches_its_conversion(tiny_ckpts, cache, capsys):
+    entry = tiny_ckpts["eps"]
+    torch_pipe = Pipeline.load(entry["safetensors"], entry["config"], device="cpu", precision="full", quiet=True)
+    ov_pipe = Pipeline.load(entry["safetensors"], entry["config"], device="cpu", precision="full", backend="openvino",
+                            quiet=True)
+    unet, part = torch_pipe.model.model.diffusion_model, ov_pipe.model.model.diffusion_model
+    assert type(part).__name__ == "OpenVINOPart" and part.out_channels == unet.out_channels
+    g = torch.Generator().manual_seed(0)
+    x, t, c = torch.randn(2, 4, 32, 32, generator=g), torch.tensor([3.0, 801.0]), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        ours, theirs = part(x, t, context=c), unet(x, t, context=c)
+    assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-4  # measured 1.3e-6
+    settings = dict(seed=5, steps=4, width=256, height=256)
+    a = np.asarray(torch_pipe.txt2img("a red cube", **settings)[0].image)
+    made = ov_pipe.txt2img("a red cube", **settings)[0]
+    assert psnr(np.asarray(made.image), a) > 40 and "Backend: openvino f32" in made.parameters
+    err = capsys.readouterr().err
+    assert "converting the unet for OpenVINO" in err and "converting the decoder for OpenVINO" in err
+    assert len(list(cache.glob("unet-*.xml"))) == 1  # the call above and the pipeline's batches: one shape
+    again = Pipeline.load(entry["safetensors"], entry["config"], device="cpu", backend="openvino", precision="full",
+                          quiet=True).txt2img("a red cube", **settings)[0]
+    assert "converting" not in capsys.readouterr().err  # the second run reads the cache
+    assert again.png() == made.png()
+
+
+def test_openvino_refuses_what_it_cannot_do():
+    for opts, says in ((RuntimeOptions("cpu", "full", backend="openvino", torchscript=True), "drop --compile"),
+                       (RuntimeOptions("cuda", "full", backend="openvino"), "runs on the CPU"),
+                       (RuntimeOptions("cpu", "full", backend="tensorrt"), "--backend must be one of")):
+        with pytest.raises(SDError, match=says):
+            opts.check()

@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/openvino_unet.py
 
 One process: the checkpoint (benchmarks/fullsize.py) is loaded once per backend, conversion and compile
-are timed, then the steps are timed in turns (torch fp32, openvino f32, openvino bf16 where native:
-A B C A B C ...) and reported as medians and ratios to torch fp32, with each backend's relative error.
+are timed, then the steps are timed in turns (torch fp32, openvino f32: A B A B ...) and reported as
+medians and ratios to torch fp32, with the relative error. (OpenVINO's bf16 hint, measured once at 0.28x
+the time but 0.54 relative error, is not offered: docs/benchmarks.md.)
 Not part of the tests.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fullsize import checkpoint_for  # noqa: E402
 
 from ldm.loading import load_model  # noqa: E402
-from ldm.runtime import RuntimeOptions, cpu_has_fast_bf16  # noqa: E402
+from ldm.runtime import RuntimeOptions  # noqa: E402
 
 
 def main(turns: int = 4) -> None:
@@ -35,8 +36,6 @@ def main(turns: int = 4) -> None:
     x, t, c = torch.randn(2, 4, 64, 64, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 1024, generator=g)
     variants = {"torch fp32": RuntimeOptions("cpu", "full")}
     variants["openvino f32"] = RuntimeOptions("cpu", "full", backend="openvino")
-    if cpu_has_fast_bf16():
-        variants["openvino bf16"] = RuntimeOptions("cpu", "bf16", backend="openvino")
     unets = {}
     for name, opts in variants.items():
         unet = load_model(config, ckpt, opts).model.diffusion_model

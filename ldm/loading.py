@@ -178,8 +178,7 @@ def load_model(config: str | Path, ckpt: str | Path, opts: Optional[RuntimeOptio
             return model
         device = resolve_device(opts.device)
         prec = resolve_precision(opts.precision, device, config_precision_hint(loaded_config))
-        if opts.backend == "openvino":  # it converts float32 modules; its own bf16 is set as an inference hint
-            opts = replace(opts, precision=prec.mode)
+        if opts.backend == "openvino":  # it converts and runs float32 modules (RuntimeOptions.check says why)
             prec = resolve_precision("full", device)
         # channels_last: oneDNN's convolutions and torch's CPU group norm work on NHWC without reorders;
         # the UNet's attention blocks then reshape (B, C, H, W) -> (B, HW, C) as a free view.
@@ -212,7 +211,7 @@ def _place(model: nn.Module, opts: RuntimeOptions, device: torch.device, prec: P
         from ldm.metadata import model_hash
         from ldm.openvino_backend import use_openvino
 
-        use_openvino(model, model_hash(model.runtime_ckpt), bf16=opts.precision in ("bf16", "autocast"))
+        use_openvino(model, model_hash(model.runtime_ckpt))
         return model
     unet_holder = getattr(model, "model", None)
     unet = getattr(unet_holder, "diffusion_model", None)

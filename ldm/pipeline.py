@@ -364,4 +364,4 @@ def _backend_field(model) -> Optional[str]:
     options = model.runtime.options
     if options.backend == "torch":
         return None
-    return f"{options.backend} {'bf16' if options.precision in ('bf16', 'autocast') else 'f32'}"
+    return f"{options.backend} f32"

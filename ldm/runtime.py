@@ -68,6 +68,11 @@ class RuntimeOptions:
             raise SDError(f"--backend must be one of {', '.join(BACKENDS)} (got '{self.backend}')")
         if self.backend == "openvino" and (self.compile or self.torchscript or self.ipex):
             raise SDError("--backend openvino runs the UNet itself: drop --compile, --torchscript and --ipex")
+        if self.backend == "openvino" and self.precision not in ("auto", "full"):
+            # measured on the full-size UNet (docs/benchmarks.md): OpenVINO's bf16 inference hint gave 0.54
+            # relative error against fp32, 30x PyTorch's bf16 (1.8e-2)
+            raise SDError(f"--backend openvino runs in float32 (its bf16 measured 30x PyTorch's bf16 error): "
+                          f"use --precision full or auto, not {self.precision}")
         if self.backend == "openvino" and str(self.device).startswith("cuda"):
             raise SDError("--backend openvino runs on the CPU: use --device cpu (or --backend torch on CUDA)")
         if self.compile and self.torchscript:

@@ -48,6 +48,7 @@ def test_openvino_gives_torchs_numbers_and_caches_its_conversion(tiny_ckpts, cac
 def test_openvino_refuses_what_it_cannot_do():
     for opts, says in ((RuntimeOptions("cpu", "full", backend="openvino", torchscript=True), "drop --compile"),
                        (RuntimeOptions("cuda", "full", backend="openvino"), "runs on the CPU"),
-                       (RuntimeOptions("cpu", "full", backend="tensorrt"), "--backend must be one of")):
+                       (RuntimeOptions("cpu", "full", backend="tensorrt"), "--backend must be one of"),
+                       (RuntimeOptions("cpu", "bf16", backend="openvino"), "runs in float32")):
         with pytest.raises(SDError, match=says):
             opts.check()

@@ -30,7 +30,7 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
           precision: opt.Precision = "auto", threads: opt.Threads = None, trust_config: opt.TrustConfig = False,
           max_side: opt.MaxSide = 2048, max_steps: opt.MaxSteps = 150, max_batch: opt.MaxBatch = 8,
           max_images: opt.MaxImages = 16, max_body_mb: MaxBodyMb = 64, max_pixels: MaxPixels = 16_000_000,
-          embeddings: opt.Embeddings = None, lora_dir: opt.LoraDir = None) -> None:
+          embeddings: opt.Embeddings = None, lora_dir: opt.LoraDir = None, backend: opt.Backend = "torch") -> None:
     from ldm.entry import ready_for_interrupts
     from ldm.errors import SDError, note
     from ldm.limits import Limits
@@ -58,7 +58,7 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
     from ldm.serve.app import run
 
     pipeline = Pipeline.load(ckpt, config, device=device, precision=precision, threads=threads,
-                             trust_config=trust_config, task=tab)
+                             trust_config=trust_config, task=tab, backend=backend)
     note(f"sd serve on http://{host}:{port}/ (page) and /sdapi/v1 (API, docs at /docs): {said}")
     run(pipeline, host=host, port=port, auth=auth, models_dir=models_dir, outdir=outdir, limits=limits,
         max_pixels=max_pixels, max_body=max_body_mb * 2 ** 20, first_tab=tab, embeddings=embeddings,

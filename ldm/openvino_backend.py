@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +28,11 @@ VERSION = 1  # bump when what is exported changes, so stale cached models are no
 
 
 def openvino_module():
+    # OpenVINO's converter reports usage to Google Analytics unless a consent file says no (no file counts
+    # as yes when no dialog is shown). sd never phones home: without the telemetry package importable,
+    # the converter falls back to its own no-op stub.
+    if "openvino_telemetry" not in sys.modules:
+        sys.modules["openvino_telemetry"] = None
     try:
         import openvino  # noqa: F401
     except ImportError as exc:

@@ -52,3 +52,14 @@ def test_openvino_refuses_what_it_cannot_do():
                        (RuntimeOptions("cpu", "bf16", backend="openvino"), "runs in float32")):
         with pytest.raises(SDError, match=says):
             opts.check()
+
+
+def test_openvinos_converter_cannot_phone_home():
+    """OpenVINO's converter sends usage to Google Analytics when no consent file says no; sd makes it use
+    its own no-op stub instead."""
+    from ldm.openvino_backend import openvino_module
+
+    openvino_module()
+    import openvino.tools.ovc.telemetry_utils as telemetry
+
+    assert telemetry.tm.__name__ == "openvino.tools.ovc.telemetry_stub"

@@ -35,8 +35,13 @@ def openvino_module():
         sys.modules["openvino_telemetry"] = None
     try:
         import openvino  # noqa: F401
+        import openvino.tools.ovc.telemetry_stub as stub
     except ImportError as exc:
         raise SDError("--backend openvino needs the openvino package: pip install openvino") from exc
+    for name in ("openvino.tools.ovc.telemetry_utils", "openvino.tools.ovc.convert_impl"):
+        module = sys.modules.get(name)  # imported before us (by whoever imported openvino first): stub it too
+        if module is not None and hasattr(module, "tm"):
+            module.tm = stub
     return openvino
 
 

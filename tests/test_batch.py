@@ -262,24 +262,12 @@ def test_interrupted_run_resumes_to_the_same_bytes(tiny_ckpts, tmp_path, capsys,
 
 
 # ------------------------------------------------------------------------------------ scale-out
-def loopback_works() -> bool:
-    """DDP's processes meet over TCP on 127.0.0.1; a network namespace without it (`unshare -n`, where
-    even the loopback interface is down) cannot host them."""
-    import socket
-
-    try:
-        with socket.socket() as server:
-            server.bind(("127.0.0.1", 0))
-            server.listen(1)
-            with socket.create_connection(server.getsockname(), timeout=2):
-                return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not loopback_works(), reason="no loopback network here: DDP processes cannot meet")
 def test_two_process_ddp_run_writes_the_files_of_a_one_process_run(tiny_ckpts, tmp_path, capsys, monkeypatch):
-    """`--devices 2 --accelerator cpu` through the `sd` console script (Lightning relaunches it)."""
+    """`--devices 2 --accelerator cpu` through the `sd` console script (Lightning relaunches it); the
+    processes meet on 127.0.0.1 (raised in a fresh network namespace, else skipped: tests.serving)."""
+    from tests.serving import ensure_loopback
+
+    ensure_loopback()
     prompts = write(tmp_path / "p.jsonl", '{"prompt": "a cube"}\n{"prompt": "a ball", "seed": 9}\n{"prompt": "a cone"}\n')
     args = [*model_args(tiny_ckpts), *FAST, "--from-file", str(prompts), "--n_samples", "2", "--n_iter", "1"]
     # CPU float results depend on the intra-op thread count: both runs use one thread per process.

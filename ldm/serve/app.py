@@ -244,7 +244,15 @@ def run(pipeline: Pipeline, *, host: str, port: int, auth: Optional[tuple[str, s
     server = Server(pipeline, models_dir=models_dir, outdir=outdir, limits=limits, max_pixels=max_pixels,
                     max_body=max_body, embeddings=embeddings, lora_dir=lora_dir)
     app = build_app(server, auth=auth, first_tab=first_tab)
+
+    class Stopping(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # Ctrl-C or SIGTERM: the running job stops after its step and answers with the batches done,
+            # so the graceful shutdown does not wait for a long generation; queued jobs never start.
+            server.worker.interrupt()
+            super().handle_exit(sig, frame)
+
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        Stopping(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()
     except OSError as exc:
         raise SDError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

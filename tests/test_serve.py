@@ -285,3 +285,15 @@ def test_the_reference_gradio_command_lines_open_sd_serve(script, tab, monkeypat
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gradio" / f"{script}.py")], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2 and "CONFIG CKPT" in done.stderr
+
+
+def test_the_page_holds_uploads_to_the_pixel_bound():
+    import gradio as gr
+
+    from ldm.serve.page import _check_pixels
+
+    small = Image.new("RGB", (10, 10))
+    _check_pixels([small, {"background": small, "layers": [small]}, None, 3, "text"], 100)
+    for value in (Image.new("RGB", (11, 10)), {"background": small, "layers": [Image.new("RGBA", (20, 20))]}):
+        with pytest.raises(gr.Error, match="above the server's 100"):
+            _check_pixels([value], 100)

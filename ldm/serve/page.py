@@ -154,6 +154,7 @@ def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Ca
         if why:
             raise gr.Error(why)
         given = dict(zip(names, values))
+        _check_pixels(given.values(), server.max_pixels)
         # the page obeys the API's bounds and uses the server's embeddings
         settings = {**settings_from(given, defaults), "limits": server.limits, "embeddings": server.embeddings,
                     "lora_dir": server.lora_dir}
@@ -165,6 +166,18 @@ def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Ca
     outputs = [gallery, status] + ([side] if side is not None else [])
     generate.click(run, [prompt, save, *own.values(), *controls.values()], outputs)
     return prompt, controls
+
+
+def _check_pixels(values, limit: int) -> None:
+    """The server's --max-pixels for uploaded pictures too (the editor's background and layers included)."""
+    for value in values:
+        pictures = [value] if isinstance(value, Image.Image) else [
+            v for v in (value or {}).get("layers", []) + [(value or {}).get("background")]
+            if isinstance(v, Image.Image)] if isinstance(value, dict) else []
+        for picture in pictures:
+            if picture.width * picture.height > limit:
+                raise gr.Error(f"the picture is {picture.width}x{picture.height} pixels, above the server's {limit} "
+                               "(sd serve --max-pixels)")
 
 
 def _need(value, what: str):

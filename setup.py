@@ -29,8 +29,10 @@ setup(
         "fastapi",
         "uvicorn",
         "python-multipart",
-        # --backend openvino: Intel's maintained CPU runtime (IPEX, the older path, is end-of-life)
+        # --backend openvino: Intel's maintained CPU runtime (IPEX, the older path, is end-of-life);
+        # nncf: its int8 weight compression (--precision int8)
         "openvino>=2025",
+        "nncf>=3",
     ],
     extras_require={
         # webuiapi: a real A1111 client to drive the server; playwright: drives Debian's chromium (never its own);

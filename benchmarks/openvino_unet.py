@@ -36,6 +36,7 @@ def main(turns: int = 4) -> None:
     x, t, c = torch.randn(2, 4, 64, 64, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 1024, generator=g)
     variants = {"torch fp32": RuntimeOptions("cpu", "full")}
     variants["openvino f32"] = RuntimeOptions("cpu", "full", backend="openvino")
+    variants["openvino int8 weights"] = RuntimeOptions("cpu", "int8", backend="openvino")
     unets = {}
     for name, opts in variants.items():
         unet = load_model(config, ckpt, opts).model.diffusion_model

@@ -177,9 +177,9 @@ def load_model(config: str | Path, ckpt: str | Path, opts: Optional[RuntimeOptio
                 inspect(model)
             return model
         device = resolve_device(opts.device)
-        prec = resolve_precision(opts.precision, device, config_precision_hint(loaded_config))
-        if opts.backend == "openvino":  # it converts and runs float32 modules (RuntimeOptions.check says why)
-            prec = resolve_precision("full", device)
+        # OpenVINO converts and runs float32 modules (int8 is its own weight compression after conversion)
+        prec = resolve_precision("full" if opts.backend == "openvino" else opts.precision, device,
+                                 config_precision_hint(loaded_config))
         # channels_last: oneDNN's convolutions and torch's CPU group norm work on NHWC without reorders;
         # the UNet's attention blocks then reshape (B, C, H, W) -> (B, HW, C) as a free view.
         channels_last = opts.channels_last if opts.channels_last is not None else device.type == "cpu"
@@ -211,7 +211,7 @@ def _place(model: nn.Module, opts: RuntimeOptions, device: torch.device, prec: P
         from ldm.metadata import model_hash
         from ldm.openvino_backend import use_openvino
 
-        use_openvino(model, model_hash(model.runtime_ckpt))
+        use_openvino(model, model_hash(model.runtime_ckpt), int8=opts.precision == "int8")
         return model
     unet_holder = getattr(model, "model", None)
     unet = getattr(unet_holder, "diffusion_model", None)

@@ -59,9 +59,10 @@ class OpenVINOPart(nn.Module):
 
     inner = "module"
 
-    def __init__(self, module: nn.Module, part: str, checkpoint_hash: str, hint: str):
+    def __init__(self, module: nn.Module, part: str, checkpoint_hash: str, hint: str, int8: bool = False):
         super().__init__()
         self.module, self.part, self.checkpoint_hash, self.hint = module.eval(), part, checkpoint_hash, hint
+        self.int8 = int8  # weights compressed to int8 by NNCF (activations stay float)
         self._compiled: dict[Any, Any] = {}
 
     __getattr__ = falls_through
@@ -86,7 +87,7 @@ class OpenVINOPart(nn.Module):
         ov = openvino_module()
         folder = cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
-        name = hashlib.sha256(repr((VERSION, self.checkpoint_hash, self.part, key, ov.__version__,
+        name = hashlib.sha256(repr((VERSION, self.checkpoint_hash, self.part, key, self.int8, ov.__version__,
                                     torch.__version__)).encode()).hexdigest()[:20]
         xml = folder / f"{self.part}-{name}.xml"
         if not xml.is_file():
@@ -95,15 +96,31 @@ class OpenVINOPart(nn.Module):
                  f"cached in {folder})")
             with torch.no_grad():
                 exported = torch.export.export(self.module, args)
+            converted = ov.convert_model(exported)
+            if self.int8:
+                converted = _int8_weights(converted)
             # compress_to_fp16 (save_model's default) would round every weight to fp16: keep them as they are
-            ov.save_model(ov.convert_model(exported), str(xml), compress_to_fp16=False)
+            ov.save_model(converted, str(xml), compress_to_fp16=False)
             note(f"{self.part} converted in {time.perf_counter() - start:.1f} s")
         core = ov.Core()
         core.set_property({"CACHE_DIR": str(folder)})
         return core.compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": self.hint})
 
 
-def use_openvino(model: nn.Module, checkpoint_hash: str) -> None:
+def _int8_weights(converted):
+    """NNCF's int8 weight compression (asymmetric, per output channel) of a converted model."""
+    import logging
+
+    try:
+        import nncf
+    except ImportError as exc:
+        raise SDError("--precision int8 needs NNCF: pip install nncf") from exc
+    logging.getLogger("nncf").setLevel(logging.WARNING)  # its statistics table is not for sd's stderr
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime", on importing nncf
+    return nncf.compress_weights(converted, mode=nncf.CompressWeightsMode.INT8_ASYM)
+
+
+def use_openvino(model: nn.Module, checkpoint_hash: str, int8: bool = False) -> None:
     """Put the UNet and the VAE decoder of a loaded fp32 model on OpenVINO, in float32.
 
     Not bf16: on the full-size UNet its bf16 inference hint measured 0.54 relative error against fp32
@@ -111,7 +128,8 @@ def use_openvino(model: nn.Module, checkpoint_hash: str) -> None:
     openvino_module()
     hint = "f32"
     holder = model.model
-    holder.diffusion_model = OpenVINOPart(holder.diffusion_model, "unet", checkpoint_hash, hint)
+    # int8 weights for the UNet only: the decoder's pixels stay float32
+    holder.diffusion_model = OpenVINOPart(holder.diffusion_model, "unet", checkpoint_hash, hint, int8)
     vae = getattr(model, "first_stage_model", None)
     if vae is not None:
         vae.decoder = OpenVINOPart(vae.decoder, "decoder", checkpoint_hash, hint)

@@ -28,7 +28,7 @@ from ldm.errors import SDError, note, warning
 
 DEVICES = ("auto", "cpu", "cuda")
 MAX_THREADS = 1024  # a thread pool past this is a typo, and its stacks alone would take gigabytes
-PRECISIONS = ("auto", "full", "autocast", "bf16", "fp16")
+PRECISIONS = ("auto", "full", "autocast", "bf16", "fp16", "int8")
 BACKENDS = ("torch", "openvino")
 
 # Parts of a LatentDiffusion by checkpoint key prefix.
@@ -68,7 +68,9 @@ class RuntimeOptions:
             raise SDError(f"--backend must be one of {', '.join(BACKENDS)} (got '{self.backend}')")
         if self.backend == "openvino" and (self.compile or self.torchscript or self.ipex):
             raise SDError("--backend openvino runs the UNet itself: drop --compile, --torchscript and --ipex")
-        if self.backend == "openvino" and self.precision not in ("auto", "full"):
+        if self.precision == "int8" and self.backend != "openvino":
+            raise SDError("--precision int8 is OpenVINO's weight compression: add --backend openvino")
+        if self.backend == "openvino" and self.precision not in ("auto", "full", "int8"):
             # measured on the full-size UNet (docs/benchmarks.md): OpenVINO's bf16 inference hint gave 0.54
             # relative error against fp32, 30x PyTorch's bf16 (1.8e-2)
             raise SDError(f"--backend openvino runs in float32 (its bf16 measured 30x PyTorch's bf16 error): "

@@ -10,7 +10,9 @@ merged afterwards (refused by the pipeline).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import inspect
 import os
 import sys
@@ -104,7 +106,14 @@ class OpenVINOPart(nn.Module):
             note(f"{self.part} converted in {time.perf_counter() - start:.1f} s")
         core = ov.Core()
         core.set_property({"CACHE_DIR": str(folder)})
-        return core.compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": self.hint})
+        try:
+            return core.compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": self.hint})
+        except RuntimeError as exc:
+            cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+            why = f" (ONEDNN_MAX_CPU_ISA={cap} hides instructions OpenVINO chose kernels for)" if cap else ""
+            first = str(exc).strip().splitlines()[-1]
+            raise SDError(f"OpenVINO cannot compile the {self.part}{' with int8 weights' if self.int8 else ''} "
+                          f"on this CPU{why}: {first}") from None
 
 
 def _int8_weights(converted):
@@ -117,7 +126,8 @@ def _int8_weights(converted):
         raise SDError("--precision int8 needs NNCF: pip install nncf") from exc
     logging.getLogger("nncf").setLevel(logging.WARNING)  # its statistics table is not for sd's stderr
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime", on importing nncf
-    return nncf.compress_weights(converted, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):  # its progress bar
+        return nncf.compress_weights(converted, mode=nncf.CompressWeightsMode.INT8_ASYM)
 
 
 def use_openvino(model: nn.Module, checkpoint_hash: str, int8: bool = False) -> None:

@@ -1,4 +1,6 @@
 """--backend openvino: the UNet and VAE decoder converted (torch.export -> OpenVINO), same numbers, cached."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -66,6 +68,9 @@ def test_openvinos_converter_cannot_phone_home():
     assert telemetry.tm.__name__ == "openvino.tools.ovc.telemetry_stub"
 
 
+@pytest.mark.skipif(bool(os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")),
+                    reason="OpenVINO picks its int8 kernels by the real CPU; an oneDNN ISA cap (CI's AVX2 emulation) "
+                           "breaks them (sd then says so in one line)")
 def test_int8_weights_stay_close(tiny_ckpts, cache):
     pytest.importorskip("nncf")
     entry = tiny_ckpts["eps"]

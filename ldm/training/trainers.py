@@ -339,6 +339,29 @@ def _init_from(target: torch.nn.Module, path: Optional[str]) -> bool:
     return True
 
 
+def _training_config(config_path: str | Path, overrides: dict) -> tuple[dict, dict, dict, str]:
+    """(model block, data section, trainer section with `overrides` applied, module kind) of a training
+    config; SDError for a missing file or section."""
+    config = OmegaConf.load(config_path) if Path(config_path).is_file() else None
+    if config is None:
+        raise SDError(f"training config not found: {config_path}")
+    tcfg = OmegaConf.to_container(config.get("trainer") or OmegaConf.create(), resolve=True)
+    if "model_config" in tcfg:
+        model_config = OmegaConf.to_container(load_config(tcfg.pop("model_config")).model, resolve=True)
+    elif "model" in config:
+        model_config = OmegaConf.to_container(config.model, resolve=True)
+    else:
+        raise SDError(f"{config_path}: needs a 'model:' block or 'trainer.model_config: <inference config>'")
+    data_cfg = OmegaConf.to_container(config.get("data") or OmegaConf.create(), resolve=True)
+    tcfg.update({key: value for key, value in overrides.items() if value is not None})
+    kind = tcfg.pop("module", None)
+    if kind not in ("autoencoder", "diffusion"):
+        raise SDError(f"{config_path}: trainer.module must be 'autoencoder' or 'diffusion'")
+    if not tcfg.get("output"):
+        raise SDError(f"{config_path}: trainer.output (the checkpoint to write) is missing")
+    return model_config, data_cfg, tcfg, kind
+
+
 def train(config_path: str | Path, *, max_minutes: Optional[float] = None, max_steps: Optional[int] = None,
           output: Optional[str | Path] = None, seed: Optional[int] = None, threads: Optional[int] = None,
           init_from: Optional[str | Path] = None) -> Path:
@@ -352,26 +375,8 @@ def train(config_path: str | Path, *, max_minutes: Optional[float] = None, max_s
     """
     from ldm.data.shapes import ShapesDataset
 
-    config = OmegaConf.load(config_path) if Path(config_path).is_file() else None
-    if config is None:
-        raise SDError(f"training config not found: {config_path}")
-    tcfg = OmegaConf.to_container(config.get("trainer") or OmegaConf.create(), resolve=True)
-    if "model_config" in tcfg:
-        model_config = OmegaConf.to_container(load_config(tcfg.pop("model_config")).model, resolve=True)
-    elif "model" in config:
-        model_config = OmegaConf.to_container(config.model, resolve=True)
-    else:
-        raise SDError(f"{config_path}: needs a 'model:' block or 'trainer.model_config: <inference config>'")
-    data_cfg = OmegaConf.to_container(config.get("data") or OmegaConf.create(), resolve=True)
-    for key, value in (("max_minutes", max_minutes), ("max_steps", max_steps), ("output", output),
-                       ("seed", seed), ("threads", threads), ("init_from", init_from)):
-        if value is not None:
-            tcfg[key] = value
-    kind = tcfg.pop("module", None)
-    if kind not in ("autoencoder", "diffusion"):
-        raise SDError(f"{config_path}: trainer.module must be 'autoencoder' or 'diffusion'")
-    if not tcfg.get("output"):
-        raise SDError(f"{config_path}: trainer.output (the checkpoint to write) is missing")
+    model_config, data_cfg, tcfg, kind = _training_config(config_path, dict(
+        max_minutes=max_minutes, max_steps=max_steps, output=output, seed=seed, threads=threads, init_from=init_from))
     torch.set_num_threads(int(tcfg.pop("threads", 2)))
     run_seed = int(tcfg.pop("seed", 0))
     pl.seed_everything(run_seed, workers=True, verbose=False)

@@ -10,7 +10,6 @@ Merging keeps the originals of the weights it touches and `restore` puts them ba
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from ldm.errors import SDError
+from ldm.metadata import model_hash
 
 RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
           "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
@@ -128,7 +128,7 @@ def read_lora(path: Path) -> LoraFile:
     incomplete = [p for p, m in modules.items() if "down" not in m or "up" not in m]
     if incomplete or not modules:
         raise SDError(f"LoRA {path.name}: {'no updates' if not modules else 'half an update for ' + incomplete[0]}")
-    return LoraFile(path.stem, path, hashlib.sha256(path.read_bytes()).hexdigest()[:12], modules)
+    return LoraFile(path.stem, path, model_hash(path, length=12), modules)
 
 
 def _read(path: Path) -> tuple[dict, dict]:

@@ -246,8 +246,9 @@ def printable(text: str, json_escapes: bool = False) -> str:
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
 
 
-def model_hash(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """AUTOMATIC1111's (new) "Model hash": the first 10 hex digits of the SHA-256 of the whole file.
+def model_hash(path: str | os.PathLike, chunk_size: int = 1 << 20, length: int = 10) -> str:
+    """AUTOMATIC1111's (new) "Model hash": the first 10 hex digits of the SHA-256 of the whole file (`length`
+    12 for the short hashes of LoRA and embedding files).
 
     Read in chunks; remembered in memory per (real path, size, mtime), so a changed file is hashed anew.
     """
@@ -260,9 +261,9 @@ def model_hash(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
             with open(real, "rb") as f:
                 while chunk := f.read(chunk_size):
                     digest.update(chunk)
-            _HASH_CACHE[key] = digest.hexdigest()[:10]
+            _HASH_CACHE[key] = digest.hexdigest()
     except FileNotFoundError:
         raise SDError(f"checkpoint not found: {path}") from None
     except OSError as exc:
         raise SDError(f"cannot read {path}: {_reason(exc)}") from None
-    return _HASH_CACHE[key]
+    return _HASH_CACHE[key][:length]

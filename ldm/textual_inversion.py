@@ -8,7 +8,6 @@ SD 2.x vectors are 1024 wide (the OpenCLIP text tower); SD 1.x's 768-wide ones a
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Optional
 import torch
 
 from ldm.errors import SDError
+from ldm.metadata import model_hash
 
 SUFFIXES = (".pt", ".bin", ".safetensors")
 MAX_FILES = 1000
@@ -81,7 +81,7 @@ def load_embedding(path: Path, width: int) -> Embedding:
         raise SDError(f"embedding {path.name} is {what}; this model's text encoder takes {width}-wide vectors")
     if not 1 <= vectors.shape[0] <= MAX_VECTORS or not bool(torch.isfinite(vectors).all()):
         raise SDError(f"embedding {path.name}: {vectors.shape[0]} vectors (1 to {MAX_VECTORS}, finite, expected)")
-    return Embedding(path.stem, vectors, hashlib.sha256(path.read_bytes()).hexdigest()[:12])
+    return Embedding(path.stem, vectors, model_hash(path, length=12))
 
 
 def load_folder(folder: Optional[Path], width: int, required: bool = False) -> dict[str, Embedding]:

@@ -55,8 +55,6 @@ def _note_flag_loras(prompt: str, recorded: str, path: Path) -> None:
 
 def _note_missing_embeddings(job: "Job", recorded: str, path: Path) -> None:
     """Say which textual-inversion files the image used that are missing here or differ (by hash)."""
-    import hashlib
-
     folder = job.embeddings_dir()[0]
     for entry in filter(None, (e.strip() for e in recorded.split(","))):
         name, _, digest = entry.partition(":")
@@ -64,7 +62,7 @@ def _note_missing_embeddings(job: "Job", recorded: str, path: Path) -> None:
         found = next((f for f in files if f.is_file()), None)
         if found is None:
             note(f"{path} used the embedding {name.strip()}, which is not in {folder}: the image will differ")
-        elif hashlib.sha256(found.read_bytes()).hexdigest()[:12] != digest.strip():
+        elif metadata.model_hash(found, length=12) != digest.strip():
             note(f"{path} used the embedding {name.strip()} with hash {digest.strip()}; {found} differs: the image will differ")
 
 

@@ -171,10 +171,11 @@ def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Ca
 def _check_pixels(values, limit: int) -> None:
     """The server's --max-pixels for uploaded pictures too (the editor's background and layers included)."""
     for value in values:
-        pictures = [value] if isinstance(value, Image.Image) else [
-            v for v in (value or {}).get("layers", []) + [(value or {}).get("background")]
-            if isinstance(v, Image.Image)] if isinstance(value, dict) else []
-        for picture in pictures:
+        if isinstance(value, dict):  # the image editor's value
+            value = [*(value.get("layers") or []), value.get("background")]
+        for picture in value if isinstance(value, list) else [value]:
+            if not isinstance(picture, Image.Image):
+                continue
             if picture.width * picture.height > limit:
                 raise gr.Error(f"the picture is {picture.width}x{picture.height} pixels, above the server's {limit} "
                                "(sd serve --max-pixels)")

@@ -33,6 +33,8 @@ setup(
         # nncf: its int8 weight compression (--precision int8)
         "openvino>=2025",
         "nncf>=3",
+        # Stable unCLIP's image preprocessing is kornia's antialiased bicubic resize (the reference's own call)
+        "kornia",
     ],
     extras_require={
         # webuiapi: a real A1111 client to drive the server; playwright: drives Debian's chromium (never its own);

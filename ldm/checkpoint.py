@@ -117,16 +117,16 @@ def _content_path(path: Path):
         yield fd_path if os.path.exists(fd_path) else f
 
 
-def read_ckpt(path: Path) -> dict[str, torch.Tensor]:
-    """Load a torch .ckpt zip holding {"state_dict": ...} without unpickling arbitrary objects."""
+def read_torch_file(path: Path, what: str = "checkpoint"):
+    """torch.load of a torch zip file that may hold only tensors and plain containers (weights_only)."""
     if not zipfile.is_zipfile(path):
         raise SDError(
-            f"{path} is not a torch zip checkpoint (truncated, or a legacy pickle, which is refused "
+            f"{path} is not a torch zip {what} (truncated, or a legacy pickle, which is refused "
             "because unpickling can run code); convert it to .safetensors with a trusted tool"
         )
     try:
         with _content_path(path) as source:
-            obj = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         # torch's message names the offending global on its first lines; keep only that.
         detail = next((line.strip() for line in str(exc).splitlines() if "global" in line.lower()), "")
@@ -136,7 +136,12 @@ def read_ckpt(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
     except Exception as exc:  # a crafted zip can fail torch.load in any way; all mean "not a checkpoint"
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise SDError(f"cannot read checkpoint {path} (truncated or corrupt?): {first}") from exc
+        raise SDError(f"cannot read {what} {path} (truncated or corrupt?): {first}") from exc
+
+
+def read_ckpt(path: Path) -> dict[str, torch.Tensor]:
+    """Load a torch .ckpt zip holding {"state_dict": ...} without unpickling arbitrary objects."""
+    obj = read_torch_file(path)
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -39,14 +39,15 @@ def unet_params(config_path: Path, **overrides) -> dict:
     return params
 
 
-def reference_shapes(tsv_name: str) -> dict[str, tuple[int, ...]]:
+def reference_shapes(tsv_name: str, prefix: str = PREFIX) -> dict[str, tuple[int, ...]]:
+    """Keys (those under `prefix`) and shapes of a real checkpoint, from ../shared/checkpoint-keys."""
     path = KEYS_DIR / f"{tsv_name}.tsv"
     if not path.is_file():
         pytest.skip(f"reference key list {path} not present (shared/ must sit beside the repository)")
     shapes = {}
     for line in path.read_text().splitlines():
         key, shape, _dtype = line.split("\t")
-        if key.startswith(PREFIX):
+        if key.startswith(prefix):
             shapes[key] = tuple(ast.literal_eval(shape))
     return shapes
 

@@ -1,4 +1,4 @@
-"""The image-conditioned SD 2.x models: inpainting, depth-to-image and the x4 upscaler.
+"""The image-conditioned SD 2.x models: inpainting, depth-to-image, the x4 upscaler and Stable unCLIP.
 
 Each is the shared LatentDiffusion container plus the module its conditioning needs and one method,
 `build_conditioning`, that turns the user's image input into the extra entries of the conditioning dict
@@ -20,6 +20,17 @@ from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.util import instantiate_from_config
 
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def _per_image_noise(x: torch.Tensor, generators: Generators,
+                     noise: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Generator]]:
+    """(noise, generator) for a noise augmentation of x (B, ...): image k's noise from generators[k] (seeded
+    seed + k by the caller), or one generator's draw for the batch, or the `noise` given."""
+    if noise is None and generators is not None and not isinstance(generators, torch.Generator):
+        if len(generators) != x.shape[0]:
+            raise SDError(f"{len(generators)} generators for {x.shape[0]} images")
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device) for g in generators])
+    return noise, generators if isinstance(generators, torch.Generator) else None
 
 
 class _ImageConditionedDiffusion(LatentDiffusion):
@@ -135,10 +146,70 @@ class LatentUpscaleDiffusion(_ImageConditionedDiffusion):
         top = self.low_scale_model.max_noise_level
         if not 0 <= int(noise_level) <= top:
             raise SDError(f"noise_level must be in 0..{top} (the range the upscaler was trained on), got {noise_level}")
-        if noise is None and generators is not None and not isinstance(generators, torch.Generator):
-            if len(generators) != low_res.shape[0]:
-                raise SDError(f"{len(generators)} generators for {low_res.shape[0]} images")
-            noise = torch.stack([torch.randn(low_res.shape[1:], generator=g, device=g.device) for g in generators])
-        x_aug, level = self.low_scale_model(low_res, int(noise_level), noise=noise,
-                                            generator=generators if isinstance(generators, torch.Generator) else None)
+        noise, generator = _per_image_noise(low_res, generators, noise)
+        x_aug, level = self.low_scale_model(low_res, int(noise_level), noise=noise, generator=generator)
         return {"c_concat": x_aug, "c_adm": level}  # (B, 3, h, w), (B,)
+
+
+class ImageEmbeddingConditionedLatentDiffusion(_ImageConditionedDiffusion):
+    """Stable unCLIP: SD 2.1-768 whose UNet class label is a CLIP image embedding (B, D), noised to a chosen
+    level, beside that level's sinusoidal embedding: c_adm (B, 2D), 2048 wide for H, 1536 for L. The text
+    prompt still conditions through cross-attention. Guidance's unconditional branch gets an all-zeros
+    c_adm (the reference demo's), so the scale pushes towards the image as well as the text."""
+
+    def __init__(self, embedder_config: Any, *args: Any, embedding_key: str = "jpg", embedding_dropout: float = 0.5,
+                 freeze_embedder: bool = True, noise_aug_config: Any = None, **kwargs: Any):
+        # embedding_key / embedding_dropout / freeze_embedder only matter in training (the embedder is frozen here).
+        super().__init__(*args, **kwargs)
+        self.embedder = instantiate_from_config(embedder_config).eval()
+        self.noise_augmentor = instantiate_from_config(noise_aug_config).eval() if noise_aug_config is not None else None
+
+    @property
+    def max_noise_level(self) -> int:
+        return self.noise_augmentor.max_noise_level - 1 if self.noise_augmentor is not None else 0
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W) in [-1, 1] -> CLIP image embeddings (N, D), float32."""
+        self._check_image(images, "unCLIP input image")
+        return self.embedder(images)
+
+    @staticmethod
+    def mix(embeddings: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+        """The weighted mean sum(w_i e_i) / sum(w_i) of embeddings (N, D) -> (1, D). Unlike the reference demo,
+        the weights count whether or not noise is added afterwards."""
+        w = torch.as_tensor([float(x) for x in weights], dtype=torch.float64)
+        if w.numel() != embeddings.shape[0]:
+            raise SDError(f"{w.numel()} weights for {embeddings.shape[0]} images")
+        if not torch.isfinite(w).all() or abs(float(w.sum())) < 1e-6:
+            raise SDError(f"image weights {[float(x) for x in weights]} must be finite and must not sum to 0 "
+                          "(the mix divides by their sum)")
+        mixed = (w[:, None] * embeddings.double()).sum(0, keepdim=True) / w.sum()
+        return mixed.to(embeddings.dtype)  # (1, D)
+
+    def check_noise_level(self, noise_level: int) -> None:
+        top = self.max_noise_level
+        if not 0 <= int(noise_level) <= top:
+            raise SDError(f"--noise-level must be in 0..{top} (got {noise_level})")
+        aug = self.noise_augmentor
+        if int(noise_level) > 0 and aug.clip_stats_path is not None and aug.stats_source is None:
+            raise SDError(f"noise level {noise_level} needs the CLIP image statistics of unCLIP-L ({aug.clip_stats_path}, "
+                          "not in any checkpoint): download ViT-L-14_stats.th with the Karlo v1 alpha weights and "
+                          "pass --clip-stats FILE, or use noise level 0")
+
+    @torch.no_grad()
+    def build_conditioning(self, embedding: torch.Tensor, noise_level: int = 0, generators: Generators = None,
+                           noise: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Image embeddings (B, D) -> {"c_adm": [embedding noised to `noise_level`, level embedding] (B, 2D)}.
+        The noise of image k comes from generators[k] (seed + k), or is given as `noise`."""
+        if embedding.ndim != 2:
+            raise SDError(f"unCLIP image embedding has shape {tuple(embedding.shape)}; expected (B, D)")
+        if self.noise_augmentor is None:
+            return {"c_adm": embedding}
+        self.check_noise_level(noise_level)
+        noise, generator = _per_image_noise(embedding, generators, noise)
+        z, level = self.noise_augmentor(embedding, int(noise_level), noise=noise, generator=generator)
+        return {"c_adm": torch.cat([z, level], dim=1)}  # (B, 2D)
+
+    def uncond_extra(self, cond_extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**cond_extra, "c_adm": torch.zeros_like(cond_extra["c_adm"])}

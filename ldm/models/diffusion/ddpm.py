@@ -145,7 +145,8 @@ class LatentDiffusion(nn.Module):
 
 # The image-conditioned siblings keep the reference's dotted names (configs say
 # ldm.models.diffusion.ddpm.LatentInpaintDiffusion etc.) but live with their conditioning builders.
-_IMAGE_MODES = ("LatentInpaintDiffusion", "LatentDepth2ImageDiffusion", "LatentUpscaleDiffusion")
+_IMAGE_MODES = ("LatentInpaintDiffusion", "LatentDepth2ImageDiffusion", "LatentUpscaleDiffusion",
+               "ImageEmbeddingConditionedLatentDiffusion")
 
 
 def __getattr__(name: str):

@@ -20,11 +20,16 @@ def make_beta_schedule(kind: str, timesteps: int, linear_start: float = 1e-4, li
         alphas_cumprod = np.cos(steps / (1 + cosine_s) * math.pi / 2) ** 2
         alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
         return np.clip(1 - alphas_cumprod[1:] / alphas_cumprod[:-1], 0, 0.999)
+    if kind == "squaredcos_cap_v2":
+        # Karlo's (and unCLIP's embedding-noise) schedule: betas from alpha_bar(t) = cos((t + 0.008) / 1.008 * pi / 2)^2
+        # on t = i / T, each capped at 0.999 (improved DDPM's discretisation).
+        alpha_bar = np.cos((np.arange(timesteps + 1, dtype=np.float64) / timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
+        return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], 0.999)
     if kind == "sqrt_linear":
         return np.linspace(linear_start, linear_end, timesteps, dtype=np.float64)
     if kind == "sqrt":
         return np.linspace(linear_start, linear_end, timesteps, dtype=np.float64) ** 0.5
-    raise SDError(f"unknown beta_schedule '{kind}' (linear, cosine, sqrt_linear or sqrt)")
+    raise SDError(f"unknown beta_schedule '{kind}' (linear, cosine, squaredcos_cap_v2, sqrt_linear or sqrt)")
 
 
 def register_schedule(module: nn.Module, betas: np.ndarray, posterior: bool = True,

@@ -281,3 +281,16 @@ class FrozenOpenCLIPEmbedder(nn.Module):
 
     def encode(self, texts: list[str] | str) -> torch.Tensor:
         return self(texts)
+
+
+# unCLIP's image embedders and embedding noise keep the reference's dotted names (configs say
+# ldm.modules.encoders.modules.ClipImageEmbedder etc.) but live in image_embedders.
+_IMAGE_EMBEDDERS = ("FrozenOpenCLIPImageEmbedder", "ClipImageEmbedder", "CLIPEmbeddingNoiseAugmentation")
+
+
+def __getattr__(name: str):
+    if name in _IMAGE_EMBEDDERS:
+        from ldm.modules.encoders import image_embedders
+
+        return getattr(image_embedders, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -173,8 +173,6 @@ def load_chosen(config: Optional[Path], ckpt: Path, demo: bool, opts, quiet: boo
         raise SDError(f"config file not found: {config}")
     state_dict = read_state_dict(ckpt)
     kind = "demo" if demo else checkpoint_kind(state_dict) if config is None else "given"
-    if kind.startswith("unclip"):
-        raise SDError(f"{ckpt} is {DESCRIPTIONS[kind]}: sd cannot run unCLIP checkpoints yet")
     chosen = Path(config) if config is not None else reference_config("eps" if kind == "txt2img" else kind)
     settled = {"kind": kind, "config": chosen}
 
@@ -187,9 +185,9 @@ def load_chosen(config: Optional[Path], ckpt: Path, demo: bool, opts, quiet: boo
     kind, chosen = settled["kind"], settled["config"]
     if kind not in ("demo", "given", "eps", "v") and not quiet:
         note(f"config: {chosen} (from the checkpoint's keys: {DESCRIPTIONS[kind]})")
-    # The native txt2img side: the demo's, the probed kind's, or a given txt2img config's parameterization;
-    # image tasks take their input's size, so 512 there only fills the field.
-    txt2img = kind == "given" and getattr(model, "build_conditioning", None) is None
+    # The native side of images sized by --H/--W: the demo's, the probed kind's, or a given txt2img (or unCLIP,
+    # which is 2.1-768-v) config's parameterization; image tasks take their input's size, so 512 only fills the field.
+    txt2img = kind == "given" and (getattr(model, "build_conditioning", None) is None or hasattr(model, "embedder"))
     size = DEMO_SIZE if demo else NATIVE_SIZE.get(model.parameterization if txt2img else kind, 512)
     return model, ModelChoice(chosen, Path(ckpt), demo, kind, size)
 

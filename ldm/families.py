@@ -25,9 +25,9 @@ DEMO_SCALE = 5.0
 
 SD_CONFIGS = ROOT / "configs" / "stable-diffusion"
 # Native image sides: SD 2.x base (eps) models were trained at 512, the v models at 768.
-NATIVE_SIZE = {"eps": 512, "v": 768}
+NATIVE_SIZE = {"eps": 512, "v": 768, "unclip-h": 768, "unclip-l": 768}
 
-TASKS = ("txt2img", "img2img", "depth2img", "inpaint", "upscale")
+TASKS = ("txt2img", "img2img", "depth2img", "inpaint", "upscale", "variations")
 
 # The settings every task takes, with the reference scripts' defaults (scripts/txt2img.py, img2img.py and
 # the gradio/streamlit demos for inpainting, depth and the upscaler). n_samples is the batch size, n_iter
@@ -40,6 +40,8 @@ SD_DEFAULTS = {
     # The inpainting demo samples DDIM with eta 1.0; samplers that take no eta keep none.
     "inpaint": {**_SD, "steps": 45, "scale": 10.0, "n_samples": 4, "eta": 1.0},
     "upscale": {**_SD, "steps": 75, "scale": 10.0, "noise_level": 20},
+    # Stable unCLIP's demo (scripts/streamlit/stableunclip.py): 20 DDIM steps, guidance 10, 2 rows of 2.
+    "variations": {**_SD, "steps": 20, "scale": 10.0, "n_samples": 2, "n_iter": 2, "noise_level": 0},
 }
 # The demo model's evaluation settings (DDIM, 20 steps, guidance 5), so that the README's first command
 # finishes in about 10 s on 2 plain CPU cores; its txt2img makes four small images at once.
@@ -50,6 +52,7 @@ DEMO_TASK_DEFAULTS = {"txt2img": {"n_samples": 4, "n_iter": 1}}
 NEEDS_CHECKPOINT = {
     "depth2img": "a depth checkpoint: --ckpt 512-depth-ema.ckpt",
     "upscale": "the x4 upscaler: --ckpt x4-upscaler-ema.ckpt",
+    "variations": "a Stable unCLIP checkpoint: --ckpt sd21-unclip-h.ckpt (or sd21-unclip-l.ckpt)",
 }
 
 

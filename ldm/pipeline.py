@@ -28,7 +28,7 @@ from ldm.limits import Limits
 from ldm.plan import Batch, Job, SamplingSettings, make_plan
 from ldm.runtime import RuntimeOptions, autocast_context
 from ldm.sampling import PromptEncoder, sample_latents, start_noise
-from ldm.tasks import Depth2Img, Img2Img, Inpaint, Task, Txt2Img, Upscale, image_job
+from ldm.tasks import Depth2Img, Img2Img, Inpaint, Task, Txt2Img, Upscale, Variations, image_job
 from ldm.tasks.base import ImageInput
 
 
@@ -185,6 +185,19 @@ class Pipeline:
         noise_level = self.defaults("upscale")["noise_level"] if noise_level is None else noise_level
         task = Upscale(image, noise_level, tile=tile, tile_size=tile_size, overlap=tile_overlap)
         return self._generate(task, prompt, settings)
+
+    def variations(self, images: ImageInput | list[ImageInput], prompt: str = "", *,
+                   weights: Optional[list[float]] = None, noise_level: Optional[int] = None,
+                   width: Optional[int] = None, height: Optional[int] = None,
+                   clip_stats: Optional[str | Path] = None, **settings) -> list[GeneratedImage]:
+        """Stable unCLIP (an unCLIP checkpoint): images in the manner of `images` (a path or PIL image, or
+        several mixed by `weights`, default equal), `width` x `height` (default 768). noise_level 0..999 adds
+        noise to the image embedding: higher strays further from the pictures. `clip_stats`:
+        ViT-L-14_stats.th, which unCLIP-L needs above level 0."""
+        noise_level = self.defaults("variations")["noise_level"] if noise_level is None else noise_level
+        task = Variations(images if isinstance(images, (list, tuple)) else [images], weights, noise_level,
+                          height, width, clip_stats)
+        return self._generate(task, prompt, settings, H=height or self.native_size, W=width or self.native_size)
 
     def _generate(self, task: Task, prompt: str, settings: dict, **size) -> list[GeneratedImage]:
         progress = settings.pop("progress", None)

@@ -154,13 +154,14 @@ def test_an_explicit_config_wins_and_a_wrong_one_is_warned_about(tiny, monkeypat
     assert "v2-inference-v.yaml" in err[0]
 
 
-def test_unclip_is_named_and_refused(tmp_path):
+def test_unclip_checkpoints_choose_their_reference_config(tmp_path):
     from safetensors.torch import save_file
 
     ckpt = tmp_path / "unclip.safetensors"
     save_file({detect.UNET_IN: torch.zeros(32, 4, 3, 3), "embedder.model.text_projection": torch.zeros(8, 8),
                "model.diffusion_model.label_emb.0.0.weight": torch.zeros(32, 1536)}, str(ckpt))
-    with pytest.raises(SDError, match="unCLIP-L.*cannot run unCLIP"):
+    # the reference's unCLIP-L config is chosen; this stub then lacks its keys, named in one line
+    with pytest.raises(SDError, match="v2-1-stable-unclip-l-inference.yaml"):
         Pipeline.load(ckpt, device="cpu", precision="full")
 
 

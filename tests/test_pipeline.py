@@ -147,9 +147,10 @@ def test_twenty_calls_load_once_and_memory_stays_flat(models, monkeypatch):
         pipe.txt2img(f"prompt {k}", seed=k, steps=2, width=256, height=256, batch_size=2)
         rss.append(resident_bytes())
     assert len(reads) == 1
-    # after a few calls warm the allocator, the resident set grows by less than 16 MiB over 15 more calls
-    # (measured: 0.0 MiB here, -0.7 MiB with the demo model over the same calls)
-    assert rss[-1] - rss[4] < 16 * 2 ** 20, [r // 2 ** 20 for r in rss]
+    # after a few calls warm the allocator, the resident set grows by less than 32 MiB over 15 more calls
+    # (measured: 0.0 MiB here, -0.7 MiB with the demo model over the same calls; once, after other tests had
+    # run in the process, one step of exactly 16 MiB, the size glibc grows a malloc arena by)
+    assert rss[-1] - rss[4] < 32 * 2 ** 20, [r // 2 ** 20 for r in rss]
 
 
 def test_loading_another_model_releases_the_first(models, monkeypatch):

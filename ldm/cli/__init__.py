@@ -33,7 +33,7 @@ def _root() -> None:
 
 # Command modules, each adding its commands to `app` when imported.
 COMMAND_MODULES = ("txt2img", "samplers", "img2img", "inpaint", "depth2img", "upscale", "info", "train", "serve",
-                   "prompt")
+                   "prompt", "variations")
 
 
 def _register_commands() -> None:

@@ -1,8 +1,9 @@
-"""The generating tasks: txt2img, img2img, depth2img, inpaint and upscale (see ldm.tasks.base)."""
+"""The generating tasks: txt2img, img2img, depth2img, inpaint, upscale and variations (see ldm.tasks.base)."""
 from ldm.tasks.base import BatchInputs, ImageJob, ImageTask, Task, Txt2Img, image_job, task_sets_size
 from ldm.tasks.img2img import Depth2Img, Img2Img
 from ldm.tasks.inpaint import Inpaint, LatentBlend
 from ldm.tasks.upscale import Upscale
+from ldm.tasks.variations import Variations
 
 __all__ = ["BatchInputs", "Depth2Img", "ImageJob", "ImageTask", "Img2Img", "Inpaint", "LatentBlend", "Task", "Txt2Img",
-           "Upscale", "image_job", "task_sets_size"]
+           "Upscale", "Variations", "image_job", "task_sets_size"]

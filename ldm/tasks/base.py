@@ -27,6 +27,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 import os
+from pathlib import Path
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -103,6 +104,12 @@ class Txt2Img(Task):
 
     def __init__(self, H: Optional[int] = None, W: Optional[int] = None):
         self.H, self.W = H, W
+
+    def prepare(self, model, job: "Job", device: torch.device) -> None:
+        hint = "a txt2img checkpoint (v2 base or v)"
+        if type(model).__name__ == "ImageEmbeddingConditionedLatentDiffusion":
+            hint += "; an unCLIP checkpoint makes images from pictures (sd variations)"
+        require_model(model, None, self.name, hint, job.config)
 
 
 def task_sets_size(task: Task) -> bool:
@@ -200,11 +207,13 @@ def repeat_batch(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.expand(n, *x.shape[1:])
 
 
-def require_model(model, cls: Optional[type], command: str, hint: str) -> None:
-    """SDError unless `model` is of the class the command needs (cls None: a plain txt2img model)."""
+def require_model(model, cls: Optional[type], command: str, hint: str, config=None) -> None:
+    """SDError unless `model` is of the class the command needs (cls None: a plain txt2img model); the message
+    names the config the checkpoint was run with, which says what it is."""
     ok = isinstance(model, cls) if cls is not None else getattr(model, "build_conditioning", None) is None
     if not ok:
-        raise SDError(f"{command} needs {hint}; this config builds {type(model).__name__}")
+        fits = f"this checkpoint fits {Path(config).name}, which builds" if config is not None else "this config builds"
+        raise SDError(f"{command} needs {hint}; {fits} {type(model).__name__}")
 
 
 def steps_for_strength(steps: int, strength: float) -> int:

@@ -1,0 +1,133 @@
+"""Stable unCLIP: variations of pictures, or a weighted mix of several, made with an unCLIP checkpoint.
+
+Each input picture is cut to multiples of 64 per side (LANCZOS, the reference demo's step) and embedded by
+the checkpoint's CLIP image tower; the embeddings are mixed by weighted mean (weights count whether or
+not noise is added, unlike the demo), noised to --noise-level with each image's own seed, and condition the
+UNet beside the text prompt. The output size is --H/--W (768, the models' native side), not the input's.
+
+The CLIP statistics unCLIP-L standardises with (ViT-L-14_stats.th, in no checkpoint) come from --clip-stats,
+else the config's path (checkpoints/karlo_models/ViT-L-14_stats.th, as the reference), else karlo_models/
+beside the checkpoint; without them level 0 runs with mean 0 / std 1 and higher levels are refused.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image
+
+from ldm import imageio
+from ldm.errors import SDError, note
+from ldm.plan import Item, Job
+from ldm.tasks.base import BatchInputs, ImageInput, Txt2Img, extra_cond, repeat_batch, require_model, shrink_to_work_size
+
+CLIP_STATS_NAME = "ViT-L-14_stats.th"
+MAX_LEVEL = 999  # the embedding noise's schedule has 1000 levels
+INPUT_MULTIPLE = 64
+
+
+def pixel_hash(img: Image.Image) -> str:
+    """12 hex digits of the SHA-256 of an RGB picture's size and pixels: the same for a file and for the
+    PIL image read from it, and blind to metadata."""
+    digest = hashlib.sha256(f"{img.size[0]}x{img.size[1]}:".encode())
+    digest.update(img.tobytes())
+    return digest.hexdigest()[:12]
+
+
+def clip_stats_file(model, ckpt: Optional[Path], given: Optional[Path]) -> Optional[Path]:
+    """Load the CLIP statistics unCLIP-L needs into `model` (given, or found where the reference keeps them);
+    the file used, or None. Statistics for a model whose config takes none (unCLIP-H) are refused."""
+    aug = model.noise_augmentor
+    if aug is None or aug.clip_stats_path is None:
+        if given is not None:
+            raise SDError("--clip-stats is for unCLIP-L (and the Karlo prior); this unCLIP model's config "
+                          "standardises its embeddings with mean 0 / std 1")
+        return None
+    path = given
+    if path is None:  # the reference's path (relative to the working folder), then karlo_models/ by the checkpoint
+        found = [Path(aug.clip_stats_path)] + ([Path(ckpt).parent / "karlo_models" / CLIP_STATS_NAME] if ckpt else [])
+        path = next((p for p in found if p.is_file()), None)
+        if path is None:
+            return None
+    if not Path(path).is_file():
+        raise SDError(f"--clip-stats: file not found: {path}")
+    if aug.stats_source is None or aug.stats_source.resolve() != Path(path).resolve():
+        aug.use_stats(path)
+    return Path(path)
+
+
+class Variations(Txt2Img):
+    """Images in the manner of one picture, or of several mixed with weights (an unCLIP checkpoint)."""
+    name = "variations"
+
+    def __init__(self, images: Sequence[ImageInput], weights: Optional[Sequence[float]] = None, noise_level: int = 0,
+                 H: Optional[int] = None, W: Optional[int] = None, clip_stats: Optional[str | Path] = None):
+        super().__init__(H, W)
+        if isinstance(images, (str, Path, Image.Image)):
+            images = [images]
+        if not images:
+            raise SDError("give at least one input picture (--image FILE)")
+        self.pictures = [_input_picture(img, f"input image {k + 1}" if len(images) > 1 else "the input image")
+                         for k, img in enumerate(images)]
+        self.weights = [1.0] * len(self.pictures) if not weights else [float(w) for w in weights]
+        self.noise_level = int(noise_level)
+        self.clip_stats = Path(clip_stats) if clip_stats is not None else None
+        self.hashes = [pixel_hash(p) for p in self.pictures]
+        self.embedding: Optional[torch.Tensor] = None
+
+    def check(self, job: Job) -> None:
+        if len(self.weights) != len(self.pictures):
+            raise SDError(f"{len(self.weights)} --weight values for {len(self.pictures)} --image pictures: give one "
+                          "weight per picture, in the same order (or none: equal weights)")
+        if any(w != w or abs(w) == float("inf") for w in self.weights) or abs(sum(self.weights)) < 1e-6:
+            raise SDError(f"the image weights {self.weights} must be finite and must not sum to 0 (the mix divides by their sum)")
+        if not 0 <= self.noise_level <= MAX_LEVEL:
+            raise SDError(f"--noise-level must be in 0..{MAX_LEVEL} (got {self.noise_level})")
+        if self.clip_stats is not None and not self.clip_stats.is_file():
+            raise SDError(f"--clip-stats: file not found: {self.clip_stats}")
+
+    def prepare(self, model, job: Job, device: torch.device) -> None:
+        from ldm.models.diffusion.conditioned import ImageEmbeddingConditionedLatentDiffusion as Unclip
+
+        require_model(model, Unclip, "variations", "a Stable unCLIP checkpoint (sd21-unclip-h.ckpt or sd21-unclip-l.ckpt)",
+                      job.config)
+        used = clip_stats_file(model, job.ckpt, self.clip_stats)
+        model.check_noise_level(self.noise_level)  # above 0 without the statistics: says where the file comes from
+        if used is None and model.noise_augmentor is not None and model.noise_augmentor.clip_stats_path is not None:
+            note(f"no CLIP statistics ({CLIP_STATS_NAME}; --clip-stats FILE): noise level 0 runs with mean 0 / std 1, "
+                 "which changes little there (level 0 keeps 0.99998 of the embedding and adds noise of std 0.0064)")
+        embeddings = torch.cat([model.embed_images(imageio.pil_to_tensor(p).to(device)) for p in self.pictures])
+        self.embedding = model.mix(embeddings, self.weights)  # (1, D)
+
+    def batch(self, model, items: list[Item], generators, device) -> BatchInputs:
+        cond = model.build_conditioning(repeat_batch(self.embedding, len(items)), self.noise_level, generators=generators)
+        return BatchInputs(extra_cond=extra_cond(model, cond))
+
+    def reproduce(self, fields: dict) -> None:
+        """--from-image: the recorded weights and noise level; the pictures must be the recorded ones."""
+        recorded = [h.strip() for h in fields.get("Image hashes", "").split(",") if h.strip()]
+        if recorded and len(recorded) != len(self.pictures):
+            raise SDError(f"it mixes {len(recorded)} pictures; give them with --image, in the same order")
+        try:
+            if "Image weights" in fields:
+                self.weights = [float(w) for w in fields["Image weights"].split(",")]
+            self.noise_level = int(fields.get("Noise level", self.noise_level))
+        except ValueError:
+            raise SDError("its Image weights / Noise level are not numbers") from None
+        for k, (ours, theirs) in enumerate(zip(self.hashes, recorded)):
+            if ours != theirs:
+                note(f"input image {k + 1} has hash {ours}, the image was made from {theirs}: the result will differ")
+
+    def settings(self) -> dict:
+        return {"Noise level": self.noise_level, "Image hashes": ", ".join(self.hashes),
+                "Image weights": ", ".join(f"{w:g}" for w in self.weights)}
+
+
+def _input_picture(image: ImageInput, what: str) -> Image.Image:
+    """An input picture as the reference demo prepares it: sides cut down to multiples of 64 (LANCZOS)."""
+    img = shrink_to_work_size(imageio.load_image(image, what=what), what)
+    if min(img.size) < INPUT_MULTIPLE:
+        raise SDError(f"{what} is {img.size[0]}x{img.size[1]}: each side must be at least {INPUT_MULTIPLE} pixels")
+    return imageio.resize_to_multiple(img, INPUT_MULTIPLE)

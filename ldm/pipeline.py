@@ -28,7 +28,7 @@ from ldm.limits import Limits
 from ldm.plan import Batch, Job, SamplingSettings, make_plan
 from ldm.runtime import RuntimeOptions, autocast_context
 from ldm.sampling import PromptEncoder, sample_latents, start_noise
-from ldm.tasks import Depth2Img, Img2Img, Inpaint, Task, Txt2Img, Upscale, Variations, image_job
+from ldm.tasks import Depth2Img, Img2Img, Inpaint, PriorTxt2Img, Task, Txt2Img, Upscale, Variations, image_job
 from ldm.tasks.base import ImageInput
 
 
@@ -77,6 +77,7 @@ class Pipeline:
 
         self.model, self.choice, self.options = model, choice, options
         self.loras = Merged(model)  # the LoRAs merged into this model's weights (undone exactly when others come)
+        self.prior = None  # Karlo's prior, for unCLIP-L text-to-image (load_prior)
         self._cancel = threading.Event()
 
     @classmethod
@@ -121,7 +122,7 @@ class Pipeline:
         """Drop the model and give its memory back (measured, docs/benchmarks.md); load_model loads another."""
         from ldm.loading import release_memory
 
-        self.model = self.choice = self.loras = None
+        self.model = self.choice = self.loras = self.prior = None
         release_memory()
 
     # -- what is loaded -------------------------------------------------------------------------------
@@ -157,8 +158,26 @@ class Pipeline:
         batch_size, n_iter, limits (ldm.limits.Limits), emphasis ("original", "none", "off": how
         AUTOMATIC1111's (word:1.2) weights apply), embeddings (a folder of textual-inversion files; by
         default embeddings/ beside the checkpoints folder), progress (a callback taking a Progress)."""
-        task = Txt2Img(height, width)
+        prior = {k: settings.pop(k) for k in ("noise_level", "prior_steps", "prior_scale") if k in settings}
+        if self.prior is not None and hasattr(self.model, "embedder"):  # unCLIP-L through the Karlo prior
+            task = PriorTxt2Img(height, width, prior=self.prior, **prior)
+        elif prior:
+            raise SDError(f"{', '.join(prior)}: only for unCLIP-L with the Karlo prior (Pipeline.load_prior)")
+        else:
+            task = Txt2Img(height, width)
         return self._generate(task, prompt, settings, H=height or self.native_size, W=width or self.native_size)
+
+    def load_prior(self, ckpt: str | Path, clip: Optional[str | Path] = None,
+                   clip_stats: Optional[str | Path] = None) -> None:
+        """Load Karlo v1 alpha's prior for an unCLIP-L model: txt2img then turns each prompt into the image
+        embedding unCLIP-L takes (settings noise_level 0..999, prior_steps 25, prior_scale 4.0). `clip`:
+        OpenAI's ViT-L-14.pt (default: beside the prior, else the checkpoint's own copy); `clip_stats`:
+        ViT-L-14_stats.th (default: the reference's path, karlo_models/ beside the checkpoint or the prior)."""
+        task = PriorTxt2Img(prior_ckpt=ckpt, prior_clip=clip, clip_stats=clip_stats)
+        task.check(self.job(task, ""))
+        with torch.inference_mode():
+            task.prepare(self.model, self.job(task, ""), self.model.runtime.device)
+        self.prior = task.prior
 
     def img2img(self, image: ImageInput, prompt: str, *, strength: Optional[float] = None,
                 **settings) -> list[GeneratedImage]:

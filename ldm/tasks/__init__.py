@@ -3,7 +3,7 @@ from ldm.tasks.base import BatchInputs, ImageJob, ImageTask, Task, Txt2Img, imag
 from ldm.tasks.img2img import Depth2Img, Img2Img
 from ldm.tasks.inpaint import Inpaint, LatentBlend
 from ldm.tasks.upscale import Upscale
-from ldm.tasks.variations import Variations
+from ldm.tasks.unclip import PriorTxt2Img, Variations
 
 __all__ = ["BatchInputs", "Depth2Img", "ImageJob", "ImageTask", "Img2Img", "Inpaint", "LatentBlend", "Task", "Txt2Img",
-           "Upscale", "Variations", "image_job", "task_sets_size"]
+           "PriorTxt2Img", "Upscale", "Variations", "image_job", "task_sets_size"]

@@ -1,4 +1,5 @@
-"""Stable unCLIP: variations of pictures, or a weighted mix of several, made with an unCLIP checkpoint.
+"""Stable unCLIP's two tasks: variations of pictures (or a weighted mix of several), and text-to-image with
+unCLIP-L through the Karlo prior (PriorTxt2Img, at the end).
 
 Each input picture is cut to multiples of 64 per side (LANCZOS, the reference demo's step) and embedded by
 the checkpoint's CLIP image tower; the embeddings are mixed by weighted mean (weights count whether or
@@ -36,7 +37,7 @@ def pixel_hash(img: Image.Image) -> str:
     return digest.hexdigest()[:12]
 
 
-def clip_stats_file(model, ckpt: Optional[Path], given: Optional[Path]) -> Optional[Path]:
+def clip_stats_file(model, ckpt: Optional[Path], given: Optional[Path], also: tuple[Path, ...] = ()) -> Optional[Path]:
     """Load the CLIP statistics unCLIP-L needs into `model` (given, or found where the reference keeps them);
     the file used, or None. Statistics for a model whose config takes none (unCLIP-H) are refused."""
     aug = model.noise_augmentor
@@ -45,9 +46,12 @@ def clip_stats_file(model, ckpt: Optional[Path], given: Optional[Path]) -> Optio
             raise SDError("--clip-stats is for unCLIP-L (and the Karlo prior); this unCLIP model's config "
                           "standardises its embeddings with mean 0 / std 1")
         return None
+    if given is None and aug.stats_source is not None:  # loaded before (a pipeline's earlier call)
+        return aug.stats_source
     path = given
     if path is None:  # the reference's path (relative to the working folder), then karlo_models/ by the checkpoint
         found = [Path(aug.clip_stats_path)] + ([Path(ckpt).parent / "karlo_models" / CLIP_STATS_NAME] if ckpt else [])
+        found += list(also)
         path = next((p for p in found if p.is_file()), None)
         if path is None:
             return None
@@ -131,3 +135,85 @@ def _input_picture(image: ImageInput, what: str) -> Image.Image:
     if min(img.size) < INPUT_MULTIPLE:
         raise SDError(f"{what} is {img.size[0]}x{img.size[1]}: each side must be at least {INPUT_MULTIPLE} pixels")
     return imageio.resize_to_multiple(img, INPUT_MULTIPLE)
+
+
+class PriorTxt2Img(Txt2Img):
+    """unCLIP-L text-to-image: the Karlo prior turns each prompt into a CLIP image embedding (one per image,
+    from its seed), which is noised to `noise_level` and conditions unCLIP-L beside the prompt's text features.
+
+    `prior` is a loaded ldm.karlo.TextToImageEmbedding (the Python API loads it once), or it is loaded in
+    prepare() from `prior_ckpt` (+ `prior_clip`, the statistics as for variations, then beside the prior)."""
+    name = "txt2img"
+
+    def __init__(self, H: Optional[int] = None, W: Optional[int] = None, prior=None,
+                 prior_ckpt: Optional[str | Path] = None, prior_clip: Optional[str | Path] = None,
+                 clip_stats: Optional[str | Path] = None, noise_level: int = 0, prior_steps: Optional[int] = None,
+                 prior_scale: Optional[float] = None):
+        from ldm.karlo import PRIOR_SCALE, PRIOR_STEPS
+
+        super().__init__(H, W)
+        if prior is None and prior_ckpt is None:
+            raise SDError("text-to-image with unCLIP-L needs the Karlo prior: --prior-ckpt FILE")
+        self.prior, self.prior_ckpt = prior, Path(prior_ckpt) if prior_ckpt is not None else None
+        self.prior_clip = Path(prior_clip) if prior_clip is not None else None
+        self.clip_stats = Path(clip_stats) if clip_stats is not None else None
+        self.noise_level = int(noise_level)
+        self.prior_steps = PRIOR_STEPS if prior_steps is None else int(prior_steps)
+        self.prior_scale = PRIOR_SCALE if prior_scale is None else float(prior_scale)
+
+    def check(self, job: Job) -> None:
+        from ldm.karlo import spaced_steps
+
+        if not 0 <= self.noise_level <= MAX_LEVEL:
+            raise SDError(f"--noise-level must be in 0..{MAX_LEVEL} (got {self.noise_level})")
+        spaced_steps(self.prior_steps)
+        if self.prior_scale != self.prior_scale or abs(self.prior_scale) > 100:
+            raise SDError(f"--prior-scale must be a number in -100..100 (got {self.prior_scale})")
+        for flag, path in (("--prior-ckpt", self.prior_ckpt), ("--prior-clip", self.prior_clip),
+                           ("--clip-stats", self.clip_stats)):
+            if path is not None and not path.is_file():
+                raise SDError(f"{flag}: file not found: {path}")
+
+    def prepare(self, model, job: Job, device: torch.device) -> None:
+        from ldm.models.diffusion.conditioned import ImageEmbeddingConditionedLatentDiffusion as Unclip
+
+        require_model(model, Unclip, "text-to-image through the Karlo prior", "Stable unCLIP-L (sd21-unclip-l.ckpt)",
+                      job.config)
+        if model.noise_augmentor is None or model.noise_augmentor.clip_stats_path is None:
+            raise SDError("the Karlo prior makes CLIP ViT-L embeddings, which only unCLIP-L takes; "
+                          f"this checkpoint fits {Path(job.config).name}")
+        beside = (self.prior_ckpt.parent / CLIP_STATS_NAME,) if self.prior_ckpt is not None else ()
+        if clip_stats_file(model, job.ckpt, self.clip_stats, also=beside) is None:
+            raise SDError(f"the Karlo prior needs the CLIP statistics {CLIP_STATS_NAME} (Karlo v1 alpha's, in no "
+                          "checkpoint): put it beside the prior or pass --clip-stats FILE")
+        model.check_noise_level(self.noise_level)
+        if self.prior is None:
+            from ldm.karlo import load_prior
+
+            aug = model.noise_augmentor
+            self.prior = load_prior(self.prior_ckpt, (aug.data_mean, aug.data_std), self.prior_clip,
+                                    text_model=model.embedder.model).to(device)
+
+    def batch(self, model, items: list[Item], generators, device) -> BatchInputs:
+        from ldm.prompt_syntax import parse_weights, take_loras
+
+        # the prior reads plain text: LoRA tags and (word:1.2) weights are the SD text encoder's syntax
+        texts = ["".join(t for t, w in parse_weights(take_loras(it.prompt)[0]) if w >= 0) for it in items]
+        embedding = self.prior(texts, generators, self.prior_steps, self.prior_scale)  # (B, 768)
+        cond = model.build_conditioning(embedding.to(device), self.noise_level, generators=generators)
+        return BatchInputs(extra_cond=extra_cond(model, cond))
+
+    def reproduce(self, fields: dict) -> None:
+        try:
+            self.noise_level = int(fields.get("Noise level", self.noise_level))
+            self.prior_steps = int(fields.get("Prior steps", self.prior_steps))
+            self.prior_scale = float(fields.get("Prior scale", self.prior_scale))
+        except ValueError:
+            raise SDError("its Noise level / Prior steps / Prior scale are not numbers") from None
+
+    def settings(self) -> dict:
+        from ldm import metadata
+
+        return {"Prior": "Karlo v1 alpha", "Prior hash": metadata.model_hash(self.prior.ckpt if self.prior is not None
+                                                                              else self.prior_ckpt),
+                "Prior steps": self.prior_steps, "Prior scale": self.prior_scale, "Noise level": self.noise_level}

@@ -229,3 +229,37 @@ def _corrupt_prior(karlo, tmp_path):
     args = prior_args(karlo)
     args[args.index("--prior-ckpt") + 1] = str(bad)
     return args
+
+
+def test_prior_text_features_match_transformers():
+    """The prior's text inputs (projected end-of-text feature, ln_final sequence) against transformers'
+    CLIPTextModelWithProjection with the same weights (OpenAI CLIP: QuickGELU, causal)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    clip = randomize_(CLIPModel("openai-clip", True, **TINY_CLIP), 21).eval()
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=16, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=1, max_position_embeddings=77, hidden_act="quick_gelu",
+                            layer_norm_eps=1e-5, projection_dim=16, eos_token_id=49407, bos_token_id=49406)
+    twin = CLIPTextModelWithProjection(config).eval()
+    sd = {"text_model.embeddings.token_embedding.weight": clip.token_embedding.weight,
+          "text_model.embeddings.position_embedding.weight": clip.positional_embedding,
+          "text_model.final_layer_norm.weight": clip.ln_final.weight, "text_model.final_layer_norm.bias": clip.ln_final.bias,
+          "text_projection.weight": clip.text_projection.T}
+    for i, block in enumerate(clip.transformer.resblocks):
+        p = f"text_model.encoder.layers.{i}."
+        for name, w, b in zip("qkv", block.attn.in_proj_weight.chunk(3), block.attn.in_proj_bias.chunk(3)):
+            sd[p + f"self_attn.{name}_proj.weight"], sd[p + f"self_attn.{name}_proj.bias"] = w, b
+        for name, module in {"self_attn.out_proj": block.attn.out_proj, "layer_norm1": block.ln_1,
+                             "layer_norm2": block.ln_2, "mlp.fc1": block.mlp.c_fc, "mlp.fc2": block.mlp.c_proj}.items():
+            sd[p + name + ".weight"], sd[p + name + ".bias"] = module.weight, module.bias
+    missing, unexpected = twin.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing)
+
+    from ldm.karlo import TextToImageEmbedding
+
+    ids, mask = TextToImageEmbedding(tiny_prior(), clip, Path("x")).tokens(["a red house!", ""])
+    assert mask.sum(1).tolist() == [6, 2]  # start, a, red, house, !, end ("!" is token 0, like the padding)
+    with torch.no_grad():
+        pooled, seq = clip.encode_text(ids)
+        theirs = twin(input_ids=ids)
+    assert rel_err(pooled, theirs.text_embeds) < 1e-5 and rel_err(seq, theirs.last_hidden_state) < 1e-5

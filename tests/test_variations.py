@@ -140,3 +140,33 @@ def test_txt2img_with_an_unclip_checkpoint_points_to_variations(unclip, tmp_path
     code = main(["txt2img", *args(unclip, "h", "--outdir", str(tmp_path))])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "sd variations" in err[0]
+
+
+def test_img2img_with_an_unclip_checkpoint_conditions_on_the_picture(unclip, pipe_h, tmp_path, capsys):
+    """AUTOMATIC1111's unCLIP img2img: the start is the noised input and its embedding (level 0) conditions."""
+    a = unclip["root"] / "a.png"
+    out = tmp_path / "out"
+    sized = args(unclip, "h", "--init-img", str(a), "--strength", "0.7", "--prompt", "a cat", "--n_samples", "1", "--n_iter", "1",
+                 "--outdir", str(out))
+    code = main(["img2img", *[x for k, x in enumerate(sized) if x not in ("--H", "--W") and sized[k - 1] not in ("--H", "--W")]])
+    assert code == 0, capsys.readouterr().err
+    written = (out / "samples" / "00000.png")
+    _, _, fields = parse_parameters(read_png_text(written)["parameters"])
+    assert fields["Mode"] == "img2img" and fields["Noise level"] == "0" and fields["Denoising strength"] == "0.7"
+    image = pipe_h.img2img(a, "a cat", strength=0.7, steps=2, seed=42, batch_size=1)[0]
+    assert image.parameters == read_png_text(written)['parameters']
+    assert image.png() == written.read_bytes()
+    # the picture's embedding conditions: another picture's embedding with the same start gives another image
+    task_image = pipe_h.img2img(a, "", strength=1.0, steps=2, seed=42, batch_size=1)[0]
+    other = pipe_h.img2img(unclip["root"] / "b.png", "", strength=1.0, steps=2, seed=42, batch_size=1)[0]
+    assert np.abs(px(task_image.image) - px(other.image)).mean() > 1.0
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m", "plms"])
+def test_every_sampler_runs_and_repeats_exactly(pipe_h, unclip, sampler):
+    settings = dict(width=256, height=256, steps=3, seed=11, batch_size=2, sampler=sampler, noise_level=20,
+                    negative_prompt="blurry")
+    first = pipe_h.variations(unclip["root"] / "a.png", "a house", **settings)
+    again = pipe_h.variations(unclip["root"] / "a.png", "a house", **settings)
+    assert [im.png() for im in first] == [im.png() for im in again]
+    assert first[0].png() != first[1].png()  # image k has its own seed (and embedding noise)

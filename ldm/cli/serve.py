@@ -18,7 +18,7 @@ ModelsDir = Annotated[Optional[Path], typer.Option(
     "--models-dir", help="Checkpoints clients may switch to (POST /sdapi/v1/options) [default: the --ckpt's folder].")]
 ServeOutdir = Annotated[Optional[Path], typer.Option(
     "--outdir", help="Where save_images / the page's save box write (OUTDIR/<task>-samples/samples/NNNNN.png).")]
-Tab = Annotated[str, typer.Option("--tab", help="The page's first tab: txt2img, img2img, inpaint, depth2img, upscale.")]
+Tab = Annotated[str, typer.Option("--tab", help="The page's first tab: txt2img, img2img, inpaint, depth2img, upscale, variations.")]
 MaxBodyMb = Annotated[int, typer.Option("--max-body-mb", help="Refuse request bodies above this many MiB (413).")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse input images with more pixels than this.")]
 

@@ -22,9 +22,9 @@ from PIL import Image  # noqa: E402
 from ldm import metadata  # noqa: E402
 from ldm.errors import SDError  # noqa: E402
 from ldm.pipeline import Cancelled  # noqa: E402
-from ldm.tasks import Depth2Img, Img2Img, Inpaint, Txt2Img, Upscale  # noqa: E402
+from ldm.tasks import Depth2Img, Img2Img, Inpaint, Txt2Img, Upscale, Variations  # noqa: E402
 
-TABS = ("txt2img", "img2img", "inpaint", "depth2img", "upscale", "png-info")
+TABS = ("txt2img", "img2img", "inpaint", "depth2img", "upscale", "variations", "png-info")
 KEPT_FILES = 256  # result files kept for the gallery; older ones are removed
 POLL_SECONDS = 0.25
 
@@ -33,11 +33,14 @@ def model_can_run(pipeline, task: str) -> Optional[str]:
     """Why the loaded model cannot run `task`, or None when it can."""
     kind = type(pipeline.model).__name__
     plain = getattr(pipeline.model, "build_conditioning", None) is None
-    needs = {"txt2img": plain, "img2img": plain, "inpaint": plain or kind == "LatentInpaintDiffusion",
-             "depth2img": kind == "LatentDepth2ImageDiffusion", "upscale": kind == "LatentUpscaleDiffusion"}
+    unclip = kind == "ImageEmbeddingConditionedLatentDiffusion"
+    needs = {"txt2img": plain, "img2img": plain or unclip, "inpaint": plain or kind == "LatentInpaintDiffusion",
+             "depth2img": kind == "LatentDepth2ImageDiffusion", "upscale": kind == "LatentUpscaleDiffusion",
+             "variations": unclip}
     if needs.get(task, True):
         return None
-    wanted = {"depth2img": "a depth checkpoint (512-depth-ema.ckpt)", "upscale": "the x4 upscaler (x4-upscaler-ema.ckpt)"}
+    wanted = {"depth2img": "a depth checkpoint (512-depth-ema.ckpt)", "upscale": "the x4 upscaler (x4-upscaler-ema.ckpt)",
+              "variations": "a Stable unCLIP checkpoint (sd21-unclip-h.ckpt or sd21-unclip-l.ckpt)"}
     return f"The loaded model ({Path(pipeline.ckpt).name}) cannot run {task}: it needs {wanted.get(task, 'a txt2img or inpainting checkpoint')}."
 
 
@@ -144,7 +147,8 @@ def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Ca
     defaults = pipe.defaults(tab)
     own = inputs(defaults)
     prompt = gr.Textbox(label="Prompt", lines=2, elem_id=f"{tab}-prompt")
-    controls = sampling_controls(tab, defaults, pipe.native_size if tab == "txt2img" else None)
+    sized = tab in ("txt2img", "variations")  # the others take their input's size
+    controls = sampling_controls(tab, defaults, pipe.native_size if sized else None)
     generate, save, gallery, status = output_area(server, tab)
     side = extra_output() if extra_output else None
     names = list(own) + list(controls)
@@ -158,7 +162,7 @@ def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Ca
         # the page obeys the API's bounds and uses the server's embeddings
         settings = {**settings_from(given, defaults), "limits": server.limits, "embeddings": server.embeddings,
                     "lora_dir": server.lora_dir}
-        if tab == "txt2img":
+        if sized:
             settings.update(H=int(given["height"]), W=int(given["width"]))
         return run_job(server, results, lambda: make_task(given), prompt_text, settings, progress,
                        tab if save_it else None, extra)
@@ -235,9 +239,29 @@ def build_page(server, first_tab: str = "txt2img") -> gr.Blocks:
                     "image": gr.Image(type="pil", label="Low-resolution image", elem_id="upscale-image"),
                     "noise_level": gr.Slider(0, 350, value=d["noise_level"], step=1, label="Noise level")},
                     lambda g: Upscale(_need(g["image"], "an image"), int(g["noise_level"])))
+            with gr.Tab("variations", id="variations"):
+                task_tab(server, results, "variations", variation_inputs, variations_of)
             with gr.Tab("png-info", id="png-info"):
                 png_info_tab(tabs, t2i_prompt, t2i)
     return page
+
+
+def variation_inputs(defaults: dict) -> dict:
+    """Stable unCLIP: a picture, optionally a second one mixed in with a weight, the embedding's noise level."""
+    with gr.Row():
+        first = gr.Image(type="pil", label="Picture", elem_id="variations-image")
+        second = gr.Image(type="pil", label="Second picture to mix in (optional)", elem_id="variations-image2")
+    return {"image": first, "image2": second,
+            "mix": gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Share of the second picture"),
+            "noise_level": gr.Slider(0, 999, value=defaults["noise_level"], step=1,
+                                     label="Noise level (higher: further from the pictures)")}
+
+
+def variations_of(given: dict) -> Variations:
+    pictures = [_need(given["image"], "a picture")] + ([given["image2"]] if given["image2"] is not None else [])
+    share = float(given["mix"])
+    weights = [1.0 - share, share] if len(pictures) == 2 else [1.0]
+    return Variations(pictures, weights, int(given["noise_level"]), int(given["height"]), int(given["width"]))
 
 
 def png_info_tab(tabs, prompt, controls: dict) -> None:

@@ -16,32 +16,45 @@ from ldm.tasks.base import (BatchInputs, ImageInput, ImageTask, check_strength, 
                             repeat_batch, require_model, steps_for_strength)
 
 class Img2Img(ImageTask):
-    """Text-guided image-to-image with a txt2img checkpoint (the reference's scripts/img2img.py)."""
+    """Text-guided image-to-image with a txt2img checkpoint (the reference's scripts/img2img.py), or with a Stable
+    unCLIP one, where the input's CLIP image embedding also conditions (AUTOMATIC1111's unCLIP img2img)."""
     name = "img2img"
 
     def __init__(self, init_img: ImageInput, strength: float):
         self.strength = float(strength)
         self.image = fit_to_multiple(imageio.load_image(init_img, what="the init image"), "init image")
         self.z0: Optional[torch.Tensor] = None
+        self.embedding: Optional[torch.Tensor] = None  # unCLIP models: the input's CLIP image embedding (1, D)
 
     def check(self, job: Job) -> None:
         check_strength(self.strength)
         super().check(job)
 
     def check_model(self, model) -> None:
-        require_model(model, None, "img2img", "a txt2img checkpoint (v2 base or v)")
+        if not _is_unclip(model):
+            require_model(model, None, "img2img", "a txt2img checkpoint (v2 base or v) or a Stable unCLIP one")
 
     def prepare(self, model, job: Job, device: torch.device) -> None:
         self.check_model(model)
-        self.z0 = model.encode_mean(imageio.pil_to_tensor(self.image).to(device))  # (1, 4, h, w)
+        image = imageio.pil_to_tensor(self.image).to(device)  # (1, 3, H, W)
+        self.z0 = model.encode_mean(image)  # (1, 4, h, w)
+        self.embedding = None
+        if _is_unclip(model):  # as AUTOMATIC1111: the input's own CLIP embedding (level 0) conditions too
+            from ldm.tasks.unclip import clip_stats_file
+
+            clip_stats_file(model, job.ckpt, None)
+            self.embedding = model.embed_images(image)  # (1, D)
 
     def steps_run(self, steps: int) -> int:
         return steps_for_strength(steps, self.strength)
 
     def batch(self, model, items: list[Item], generators, device) -> BatchInputs:
-        if self.strength >= 1.0:
-            return BatchInputs()
-        return BatchInputs(start_latents=repeat_batch(self.z0, len(items)), strength=self.strength)
+        inputs = BatchInputs() if self.strength >= 1.0 else BatchInputs(start_latents=repeat_batch(self.z0, len(items)),
+                                                                         strength=self.strength)
+        if self.embedding is not None:
+            cond = model.build_conditioning(repeat_batch(self.embedding, len(items)), 0, generators=generators)
+            inputs.extra_cond = extra_cond(model, cond)
+        return inputs
 
     def finish(self, images: torch.Tensor, items: list[Item]) -> torch.Tensor:
         """Strength 0 redoes nothing: the input itself, not its VAE round trip (which blurs it)."""
@@ -59,7 +72,13 @@ class Img2Img(ImageTask):
             check_strength(self.strength)
 
     def settings(self) -> dict:
-        return {"Denoising strength": self.strength}
+        return {"Denoising strength": self.strength, **({"Noise level": 0} if self.embedding is not None else {})}
+
+
+def _is_unclip(model) -> bool:
+    from ldm.models.diffusion.conditioned import ImageEmbeddingConditionedLatentDiffusion
+
+    return isinstance(model, ImageEmbeddingConditionedLatentDiffusion)
 
 
 class Depth2Img(Img2Img):

@@ -5,6 +5,7 @@ float rounding; each is asked for by a flag (IPEX also by default on the bf16 CP
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -94,7 +95,11 @@ class FastUNet(nn.Module):
 
 
 def _trace_and_freeze(unet: nn.Module, args: tuple) -> Callable:
-    with torch.no_grad():
+    # The tracer warns about every shape check it records as a constant, and that it is deprecated: both are
+    # expected here (FastUNet traces once per input shape), so they stay off the user's terminal.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(unet, args, check_trace=False, strict=False)
         frozen = torch.jit.freeze(traced.eval())
         frozen(*args)  # the first runs of a frozen graph optimise it; do one here, not in the first step

@@ -170,3 +170,27 @@ def test_every_sampler_runs_and_repeats_exactly(pipe_h, unclip, sampler):
     again = pipe_h.variations(unclip["root"] / "a.png", "a house", **settings)
     assert [im.png() for im in first] == [im.png() for im in again]
     assert first[0].png() != first[1].png()  # image k has its own seed (and embedding noise)
+
+
+def test_the_a1111_api_serves_unclip_img2img_and_refuses_txt2img_in_a_4xx(unclip, pipe_h):
+    import base64
+    import io
+
+    import requests
+
+    from ldm.serve.app import Server
+    from tests.serving import serving
+
+    with open(unclip["root"] / "a.png", "rb") as f:
+        encoded = base64.b64encode(f.read()).decode()
+    with serving(Server(pipe_h)) as (url, port):
+        answer = requests.post(f"{url}/sdapi/v1/img2img", json={
+            "init_images": [encoded], "prompt": "a cat", "denoising_strength": 0.6, "steps": 2, "seed": 4,
+            "sampler_name": "DDIM"}, timeout=120)
+        assert answer.status_code == 200, answer.text
+        png = base64.b64decode(answer.json()["images"][0])
+        expected = pipe_h.img2img(unclip["root"] / "a.png", "a cat", strength=0.6, steps=2, seed=4, batch_size=1)[0]
+        assert np.array_equal(px(Image.open(io.BytesIO(png)).convert("RGB")), px(expected.image))
+        refused = requests.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 2}, timeout=120)
+        assert refused.status_code == 422 and "sd variations" in refused.text
+        assert requests.get(f"{url}/sdapi/v1/progress", timeout=30).status_code == 200  # still serving

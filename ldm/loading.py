@@ -164,6 +164,8 @@ def load_model(config: str | Path, ckpt: str | Path, opts: Optional[RuntimeOptio
     from ldm.checkpoint import assign_weights, build_on_meta, read_state_dict
     from ldm.util import load_config, trusted_config
 
+    opts = opts.resolved(quiet=True) if opts is not None else None  # --backend auto (Pipeline resolves it first)
+
     if opts is not None:
         opts.check()
         set_threads(opts.threads)

@@ -88,7 +88,8 @@ class Pipeline:
         """Load a checkpoint (no ckpt: the built-in demo model). Without `config` the checkpoint's keys (and
         for txt2img checkpoints a one-call probe of the UNet) choose the reference config. `device`
         (auto, cpu, cuda), `precision` (auto, full, autocast, bf16, fp16) and the fast paths are the
-        commands' flags of the same names; `backend` "openvino" runs the UNet and VAE decoder with OpenVINO;
+        commands' flags of the same names; `backend` "openvino" runs the UNet, VAE and text encoder with OpenVINO,
+        "auto" the fastest fp32-accurate backend for the device (OpenVINO on CPUs);
         `task` only matters without a checkpoint (depth2img and upscale need one); `quiet` drops the notes."""
         options = RuntimeOptions(device=device, precision=precision, compile=compile, torchscript=torchscript,
                                  ipex=ipex, threads=threads, trust_config=trust_config, backend=backend)
@@ -106,7 +107,7 @@ class Pipeline:
 
         options.check()
         config, ckpt, demo = choose_files(config, ckpt, task, quiet)
-        return load_chosen(config, ckpt, demo, options, quiet)
+        return load_chosen(config, ckpt, demo, options.resolved(quiet), quiet)
 
     def load_model(self, ckpt: Optional[str | Path] = None, config: Optional[str | Path] = None,
                    quiet: bool = False) -> None:

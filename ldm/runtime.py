@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,7 +29,7 @@ from ldm.errors import SDError, note, warning
 DEVICES = ("auto", "cpu", "cuda")
 MAX_THREADS = 1024  # a thread pool past this is a typo, and its stacks alone would take gigabytes
 PRECISIONS = ("auto", "full", "autocast", "bf16", "fp16", "int8")
-BACKENDS = ("torch", "openvino")
+BACKENDS = ("torch", "openvino", "auto")
 
 # Parts of a LatentDiffusion by checkpoint key prefix.
 UNET_PREFIX = "model.diffusion_model."
@@ -54,7 +54,7 @@ class RuntimeOptions:
     channels_last: Optional[bool] = None
     compile_cache: Optional[Path] = None
     trust_config: bool = False  # --trust-config: the config may name classes outside ldm.* (ldm.util.check_target)
-    backend: str = "torch"  # --backend: torch, or openvino for the UNet and VAE decoder (ldm.openvino_backend)
+    backend: str = "torch"  # --backend: torch, openvino (ldm.openvino_backend), or auto (resolved())
 
     def check(self) -> "RuntimeOptions":
         """Validate everything that needs no model; raises SDError with one line."""
@@ -68,7 +68,7 @@ class RuntimeOptions:
             raise SDError(f"--backend must be one of {', '.join(BACKENDS)} (got '{self.backend}')")
         if self.backend == "openvino" and (self.compile or self.torchscript or self.ipex):
             raise SDError("--backend openvino runs the UNet itself: drop --compile, --torchscript and --ipex")
-        if self.precision == "int8" and self.backend != "openvino":
+        if self.precision == "int8" and self.backend == "torch":
             raise SDError("--precision int8 is OpenVINO's weight compression: add --backend openvino")
         if self.backend == "openvino" and self.precision not in ("auto", "full", "int8"):
             # measured on the full-size UNet (docs/benchmarks.md): OpenVINO's bf16 inference hint gave 0.54
@@ -86,6 +86,30 @@ class RuntimeOptions:
 
             ipex_module()  # fails early, with the way to get it
         return self
+
+    def resolved(self, quiet: bool = False) -> "RuntimeOptions":
+        """These options with --backend auto made concrete: the fastest backend that keeps fp32-level accuracy,
+        from the measurements recorded in docs/benchmarks.md. On a CPU that is OpenVINO in float32 (a UNet
+        step in 0.54-0.62x PyTorch fp32's time on Zen 5, 0.77x on Zen 3, relative error 4e-6; PyTorch's bf16,
+        about as fast on Zen 5, has 1.8e-2); PyTorch where OpenVINO cannot serve: CUDA, --compile /
+        --torchscript / --ipex, an explicit bf16/fp16/autocast, or no openvino package."""
+        if self.backend != "auto":
+            return self
+        device = resolve_device(self.device)
+        why = ("the device is CUDA" if device.type != "cpu" else
+               "--compile/--torchscript/--ipex ask for PyTorch" if self.compile or self.torchscript or self.ipex else
+               f"--precision {self.precision} is PyTorch's" if self.precision not in ("auto", "full", "int8") else
+               None)
+        if why is None:
+            try:
+                import openvino  # noqa: F401
+            except ImportError:
+                why = "the openvino package is not installed"
+        backend = "torch" if why else "openvino"
+        if not quiet:
+            note(f"--backend auto: {backend}" + (f" ({why})" if why else " in float32, the fastest fp32-accurate "
+                                                 "path measured on CPUs (docs/benchmarks.md)"))
+        return replace(self, backend=backend)
 
     def use_ipex(self, device: torch.device, precision: "Precision") -> bool:
         """Whether the UNet goes through IPEX: only when asked (--ipex). Intel ended IPEX after 2.8 (its

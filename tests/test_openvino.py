@@ -1,4 +1,5 @@
-"""--backend openvino: the UNet and VAE decoder converted (torch.export -> OpenVINO), same numbers, cached."""
+"""--backend openvino: the UNet, VAE and text encoder converted (torch.export -> OpenVINO), same numbers, cached;
+--backend auto."""
 import os
 
 import numpy as np
@@ -40,6 +41,7 @@ def test_openvino_gives_torchs_numbers_and_caches_its_conversion(tiny_ckpts, cac
     assert psnr(np.asarray(made.image), a) > 40 and "Backend: openvino f32" in made.parameters
     err = capsys.readouterr().err
     assert "converting the unet for OpenVINO" in err and "converting the decoder for OpenVINO" in err
+    assert "converting the text for OpenVINO" in err
     assert len(list(cache.glob("unet-*.xml"))) == 1  # the call above and the pipeline's batches: one shape
     again = Pipeline.load(entry["safetensors"], entry["config"], device="cpu", backend="openvino", precision="full",
                           quiet=True).txt2img("a red cube", **settings)[0]
@@ -85,3 +87,41 @@ def test_int8_weights_stay_close(tiny_ckpts, cache):
     assert 1e-4 < error < 0.1  # rounded weights (measured 0.033 on these random tiny weights), not float32's 1e-6
     made = int8.txt2img("a red cube", seed=5, steps=2, width=256, height=256)[0]
     assert "Backend: openvino int8" in made.parameters
+
+
+def test_text_encoder_and_vae_encoder_on_openvino(tiny_ckpts, cache):
+    entry = tiny_ckpts["eps"]
+    torch_pipe = Pipeline.load(entry["safetensors"], entry["config"], device="cpu", precision="full", quiet=True)
+    ov_pipe = Pipeline.load(entry["safetensors"], entry["config"], device="cpu", precision="full", backend="openvino",
+                            quiet=True)
+    ours, theirs = ov_pipe.model, torch_pipe.model
+    assert type(ours.cond_stage_model.model).__name__ == "OpenVINOTextTower"
+    with torch.no_grad():
+        text_ov, text_pt = (m.get_learned_conditioning(["a red cube", "two blue spheres"]) for m in (ours, theirs))
+        assert ((text_ov - text_pt).norm() / text_pt.norm()).item() < 1e-5
+        image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        z_ov, z_pt = (m.encode_mean(image) for m in (ours, theirs))
+        assert ((z_ov - z_pt).norm() / z_pt.norm()).item() < 1e-5
+        # a textual-inversion call (vectors) runs the PyTorch tower; attribute reads reach it too
+        tokens = ours.cond_stage_model.tokenize(["a cube"])
+        vector = torch.randn(ours.cond_stage_model.model.token_embedding.weight.shape[1])
+        with_vector = ours.cond_stage_model.encode_tokens(tokens, vectors=[(2, vector)])
+        assert torch.equal(with_vector, theirs.cond_stage_model.encode_tokens(tokens, vectors=[(2, vector)]))
+    assert len(list(cache.glob("text-*.xml"))) == 1 and len(list(cache.glob("encoder-*.xml"))) == 1
+
+
+def test_backend_auto_picks_openvino_on_a_cpu_and_torch_where_openvino_cannot_serve(capsys):
+    opts = RuntimeOptions("cpu", "auto", backend="auto").check()
+    assert opts.resolved().backend == "openvino" and "fastest fp32-accurate" in capsys.readouterr().err
+    assert RuntimeOptions("cpu", "bf16", backend="auto").resolved().backend == "torch"
+    assert "bf16 is PyTorch's" in capsys.readouterr().err
+    assert RuntimeOptions("cpu", "full", backend="auto", torchscript=True).resolved(quiet=True).backend == "torch"
+    assert RuntimeOptions("cpu", "int8", backend="auto").check().resolved(quiet=True).backend == "openvino"
+    assert RuntimeOptions("cpu", "full", backend="torch").resolved().backend == "torch"  # explicit stays
+
+
+def test_backend_auto_runs_through_the_pipeline(tiny_ckpts, cache):
+    entry = tiny_ckpts["eps"]
+    pipe = Pipeline.load(entry["safetensors"], entry["config"], device="cpu", backend="auto", quiet=True)
+    made = pipe.txt2img("a red cube", seed=5, steps=2, width=256, height=256)[0]
+    assert "Backend: openvino f32" in made.parameters and pipe.model.runtime.precision.mode == "full"

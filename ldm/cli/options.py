@@ -90,8 +90,8 @@ Lora = Annotated[Optional[list[str]], typer.Option(
 LoraDir = Annotated[Optional[Path], typer.Option(
     "--lora-dir", help="Folder of LoRA files named by <lora:NAME:W> tags [default: loras/ beside the checkpoints folder].")]
 Backend = Annotated[str, typer.Option(
-    "--backend", help="torch, or openvino: the UNet and VAE decoder converted to OpenVINO (CPU, float32; converted "
-    "once per shape and cached in ~/.cache/sd/openvino).")]
+    "--backend", help="torch; openvino: the UNet, VAE and text encoder converted to OpenVINO (CPU, float32; converted "
+    "once per shape and cached in ~/.cache/sd/openvino); auto: the fastest fp32-accurate one (OpenVINO on CPUs).")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: OMP_NUM_THREADS, else all cores).")]
 
 

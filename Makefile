@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch/torchvision pins: the CPU-capable builds this project is tested with.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test bench install-ipex install-browser clean
+.PHONY: install test bench install-ipex install-optimum install-browser clean
 
 install: $(BIN)/sd
 	-@$(MAKE) --no-print-directory install-browser
@@ -44,6 +44,18 @@ $(IPEX_VENV)/bin/sd: setup.py
 	$(IPEX_VENV)/bin/pip install $(IPEX_PINS)
 	$(IPEX_VENV)/bin/pip install -e . diffusers transformers $(IPEX_PINS)
 	touch $(IPEX_VENV)/bin/sd
+
+# A third, bench-only environment: optimum-intel (OpenVINO's Hugging Face pipelines), the peer of
+# --backend openvino in `make bench`. Apart because it pins other transformers/typer versions than sd's tests.
+OPTIMUM_VENV ?= .venv-optimum
+install-optimum: $(OPTIMUM_VENV)/bin/python-ok
+
+$(OPTIMUM_VENV)/bin/python-ok:
+	$(PYTHON) -m venv $(OPTIMUM_VENV)
+	$(OPTIMUM_VENV)/bin/pip install --upgrade pip wheel setuptools
+	$(OPTIMUM_VENV)/bin/pip install $(TORCH_PINS)
+	$(OPTIMUM_VENV)/bin/pip install 'optimum-intel[openvino]' diffusers $(TORCH_PINS)
+	touch $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info

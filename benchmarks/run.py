@@ -68,7 +68,10 @@ def build_unet_variants(names: list[str], ckpt: Path):
     raw = None
     for name in names:
         kind, _, flavour = name.partition("-")
-        if kind == "sd":  # sd-<fp32|bf16>[-ipex][-compile|-torchscript]
+        if flavour.startswith("openvino"):  # sd-openvino (float32), sd-openvino-int8 (NNCF int8 weights)
+            model = _sd_model(BASE, ckpt, "int8" if flavour.endswith("int8") else "full", backend="openvino")
+            calls[name] = (lambda u: lambda x, t, c: u(x, t, c))(model.model.diffusion_model)
+        elif kind == "sd":  # sd-<fp32|bf16>[-ipex][-compile|-torchscript]
             precision = "full" if flavour.startswith("fp32") else "bf16"
             flags = set(flavour.split("-")[1:])
             key = (precision, "ipex" in flags)  # IPEX rewrites the module in place: its own copy
@@ -250,7 +253,7 @@ def machine() -> str:
     from ldm.runtime import cpu_flags
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     flags = cpu_flags()
-    isa = ", ".join(f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16") if f in flags)
+    isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16") if f in flags)
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{model}, {os.cpu_count()} cores ({isa}), {mem:.0f} GiB, Python {platform.python_version()}"
 
@@ -275,13 +278,14 @@ def main() -> None:
     parser.add_argument("--sizes", default="512,768")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (slow first compile)")
     parser.add_argument("--quick", action="store_true", help="512 only, 2 reps, no compile, no 768 e2e")
-    parser.add_argument("--only", default="unet,ipex,vae,load,e2e", help="comma-separated parts to run")
+    parser.add_argument("--only", default="unet,ipex,vae,load,e2e,e2e-cpu", help="comma-separated parts to run "
+                        "(e2e-cpu: benchmarks/e2e_cpu.py, sd torch / openvino against diffusers and optimum-intel)")
     parser.add_argument("--ipex-variants", default="sd-bf16-ipex,sd-bf16-ipex-torchscript,sd-bf16,diffusers-bf16",
                         help="UNet variants timed in .venv-ipex (when it exists)")
     parser.add_argument("--load-reps", type=int, default=2, help="fresh-process loads per variant")
-    parser.add_argument("--variants", default="sd-fp32,diffusers-fp32,sd-bf16,diffusers-bf16",
+    parser.add_argument("--variants", default="sd-fp32,diffusers-fp32,sd-bf16,diffusers-bf16,sd-openvino,sd-openvino-int8",
                         help="UNet variants of the main group (sd-<fp32|bf16>[-compile|-torchscript], "
-                             "diffusers-<fp32|bf16>)")
+                             "sd-openvino[-int8], diffusers-<fp32|bf16>)")
     ns = parser.parse_args()
     if ns.quick:
         ns.reps, ns.sizes, ns.no_compile = 2, "512", True
@@ -326,6 +330,11 @@ def main() -> None:
         if ckpt_v is not None:
             results["e2e"]["768"] = child("e2e", {"config": str(V768), "ckpt": str(ckpt_v), "precision": "bf16",
                                                   "size": 768, "steps": 2})
+    if "e2e-cpu" in parts:  # its own script: fresh processes per run, optimum-intel in .venv-optimum
+        steps = "2" if ns.quick else "25"
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "e2e_cpu.py"), "--steps", steps,
+                               "--reps", "1" if ns.quick else "2"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        results["e2e_cpu"] = proc.stdout if proc.returncode == 0 else f"e2e_cpu.py failed (exit {proc.returncode})"
     out = cache_dir() / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(results, indent=1))
     print(report(results))
@@ -336,7 +345,7 @@ def report(results: dict) -> str:
     lines = [f"date: {results['date']}", f"machine: {results['machine']}", f"command: {results['command']}", ""]
 
     def peer_of(name: str) -> str:
-        return "diffusers-fp32" if "fp32" in name else "diffusers-bf16"
+        return "diffusers-fp32" if "fp32" in name or "openvino" in name else "diffusers-bf16"
 
     for part in ("unet", "ipex"):
         res = results.get(part)
@@ -384,6 +393,8 @@ def report(results: dict) -> str:
         split = ", ".join(f"{k} {v:.1f}s" for k, v in r["split"].items())
         lines += [f"txt2img {size}x{size}, bf16, {r['steps']} DDIM steps, 1 image: {split}; "
                   f"peak RSS {r['peak_rss_gb']:.2f} GB; finite {r['finite']}", ""]
+    if results.get("e2e_cpu"):
+        lines += ["End to end on the CPU, fp32-accurate paths (benchmarks/e2e_cpu.py):", "", results["e2e_cpu"], ""]
     return "\n".join(lines)
 
 

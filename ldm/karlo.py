@@ -279,7 +279,6 @@ def load_prior(ckpt: str | Path, stats: tuple[torch.Tensor, torch.Tensor], clip:
     """The prior from its checkpoint (strict, offline), with its CLIP text tower from `clip` (ViT-L-14.pt), else
     ViT-L-14.pt beside the prior, else `text_model` (unCLIP-L's own embedder: the same frozen OpenAI ViT-L/14)."""
     from ldm.checkpoint import build_on_meta, read_state_dict
-    from ldm.modules.encoders.image_embedders import CLIPModel
     from ldm.util import OmegaConf
 
     ckpt = Path(ckpt)

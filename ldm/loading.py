@@ -213,7 +213,7 @@ def _place(model: nn.Module, opts: RuntimeOptions, device: torch.device, prec: P
         from ldm.metadata import model_hash
         from ldm.openvino_backend import use_openvino
 
-        use_openvino(model, model_hash(model.runtime_ckpt), int8=opts.precision == "int8")
+        use_openvino(model, model_hash(model.runtime_ckpt), quant=opts.precision if "int8" in opts.precision else None)
         return model
     unet_holder = getattr(model, "model", None)
     unet = getattr(unet_holder, "diffusion_model", None)

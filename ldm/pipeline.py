@@ -397,4 +397,4 @@ def _backend_field(model) -> Optional[str]:
     options = model.runtime.options
     if options.backend == "torch":
         return None
-    return f"{options.backend} {'int8' if options.precision == 'int8' else 'f32'}"
+    return f"{options.backend} {options.precision if 'int8' in options.precision else 'f32'}"

@@ -28,7 +28,8 @@ from ldm.errors import SDError, note, warning
 
 DEVICES = ("auto", "cpu", "cuda")
 MAX_THREADS = 1024  # a thread pool past this is a typo, and its stacks alone would take gigabytes
-PRECISIONS = ("auto", "full", "autocast", "bf16", "fp16", "int8")
+PRECISIONS = ("auto", "full", "autocast", "bf16", "fp16", "int8", "int8-ptq")
+OPENVINO_INT8 = ("int8", "int8-ptq")  # OpenVINO's quantisations: weights only, or weights and activations
 BACKENDS = ("torch", "openvino", "auto")
 
 # Parts of a LatentDiffusion by checkpoint key prefix.
@@ -68,9 +69,9 @@ class RuntimeOptions:
             raise SDError(f"--backend must be one of {', '.join(BACKENDS)} (got '{self.backend}')")
         if self.backend == "openvino" and (self.compile or self.torchscript or self.ipex):
             raise SDError("--backend openvino runs the UNet itself: drop --compile, --torchscript and --ipex")
-        if self.precision == "int8" and self.backend == "torch":
-            raise SDError("--precision int8 is OpenVINO's weight compression: add --backend openvino")
-        if self.backend == "openvino" and self.precision not in ("auto", "full", "int8"):
+        if self.precision in OPENVINO_INT8 and self.backend == "torch":
+            raise SDError(f"--precision {self.precision} is OpenVINO's quantisation: add --backend openvino")
+        if self.backend == "openvino" and self.precision not in ("auto", "full", *OPENVINO_INT8):
             # measured on the full-size UNet (docs/benchmarks.md): OpenVINO's bf16 inference hint gave 0.54
             # relative error against fp32, 30x PyTorch's bf16 (1.8e-2)
             raise SDError(f"--backend openvino runs in float32 (its bf16 measured 30x PyTorch's bf16 error): "
@@ -98,7 +99,7 @@ class RuntimeOptions:
         device = resolve_device(self.device)
         why = ("the device is CUDA" if device.type != "cpu" else
                "--compile/--torchscript/--ipex ask for PyTorch" if self.compile or self.torchscript or self.ipex else
-               f"--precision {self.precision} is PyTorch's" if self.precision not in ("auto", "full", "int8") else
+               f"--precision {self.precision} is PyTorch's" if self.precision not in ("auto", "full", *OPENVINO_INT8) else
                None)
         if why is None:
             try:

@@ -125,3 +125,32 @@ def test_backend_auto_runs_through_the_pipeline(tiny_ckpts, cache):
     pipe = Pipeline.load(entry["safetensors"], entry["config"], device="cpu", backend="auto", quiet=True)
     made = pipe.txt2img("a red cube", seed=5, steps=2, width=256, height=256)[0]
     assert "Backend: openvino f32" in made.parameters and pipe.model.runtime.precision.mode == "full"
+
+
+@pytest.mark.skipif(bool(os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")),
+                    reason="OpenVINO picks its int8 kernels by the real CPU; an oneDNN ISA cap (CI's AVX2 emulation) "
+                           "hides instructions they use")
+def test_int8_ptq_calibrates_on_the_runs_first_calls_then_quantises(tiny_ckpts, cache, capsys, monkeypatch):
+    from ldm import openvino_backend
+
+    monkeypatch.setattr(openvino_backend, "CALIBRATION_CALLS", 3)
+    entry = tiny_ckpts["eps"]
+    pipe = Pipeline.load(entry["safetensors"], entry["config"], device="cpu", precision="int8-ptq", backend="openvino",
+                         quiet=True)
+    f32 = Pipeline.load(entry["safetensors"], entry["config"], device="cpu", precision="full", backend="openvino",
+                        quiet=True)
+    made = pipe.txt2img("a red cube", seed=5, steps=5, width=256, height=256)[0]
+    err = capsys.readouterr().err
+    assert "quantising the unet to int8 on 3 of this run's calls" in err and "Backend: openvino int8-ptq" in made.parameters
+    assert len(list(cache.glob("unet-*.xml"))) == 2  # the float32 conversion and the quantised model
+    part = pipe.model.model.diffusion_model
+    g = torch.Generator().manual_seed(3)
+    x, t, c = torch.randn(2, 4, 32, 32, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        ours, theirs = part(x, t, context=c), f32.model.model.diffusion_model(x, t, context=c)
+    err_rel = ((ours - theirs).norm() / theirs.norm()).item()
+    assert 1e-4 < err_rel < 0.3  # quantised (not float32), and still the same function roughly
+    again = Pipeline.load(entry["safetensors"], entry["config"], device="cpu", precision="int8-ptq", backend="openvino",
+                          quiet=True).txt2img("a red cube", seed=5, steps=5, width=256, height=256)[0]
+    assert "quantising" not in capsys.readouterr().err  # a later run reuses the quantised model
+    assert again.png() != made.png()  # (it runs int8 from its first step, the first run only after calibrating)

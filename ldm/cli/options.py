@@ -60,8 +60,8 @@ Ckpt = Annotated[Optional[Path], typer.Option(
 Seed = Annotated[int, typer.Option("--seed", help="Seed: image k of the run uses seed + k.")]
 Precision = Annotated[str, typer.Option(
     "--precision", help="auto (bf16 on CPUs with AVX512-BF16/AMX, fp32 on other CPUs, fp16 on CUDA), full (fp32), "
-    "autocast (the reference's: fp32 weights under torch.autocast), bf16 or fp16 (weights cast once); int8 (UNet "
-    "weights, with --backend openvino).")]
+    "autocast (the reference's: fp32 weights under torch.autocast), bf16 or fp16 (weights cast once); with --backend "
+    "openvino: int8 (UNet weights) or int8-ptq (UNet weights and activations, calibrated on the run's first 24 steps).")]
 Repeat = Annotated[int, typer.Option("--repeat", help="Repeat each prompt of --from-file this often.")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, or auto (cuda when available).")]
 Torchscript = Annotated[bool, typer.Option("--torchscript", help="Trace and freeze the UNet with TorchScript.")]

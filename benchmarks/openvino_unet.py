@@ -29,21 +29,34 @@ from ldm.runtime import RuntimeOptions  # noqa: E402
 
 
 def main(turns: int = 4) -> None:
+    """argv: [--cache DIR] (reuse converted / quantised models there; default a cold cache, timed)
+    [--variants a,b] (of: torch fp32, openvino f32, openvino int8 weights, openvino int8-ptq)."""
+    args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
     ckpt = checkpoint_for("v2-inference.yaml")  # (before moving the cache: the checkpoint stays where it is)
-    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sd-ov-bench-")  # a cold OpenVINO cache: time it
+    os.environ["XDG_CACHE_HOME"] = args.get("--cache") or tempfile.mkdtemp(prefix="sd-ov-bench-")
     config = Path(__file__).resolve().parent.parent / "configs/stable-diffusion/v2-inference.yaml"
     g = torch.Generator().manual_seed(0)
     x, t, c = torch.randn(2, 4, 64, 64, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 1024, generator=g)
     variants = {"torch fp32": RuntimeOptions("cpu", "full")}
     variants["openvino f32"] = RuntimeOptions("cpu", "full", backend="openvino")
     variants["openvino int8 weights"] = RuntimeOptions("cpu", "int8", backend="openvino")
+    variants["openvino int8-ptq"] = RuntimeOptions("cpu", "int8-ptq", backend="openvino")
+    if "--variants" in args:  # torch fp32 always: the reference of the ratios and errors
+        variants = {k: v for k, v in variants.items() if k == "torch fp32" or k in args["--variants"].split(",")}
     unets = {}
     for name, opts in variants.items():
         unet = load_model(config, ckpt, opts).model.diffusion_model
         start = time.perf_counter()
         with torch.inference_mode():
             unet(x, t, c)  # conversion and compile happen on the first call
-        print(f"{name}: first call (convert + compile) {time.perf_counter() - start:.1f} s", flush=True)
+            if opts.precision == "int8-ptq":  # calibration: the calls of a run, latents shrinking with t
+                from ldm import openvino_backend
+
+                for k in range(1, openvino_backend.CALIBRATION_CALLS):
+                    level = 999.0 * (1 - k / openvino_backend.CALIBRATION_CALLS)
+                    unet(torch.randn(2, 4, 64, 64, generator=g) * (0.3 + 0.7 * level / 999), torch.tensor([level] * 2), c)
+        print(f"{name}: first call (convert + compile{' + calibrate + quantise' if 'ptq' in name else ''}) "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
         unets[name] = unet
     times = {name: [] for name in unets}
     outputs = {}

@@ -67,7 +67,7 @@ def test_command_writes_what_the_pipeline_returns_with_metadata(unclip, pipe_h, 
     assert [im.png() for im in images] == [p.read_bytes() for p in written]
     prompt, _, fields = parse_parameters(read_png_text(written[1])["parameters"])
     assert prompt == "a house" and fields["Mode"] == "variations" and fields["Noise level"] == "30"
-    assert fields["Image weights"] == "2, 1" and len(fields["Image hashes"].split(", ")) == 2
+    assert fields["Image weights"] == "2.0, 1.0" and len(fields["Image hashes"].split(", ")) == 2
 
     # --from-image with the same pictures gives the same bytes; pictures swapped are noted
     again = tmp_path / "again"

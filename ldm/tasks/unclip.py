@@ -126,7 +126,7 @@ class Variations(Txt2Img):
 
     def settings(self) -> dict:
         return {"Noise level": self.noise_level, "Image hashes": ", ".join(self.hashes),
-                "Image weights": ", ".join(f"{w:g}" for w in self.weights)}
+                "Image weights": ", ".join(repr(float(w)) for w in self.weights)}  # repr: reads back exactly
 
 
 def _input_picture(image: ImageInput, what: str) -> Image.Image:

@@ -138,8 +138,7 @@ class OpenVINOPart(nn.Module):
             converted = ov.convert_model(exported)
             if quant == "int8":
                 converted = _int8_weights(converted)
-            # compress_to_fp16 (save_model's default) would round every weight to fp16: keep them as they are
-            ov.save_model(converted, str(xml), compress_to_fp16=False)
+            self._save(converted, xml)
             note(f"{self.part} converted in {time.perf_counter() - start:.1f} s")
         return xml
 
@@ -148,9 +147,27 @@ class OpenVINOPart(nn.Module):
         start = time.perf_counter()
         note(f"quantising the {self.part} to int8 on {len(calibrating.samples)} of this run's calls (once, cached)")
         quantised = _int8_ptq(ov.Core().read_model(str(calibrating.xml)), calibrating.samples)
-        ov.save_model(quantised, str(calibrating.target), compress_to_fp16=False)
+        self._save(quantised, calibrating.target)
         note(f"{self.part} quantised in {time.perf_counter() - start:.1f} s; the remaining steps run in int8")
         return self._load(calibrating.target)
+
+    def _save(self, model, xml: Path) -> None:
+        """Write a converted model into the cache atomically: under a temporary name, then .bin and .xml renamed
+        (the .xml's presence means "cached"), so an interrupted or failed write leaves nothing to reuse."""
+        ov = openvino_module()
+        partial = xml.with_name(xml.stem + ".partial.xml")
+        try:
+            # compress_to_fp16 (save_model's default) would round every weight to fp16: keep them as they are
+            ov.save_model(model, str(partial), compress_to_fp16=False)
+            os.replace(partial.with_suffix(".bin"), xml.with_suffix(".bin"))
+            os.replace(partial, xml)
+        except (RuntimeError, OSError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            raise SDError(f"cannot write the converted {self.part} to {xml.parent} ({first}): is the disk full? "
+                          "(the cache is $XDG_CACHE_HOME/sd/openvino, by default ~/.cache/sd/openvino)") from None
+        finally:
+            for leftover in (partial, partial.with_suffix(".bin")):
+                leftover.unlink(missing_ok=True)
 
     def _load(self, xml: Path) -> Any:
         ov = openvino_module()

@@ -1,6 +1,7 @@
 """--backend openvino: the UNet, VAE and text encoder converted (torch.export -> OpenVINO), same numbers, cached;
 --backend auto."""
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +155,22 @@ def test_int8_ptq_calibrates_on_the_runs_first_calls_then_quantises(tiny_ckpts, 
                           quiet=True).txt2img("a red cube", seed=5, steps=5, width=256, height=256)[0]
     assert "quantising" not in capsys.readouterr().err  # a later run reuses the quantised model
     assert again.png() != made.png()  # (it runs int8 from its first step, the first run only after calibrating)
+
+
+def test_a_failed_cache_write_is_one_line_and_leaves_nothing_cached(tiny_ckpts, cache, monkeypatch):
+    """A full disk (or any write error) while saving the converted model: one SDError, no half model in the cache."""
+    from ldm import openvino_backend
+
+    ov = openvino_backend.openvino_module()
+
+    def failing_save(model, path, compress_to_fp16=True):
+        Path(path).write_text("<half")  # what a full disk leaves behind
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(ov, "save_model", failing_save)
+    entry = tiny_ckpts["eps"]
+    pipe = Pipeline.load(entry["safetensors"], entry["config"], device="cpu", precision="full", backend="openvino",
+                         quiet=True)
+    with pytest.raises(SDError, match="cannot write the converted .* is the disk full"):
+        pipe.txt2img("a red cube", seed=1, steps=1, width=256, height=256)
+    assert not list(cache.glob("*.xml")) and not list(cache.glob("*.bin"))

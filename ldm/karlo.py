@@ -222,18 +222,19 @@ def read_clip_file(path: Path) -> dict[str, torch.Tensor]:
 
     if not Path(path).is_file():
         raise SDError(f"CLIP text encoder file not found: {path}")
+    scripted = False
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             scripted = any(name.endswith("constants.pkl") for name in z.namelist())
-        if scripted:
-            try:
-                with warnings.catch_warnings():  # torch.jit.load is deprecated, but OpenAI ships this format
-                    warnings.simplefilter("ignore", FutureWarning)
-                    state_dict = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-            except Exception as exc:  # a damaged archive can fail in any way
-                raise SDError(f"cannot read {path} as a TorchScript CLIP model: {str(exc).splitlines()[0][:200]}") from None
-            return {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
-    state_dict = read_state_dict(path)
+    if not scripted:
+        state_dict = read_state_dict(path)
+    else:
+        try:
+            with warnings.catch_warnings():  # torch.jit.load is deprecated, but OpenAI ships this format
+                warnings.simplefilter("ignore", FutureWarning)
+                state_dict = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        except Exception as exc:  # a damaged archive can fail in any way
+            raise SDError(f"cannot read {path} as a TorchScript CLIP model: {str(exc).splitlines()[0][:200]}") from None
     return {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
 
 

@@ -20,8 +20,8 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from ldm.runtime import (UNET_PREFIX, RuntimeOptions, RuntimeState, Precision, config_precision_hint, part_dtype,
-                         resolve_device, resolve_precision, set_threads)
+from ldm.runtime import (OPENVINO_INT8, UNET_PREFIX, RuntimeOptions, RuntimeState, Precision, config_precision_hint,
+                         part_dtype, resolve_device, resolve_precision, set_threads)
 
 
 _MADV_DONTNEED = 4
@@ -213,7 +213,8 @@ def _place(model: nn.Module, opts: RuntimeOptions, device: torch.device, prec: P
         from ldm.metadata import model_hash
         from ldm.openvino_backend import use_openvino
 
-        use_openvino(model, model_hash(model.runtime_ckpt), quant=opts.precision if "int8" in opts.precision else None)
+        quant = opts.precision if opts.precision in OPENVINO_INT8 else None
+        use_openvino(model, model_hash(model.runtime_ckpt), quant=quant)
         return model
     unet_holder = getattr(model, "model", None)
     unet = getattr(unet_holder, "diffusion_model", None)

@@ -26,10 +26,10 @@ from ldm import families, imageio, metadata
 from ldm.errors import SDError
 from ldm.limits import Limits
 from ldm.plan import Batch, Job, SamplingSettings, make_plan
-from ldm.runtime import RuntimeOptions, autocast_context
+from ldm.runtime import OPENVINO_INT8, RuntimeOptions, autocast_context
 from ldm.sampling import PromptEncoder, sample_latents, start_noise
 from ldm.tasks import Depth2Img, Img2Img, Inpaint, PriorTxt2Img, Task, Txt2Img, Upscale, Variations, image_job
-from ldm.tasks.base import ImageInput
+from ldm.tasks.base import ImageInput, is_unclip
 
 
 class Cancelled(Exception):
@@ -160,7 +160,7 @@ class Pipeline:
         AUTOMATIC1111's (word:1.2) weights apply), embeddings (a folder of textual-inversion files; by
         default embeddings/ beside the checkpoints folder), progress (a callback taking a Progress)."""
         prior = {k: settings.pop(k) for k in ("noise_level", "prior_steps", "prior_scale") if k in settings}
-        if self.prior is not None and hasattr(self.model, "embedder"):  # unCLIP-L through the Karlo prior
+        if self.prior is not None and is_unclip(self.model):  # unCLIP-L through the Karlo prior
             task = PriorTxt2Img(height, width, prior=self.prior, **prior)
         elif prior:
             raise SDError(f"{', '.join(prior)}: only for unCLIP-L with the Karlo prior (Pipeline.load_prior)")
@@ -175,9 +175,10 @@ class Pipeline:
         OpenAI's ViT-L-14.pt (default: beside the prior, else the checkpoint's own copy); `clip_stats`:
         ViT-L-14_stats.th (default: the reference's path, karlo_models/ beside the checkpoint or the prior)."""
         task = PriorTxt2Img(prior_ckpt=ckpt, prior_clip=clip, clip_stats=clip_stats)
-        task.check(self.job(task, ""))
+        job = self.job(task, "")
+        task.check(job)
         with torch.inference_mode():
-            task.prepare(self.model, self.job(task, ""), self.model.runtime.device)
+            task.prepare(self.model, job, self.model.runtime.device)
         self.prior = task.prior
 
     def img2img(self, image: ImageInput, prompt: str, *, strength: Optional[float] = None,
@@ -215,8 +216,7 @@ class Pipeline:
         noise to the image embedding: higher strays further from the pictures. `clip_stats`:
         ViT-L-14_stats.th, which unCLIP-L needs above level 0."""
         noise_level = self.defaults("variations")["noise_level"] if noise_level is None else noise_level
-        task = Variations(images if isinstance(images, (list, tuple)) else [images], weights, noise_level,
-                          height, width, clip_stats)
+        task = Variations(images, weights, noise_level, height, width, clip_stats)
         return self._generate(task, prompt, settings, H=height or self.native_size, W=width or self.native_size)
 
     def _generate(self, task: Task, prompt: str, settings: dict, **size) -> list[GeneratedImage]:
@@ -397,4 +397,4 @@ def _backend_field(model) -> Optional[str]:
     options = model.runtime.options
     if options.backend == "torch":
         return None
-    return f"{options.backend} {options.precision if 'int8' in options.precision else 'f32'}"
+    return f"{options.backend} {options.precision if options.precision in OPENVINO_INT8 else 'f32'}"

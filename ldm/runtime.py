@@ -17,6 +17,7 @@ Precision modes (resolved from "auto" by `resolve_precision`):
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -101,11 +102,10 @@ class RuntimeOptions:
                "--compile/--torchscript/--ipex ask for PyTorch" if self.compile or self.torchscript or self.ipex else
                f"--precision {self.precision} is PyTorch's" if self.precision not in ("auto", "full", *OPENVINO_INT8) else
                None)
-        if why is None:
-            try:
-                import openvino  # noqa: F401
-            except ImportError:
-                why = "the openvino package is not installed"
+        # find_spec, not an import: openvino is imported once, by ldm.openvino_backend, which first keeps its
+        # telemetry off
+        if why is None and importlib.util.find_spec("openvino") is None:
+            why = "the openvino package is not installed"
         backend = "torch" if why else "openvino"
         if not quiet:
             note(f"--backend auto: {backend}" + (f" ({why})" if why else " in float32, the fastest fp32-accurate "

@@ -182,8 +182,8 @@ def test_without_vit_l_14_pt_the_checkpoints_own_clip_serves(karlo, tmp_path, ca
     lone = tmp_path / "prior.ckpt"
     lone.write_bytes(karlo["prior"].read_bytes())
     stats = str(karlo["folder"] / "ViT-L-14_stats.th")
-    code = main(["txt2img", *prior_args(karlo, "--clip-stats", stats, "--outdir", str(tmp_path / "o"))[:5], str(lone),
-                 *prior_args(karlo, "--clip-stats", stats, "--outdir", str(tmp_path / "o"))[6:]])
+    args = _replaced(prior_args(karlo, "--clip-stats", stats, "--outdir", str(tmp_path / "o")), "--prior-ckpt", lone)
+    code = main(["txt2img", *args])
     err = capsys.readouterr().err
     assert code == 0 and "unCLIP-L checkpoint's own CLIP ViT-L/14" in err
 
@@ -204,31 +204,33 @@ def test_prior_bad_input_is_one_line(karlo, tmp_path, capsys, case, make_args, m
     assert not list(out.rglob("*.png"))
 
 
+def _replaced(args: list[str], flag: str, value) -> list[str]:
+    """`args` with the value after `flag` replaced."""
+    at = args.index(flag) + 1
+    return [*args[:at], str(value), *args[at + 1:]]
+
+
 def _moved_prior(karlo, tmp_path):
     """The prior and the checkpoint away from karlo_models/: no statistics anywhere."""
     args = prior_args(karlo)
     for flag, source in (("--prior-ckpt", karlo["prior"]), ("--ckpt", karlo["ckpt"])):
         lone = tmp_path / source.name
         lone.write_bytes(source.read_bytes())
-        args[args.index(flag) + 1] = str(lone)
+        args = _replaced(args, flag, lone)
     return args
 
 
 def _with_h(karlo, tmp_path):
     from tests.tinyckpt import build_tiny, save_tiny
 
-    args = prior_args(karlo)
-    args[1] = str(save_tiny(build_tiny("tiny-unclip-h.yaml"), tmp_path / "h.safetensors"))
-    args[3] = str(CONFIGS / "tiny-unclip-h.yaml")
-    return args
+    args = _replaced(prior_args(karlo), "--ckpt", save_tiny(build_tiny("tiny-unclip-h.yaml"), tmp_path / "h.safetensors"))
+    return _replaced(args, "--config", CONFIGS / "tiny-unclip-h.yaml")
 
 
 def _corrupt_prior(karlo, tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"PK\x03\x04 definitely not a zip")
-    args = prior_args(karlo)
-    args[args.index("--prior-ckpt") + 1] = str(bad)
-    return args
+    return _replaced(prior_args(karlo), "--prior-ckpt", bad)
 
 
 def test_prior_text_features_match_transformers():

@@ -13,7 +13,8 @@ from ldm.metadata import parse_parameters, read_png_text
 from ldm.pipeline import Pipeline
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-FAST = ["--steps", "2", "--precision", "full", "--device", "cpu", "--H", "256", "--W", "256"]
+FAST = ["--steps", "2", "--precision", "full", "--device", "cpu"]
+SIZE = ["--H", "256", "--W", "256"]  # sd variations' size (img2img takes its input's)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,9 @@ def pipe_h(unclip):
     return Pipeline.load(unclip["h"][0], unclip["h"][1], device="cpu", precision="full", quiet=True)
 
 
-def args(unclip, kind, *extra):
+def args(unclip, kind, *extra, sized: bool = True):
     ckpt, config = unclip[kind]
-    return ["--ckpt", str(ckpt), "--config", str(config), *FAST, *extra]
+    return ["--ckpt", str(ckpt), "--config", str(config), *FAST, *(SIZE if sized else []), *extra]
 
 
 def px(image) -> np.ndarray:
@@ -146,9 +147,8 @@ def test_img2img_with_an_unclip_checkpoint_conditions_on_the_picture(unclip, pip
     """AUTOMATIC1111's unCLIP img2img: the start is the noised input and its embedding (level 0) conditions."""
     a = unclip["root"] / "a.png"
     out = tmp_path / "out"
-    sized = args(unclip, "h", "--init-img", str(a), "--strength", "0.7", "--prompt", "a cat", "--n_samples", "1", "--n_iter", "1",
-                 "--outdir", str(out))
-    code = main(["img2img", *[x for k, x in enumerate(sized) if x not in ("--H", "--W") and sized[k - 1] not in ("--H", "--W")]])
+    code = main(["img2img", *args(unclip, "h", "--init-img", str(a), "--strength", "0.7", "--prompt", "a cat",
+                                  "--n_samples", "1", "--n_iter", "1", "--outdir", str(out), sized=False)])
     assert code == 0, capsys.readouterr().err
     written = (out / "samples" / "00000.png")
     _, _, fields = parse_parameters(read_png_text(written)["parameters"])

@@ -107,7 +107,7 @@ class Txt2Img(Task):
 
     def prepare(self, model, job: "Job", device: torch.device) -> None:
         hint = "a txt2img checkpoint (v2 base or v)"
-        if type(model).__name__ == "ImageEmbeddingConditionedLatentDiffusion":
+        if is_unclip(model):
             hint += "; an unCLIP checkpoint makes images from pictures (sd variations)"
         require_model(model, None, self.name, hint, job.config)
 
@@ -214,6 +214,13 @@ def require_model(model, cls: Optional[type], command: str, hint: str, config=No
     if not ok:
         fits = f"this checkpoint fits {Path(config).name}, which builds" if config is not None else "this config builds"
         raise SDError(f"{command} needs {hint}; {fits} {type(model).__name__}")
+
+
+def is_unclip(model) -> bool:
+    """True for a Stable unCLIP model (its UNet's class label is a CLIP image embedding)."""
+    from ldm.models.diffusion.conditioned import ImageEmbeddingConditionedLatentDiffusion
+
+    return isinstance(model, ImageEmbeddingConditionedLatentDiffusion)
 
 
 def steps_for_strength(steps: int, strength: float) -> int:

@@ -13,7 +13,7 @@ from ldm import imageio
 from ldm.errors import SDError
 from ldm.plan import Item, Job
 from ldm.tasks.base import (BatchInputs, ImageInput, ImageTask, check_strength, exact_tensor, extra_cond, fit_to_multiple,
-                            repeat_batch, require_model, steps_for_strength)
+                            is_unclip, repeat_batch, require_model, steps_for_strength)
 
 class Img2Img(ImageTask):
     """Text-guided image-to-image with a txt2img checkpoint (the reference's scripts/img2img.py), or with a Stable
@@ -31,7 +31,7 @@ class Img2Img(ImageTask):
         super().check(job)
 
     def check_model(self, model) -> None:
-        if not _is_unclip(model):
+        if not is_unclip(model):
             require_model(model, None, "img2img", "a txt2img checkpoint (v2 base or v) or a Stable unCLIP one")
 
     def prepare(self, model, job: Job, device: torch.device) -> None:
@@ -39,7 +39,7 @@ class Img2Img(ImageTask):
         image = imageio.pil_to_tensor(self.image).to(device)  # (1, 3, H, W)
         self.z0 = model.encode_mean(image)  # (1, 4, h, w)
         self.embedding = None
-        if _is_unclip(model):  # as AUTOMATIC1111: the input's own CLIP embedding (level 0) conditions too
+        if is_unclip(model):  # as AUTOMATIC1111: the input's own CLIP embedding (level 0) conditions too
             from ldm.tasks.unclip import clip_stats_file
 
             clip_stats_file(model, job.ckpt, None)
@@ -73,13 +73,6 @@ class Img2Img(ImageTask):
 
     def settings(self) -> dict:
         return {"Denoising strength": self.strength, **({"Noise level": 0} if self.embedding is not None else {})}
-
-
-def _is_unclip(model) -> bool:
-    from ldm.models.diffusion.conditioned import ImageEmbeddingConditionedLatentDiffusion
-
-    return isinstance(model, ImageEmbeddingConditionedLatentDiffusion)
-
 
 class Depth2Img(Img2Img):
     """Depth-conditioned image-to-image: img2img whose UNet also sees the depth map (MiDaS or --depth-map)."""

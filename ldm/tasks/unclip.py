@@ -69,7 +69,7 @@ class Variations(Txt2Img):
     def __init__(self, images: Sequence[ImageInput], weights: Optional[Sequence[float]] = None, noise_level: int = 0,
                  H: Optional[int] = None, W: Optional[int] = None, clip_stats: Optional[str | Path] = None):
         super().__init__(H, W)
-        if isinstance(images, (str, Path, Image.Image)):
+        if not isinstance(images, (list, tuple)):  # one picture: a path or a PIL image
             images = [images]
         if not images:
             raise SDError("give at least one input picture (--image FILE)")
@@ -82,15 +82,10 @@ class Variations(Txt2Img):
         self.embedding: Optional[torch.Tensor] = None
 
     def check(self, job: Job) -> None:
-        if len(self.weights) != len(self.pictures):
-            raise SDError(f"{len(self.weights)} --weight values for {len(self.pictures)} --image pictures: give one "
-                          "weight per picture, in the same order (or none: equal weights)")
-        if any(w != w or abs(w) == float("inf") for w in self.weights) or abs(sum(self.weights)) < 1e-6:
-            raise SDError(f"the image weights {self.weights} must be finite and must not sum to 0 (the mix divides by their sum)")
-        if not 0 <= self.noise_level <= MAX_LEVEL:
-            raise SDError(f"--noise-level must be in 0..{MAX_LEVEL} (got {self.noise_level})")
-        if self.clip_stats is not None and not self.clip_stats.is_file():
-            raise SDError(f"--clip-stats: file not found: {self.clip_stats}")
+        from ldm.models.diffusion.conditioned import check_mix_weights
+
+        check_mix_weights(self.weights, len(self.pictures))
+        _check_level_and_files(self.noise_level, {"--clip-stats": self.clip_stats})
 
     def prepare(self, model, job: Job, device: torch.device) -> None:
         from ldm.models.diffusion.conditioned import ImageEmbeddingConditionedLatentDiffusion as Unclip
@@ -129,6 +124,15 @@ class Variations(Txt2Img):
                 "Image weights": ", ".join(repr(float(w)) for w in self.weights)}  # repr: reads back exactly
 
 
+def _check_level_and_files(noise_level: int, files: dict[str, Optional[Path]]) -> None:
+    """The checks both unCLIP tasks make before the model loads: the noise level's range, the files named."""
+    if not 0 <= noise_level <= MAX_LEVEL:
+        raise SDError(f"--noise-level must be in 0..{MAX_LEVEL} (got {noise_level})")
+    for flag, path in files.items():
+        if path is not None and not path.is_file():
+            raise SDError(f"{flag}: file not found: {path}")
+
+
 def _input_picture(image: ImageInput, what: str) -> Image.Image:
     """An input picture as the reference demo prepares it: sides cut down to multiples of 64 (LANCZOS)."""
     img = shrink_to_work_size(imageio.load_image(image, what=what), what)
@@ -164,15 +168,11 @@ class PriorTxt2Img(Txt2Img):
     def check(self, job: Job) -> None:
         from ldm.karlo import spaced_steps
 
-        if not 0 <= self.noise_level <= MAX_LEVEL:
-            raise SDError(f"--noise-level must be in 0..{MAX_LEVEL} (got {self.noise_level})")
+        _check_level_and_files(self.noise_level, {"--prior-ckpt": self.prior_ckpt, "--prior-clip": self.prior_clip,
+                                                  "--clip-stats": self.clip_stats})
         spaced_steps(self.prior_steps)
         if self.prior_scale != self.prior_scale or abs(self.prior_scale) > 100:
             raise SDError(f"--prior-scale must be a number in -100..100 (got {self.prior_scale})")
-        for flag, path in (("--prior-ckpt", self.prior_ckpt), ("--prior-clip", self.prior_clip),
-                           ("--clip-stats", self.clip_stats)):
-            if path is not None and not path.is_file():
-                raise SDError(f"{flag}: file not found: {path}")
 
     def prepare(self, model, job: Job, device: torch.device) -> None:
         from ldm.models.diffusion.conditioned import ImageEmbeddingConditionedLatentDiffusion as Unclip

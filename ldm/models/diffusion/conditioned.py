@@ -10,6 +10,7 @@ The configs name these classes ldm.models.diffusion.ddpm.<Name>; ddpm resolves t
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -31,6 +32,17 @@ def _per_image_noise(x: torch.Tensor, generators: Generators,
             raise SDError(f"{len(generators)} generators for {x.shape[0]} images")
         noise = torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device) for g in generators])
     return noise, generators if isinstance(generators, torch.Generator) else None
+
+
+def check_mix_weights(weights: Sequence[float], pictures: int) -> None:
+    """SDError unless there is one finite weight per picture and the weights do not sum to 0 (the mix divides
+    by their sum): unCLIP's mixing rule, checked by the variations task before the model loads and by mix()."""
+    weights = [float(w) for w in weights]
+    if len(weights) != pictures:
+        raise SDError(f"{len(weights)} weights for {pictures} pictures: give one weight per picture (--weight), in "
+                      "the same order, or none for equal weights")
+    if not all(math.isfinite(w) for w in weights) or abs(math.fsum(weights)) < 1e-6:
+        raise SDError(f"the image weights {weights} must be finite and must not sum to 0 (the mix divides by their sum)")
 
 
 class _ImageConditionedDiffusion(LatentDiffusion):
@@ -178,12 +190,8 @@ class ImageEmbeddingConditionedLatentDiffusion(_ImageConditionedDiffusion):
     def mix(embeddings: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
         """The weighted mean sum(w_i e_i) / sum(w_i) of embeddings (N, D) -> (1, D). Unlike the reference demo,
         the weights count whether or not noise is added afterwards."""
+        check_mix_weights(weights, embeddings.shape[0])
         w = torch.as_tensor([float(x) for x in weights], dtype=torch.float64)
-        if w.numel() != embeddings.shape[0]:
-            raise SDError(f"{w.numel()} weights for {embeddings.shape[0]} images")
-        if not torch.isfinite(w).all() or abs(float(w.sum())) < 1e-6:
-            raise SDError(f"image weights {[float(x) for x in weights]} must be finite and must not sum to 0 "
-                          "(the mix divides by their sum)")
         mixed = (w[:, None] * embeddings.double()).sum(0, keepdim=True) / w.sum()
         return mixed.to(embeddings.dtype)  # (1, D)
 

@@ -9,19 +9,12 @@ from ldm.errors import SDError
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config, load_config
-from tests.tinyckpt import randomize_
+from tests.tinyckpt import manifest, randomize_
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # diffusers must never reach the hub here
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = Path("/work/shared/checkpoint-keys")
-
-
-def tsv_shapes(config_name: str, prefix: str) -> dict[str, tuple]:
-    """{key without prefix: shape} of the tsv rows under `prefix`."""
-    rows = (line.split("\t") for line in (KEYS / f"{config_name}.tsv").read_text().splitlines() if line)
-    return {key[len(prefix):]: tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
-            for key, shape, _ in rows if key.startswith(prefix)}
+tsv_shapes = manifest  # {key without prefix: shape} of a real checkpoint's rows under a prefix
 
 
 def meta_shapes(config_path: Path, stage: str) -> dict[str, tuple]:

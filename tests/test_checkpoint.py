@@ -11,24 +11,13 @@ from ldm.checkpoint import build_on_meta, read_state_dict
 from ldm.loading import load_model
 from ldm.errors import SDError
 from ldm.util import load_config
-from tests.tinyckpt import CONFIGS, build_tiny, save_tiny
+from tests.tinyckpt import CONFIGS, build_tiny, manifest, save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
-KEYS = ROOT.parent / "shared" / "checkpoint-keys"
-
-
-def manifest(name):
-    rows = {}
-    for line in (KEYS / f"{name}.tsv").read_text().splitlines():
-        key, shape, dtype = line.split("\t")
-        rows[key] = tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
-    return rows
 
 
 @pytest.mark.parametrize("name", ["v2-inference", "v2-inference-v"])
 def test_full_size_model_has_exactly_the_reference_keys(name):
-    if not KEYS.is_dir():
-        pytest.skip("shared/checkpoint-keys not present beside the checkout")
     model = build_on_meta(load_config(ROOT / "configs/stable-diffusion" / f"{name}.yaml").model)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = manifest(name)

@@ -12,12 +12,11 @@ from ldm.checkpoint import build_on_meta
 from ldm.errors import SDError
 from ldm.modules.diffusionmodules.upscaling import ImageConcatWithNoiseAugmentation
 from ldm.util import instantiate_from_config, load_config
-from tests.tinyckpt import CONFIGS, randomize_
+from tests.tinyckpt import CONFIGS, manifest, randomize_
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = ROOT.parent / "shared" / "checkpoint-keys"
 SCHEDULE_BUFFERS = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                     "sqrt_recipm1_alphas_cumprod"]
@@ -60,14 +59,9 @@ def text_context(model, batch, seed=0):
 # -- the whole model's checkpoint keys ------------------------------------------------------------
 @pytest.mark.parametrize("name", ["v2-inpainting-inference", "v2-midas-inference", "x4-upscaling"])
 def test_full_size_model_has_exactly_the_reference_keys(name):
-    if not KEYS.is_dir():
-        pytest.skip("shared/checkpoint-keys not present beside the checkout")
     model = build_on_meta(load_config(ROOT / "configs/stable-diffusion" / f"{name}.yaml").model)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {}
-    for line in (KEYS / f"{name}.tsv").read_text().splitlines():
-        key, shape, _ = line.split("\t")
-        theirs[key] = tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
+    theirs = manifest(name)
     assert sorted(set(theirs) - set(ours)) == [], "missing keys"
     assert sorted(set(ours) - set(theirs)) == [], "unexpected keys"
     assert {k: (s, theirs[k]) for k, s in ours.items() if theirs[k] != s} == {}

@@ -15,7 +15,7 @@ from ldm.metadata import parse_parameters, read_png_text
 from ldm.modules.encoders.image_embedders import CLIPModel
 from ldm.pipeline import Pipeline
 from ldm.util import OmegaConf
-from tests.test_unclip import manifest
+from tests.tinyckpt import manifest
 from tests.test_unet import rel_err
 from tests.tinyckpt import randomize_
 

@@ -18,14 +18,10 @@ import torch
 from ldm.checkpoint import build_on_meta
 from ldm.errors import SDError
 from ldm.util import load_config
-from tests.test_unet import diffusers_twin, reference_shapes, rel_err
-from tests.tinyckpt import CONFIGS, build_tiny
+from tests.test_unet import diffusers_twin, rel_err
+from tests.tinyckpt import CONFIGS, build_tiny, manifest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def manifest(name: str) -> dict[str, tuple[int, ...]]:
-    return reference_shapes(name, prefix="")
 
 
 @pytest.mark.parametrize("variant", ["h", "l"])

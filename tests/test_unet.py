@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import ast
 import math
 import os
 from pathlib import Path
@@ -22,13 +21,13 @@ from ldm.errors import SDError
 from ldm.modules.attention import CrossAttention, SpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel, Upsample
 from ldm.modules.diffusionmodules.util import timestep_embedding
+from tests.tinyckpt import manifest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_CONFIGS = ROOT / "configs" / "stable-diffusion"
 TINY_CONFIGS = ROOT / "tests" / "configs"
-KEYS_DIR = ROOT.parent / "shared" / "checkpoint-keys"
 PREFIX = "model.diffusion_model."
 
 
@@ -39,17 +38,9 @@ def unet_params(config_path: Path, **overrides) -> dict:
     return params
 
 
-def reference_shapes(tsv_name: str, prefix: str = PREFIX) -> dict[str, tuple[int, ...]]:
-    """Keys (those under `prefix`) and shapes of a real checkpoint, from ../shared/checkpoint-keys."""
-    path = KEYS_DIR / f"{tsv_name}.tsv"
-    if not path.is_file():
-        pytest.skip(f"reference key list {path} not present (shared/ must sit beside the repository)")
-    shapes = {}
-    for line in path.read_text().splitlines():
-        key, shape, _dtype = line.split("\t")
-        if key.startswith(prefix):
-            shapes[key] = tuple(ast.literal_eval(shape))
-    return shapes
+def reference_shapes(tsv_name: str) -> dict[str, tuple[int, ...]]:
+    """The UNet's keys (prefix kept) and shapes in a real checkpoint."""
+    return {PREFIX + key: shape for key, shape in manifest(tsv_name, PREFIX).items()}
 
 
 def shape_diff(ours: dict, ref: dict, limit: int = 20) -> str:

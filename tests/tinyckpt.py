@@ -10,6 +10,21 @@ from safetensors.torch import save_file
 from ldm.util import instantiate_from_config, load_config
 
 CONFIGS = Path(__file__).parent / "configs"
+# The exact keys, shapes and dtypes of every real checkpoint (facts copied into the repository, so a fresh
+# clone tests them with nothing beside it).
+KEYS = Path(__file__).parent / "data" / "checkpoint-keys"
+
+
+def manifest(name: str, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """{key: shape} of a real checkpoint's manifest, the rows under `prefix` with the prefix removed."""
+    rows = {}
+    for line in (KEYS / f"{name}.tsv").read_text().splitlines():
+        if not line:
+            continue
+        key, shape, _dtype = line.split("\t")
+        if key.startswith(prefix):
+            rows[key[len(prefix):]] = tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
+    return rows
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:

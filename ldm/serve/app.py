@@ -135,7 +135,7 @@ class Guard:
 
     def __init__(self, app, *, max_body: int, auth: Optional[tuple[str, str]] = None):
         self.app, self.max_body = app, max_body
-        self.token = None if auth is None else base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        self.token = None if auth is None else base64.b64encode(f"{auth[0]}:{auth[1]}".encode())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -179,8 +179,10 @@ class Guard:
                 await _send_json(send, *error_body(413, f"request body above {self.max_body} bytes (--max-body-mb)"))
 
     def _authorised(self, header: bytes) -> bool:
-        given = header.decode("latin-1").removeprefix("Basic ").strip()
-        return secrets.compare_digest(given, self.token)
+        """HTTP Basic credentials equal to the server's; the scheme's case does not matter (RFC 7617), and
+        the header is compared as bytes, so no character in it can raise."""
+        scheme, _, given = header.strip().partition(b" ")
+        return scheme.lower() == b"basic" and secrets.compare_digest(given.strip(), self.token)
 
 
 def build_app(server: Server, *, auth: Optional[tuple[str, str]] = None, page: bool = True,
@@ -217,8 +219,14 @@ def build_app(server: Server, *, auth: Optional[tuple[str, str]] = None, page: b
 
         from ldm.serve.page import build_page, page_theme
 
-        app = gr.mount_gradio_app(app, build_page(server, first_tab), path="/", show_error=True, theme=page_theme(),
+        blocks = build_page(server, first_tab)
+        app = gr.mount_gradio_app(app, blocks, path="/", show_error=True, theme=page_theme(),
                                   footer_links=["api"], max_file_size=server.max_body)
+        # gradio checks the paths that a call's file arguments name (only its upload folder may be read) and
+        # trusts no client-named SVG as a static file only once its app "has launched" and "is running";
+        # mount_gradio_app sets neither, so without this a call naming /etc/passwd got it copied into the
+        # cache, from where /gradio_api/file= served it.
+        blocks.has_launched = blocks.is_running = True
     return Guard(app, max_body=server.max_body, auth=auth)
 
 

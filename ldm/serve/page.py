@@ -185,6 +185,18 @@ def _check_pixels(values, limit: int) -> None:
                                "(sd serve --max-pixels)")
 
 
+def _uploaded(path) -> bool:
+    """True for a file in gradio's upload folder: the one place a page call's file argument may name.
+    (gradio checks this itself once its app counts as launched, see ldm.serve.app; this is a second wall.)"""
+    from gradio.utils import get_upload_folder
+
+    try:
+        Path(path).resolve().relative_to(Path(get_upload_folder()).resolve())
+        return Path(path).is_file()
+    except (ValueError, OSError):
+        return False
+
+
 def _need(value, what: str):
     if value is None:
         raise gr.Error(f"upload {what} first")
@@ -202,6 +214,16 @@ def _mask_of(edited) -> tuple[Image.Image, Image.Image]:
     return background, Image.fromarray(np.where(alpha > 0, 255, 0).astype(np.uint8))
 
 
+def _number(fields: dict, key: str, cast, low, high):
+    """A parameters field as a control's value, or no change where it is missing, unreadable (Steps: 1e999)
+    or outside the control's range: a crafted PNG must not break the page."""
+    try:
+        value = cast(fields[key])
+    except (KeyError, ValueError, OverflowError):
+        return gr.update()
+    return value if low <= value <= high else gr.update()
+
+
 def page_theme() -> gr.themes.Theme:
     """gradio's default look with the system's fonts: its own theme fetches web fonts, which an offline
     machine cannot."""
@@ -211,7 +233,9 @@ def page_theme() -> gr.themes.Theme:
 def build_page(server, first_tab: str = "txt2img") -> gr.Blocks:
     """The page's Blocks (mounted at / by ldm.serve.app)."""
     results = Results()
-    with gr.Blocks(title="sd", analytics_enabled=False) as page:
+    # delete_cache: uploads and result copies in gradio's cache older than an hour go every 10 minutes, so
+    # a client uploading without end cannot keep the disk's space
+    with gr.Blocks(title="sd", analytics_enabled=False, delete_cache=(600, 3600)) as page:
         gr.Markdown(f"### sd: Stable Diffusion 2.x — {Path(server.pipeline.ckpt).name}")
         with gr.Tabs(selected=first_tab) as tabs:
             with gr.Tab("txt2img", id="txt2img"):
@@ -273,19 +297,23 @@ def png_info_tab(tabs, prompt, controls: dict) -> None:
     def read(path):
         if not path:
             return ""
+        if not _uploaded(path):
+            raise gr.Error("PNG info reads only a picture uploaded to this page")
         try:
             return metadata.read_png_text(path).get(metadata.PARAMETERS_KEY, "(no generation parameters)")
         except SDError as exc:
             return str(exc)
 
     def to_txt2img(parameters: str):
+        from ldm.limits import SEED_MAX
+
         prompt_text, negative, fields = metadata.parse_parameters(parameters or "")
         width, height = (fields.get("Size", "x").split("x") + [""])[:2]
-        number = lambda key, cast: cast(fields[key]) if key in fields else gr.update()  # noqa: E731
+        fields.update(Width=width, Height=height)
         return [gr.Tabs(selected="txt2img"), prompt_text, negative,
-                fields.get("Sampler", gr.update()), number("Steps", int), number("CFG scale", float),
-                number("Seed", int), int(width) if width.isdigit() else gr.update(),
-                int(height) if height.isdigit() else gr.update()]
+                fields.get("Sampler", gr.update()), _number(fields, "Steps", int, 1, 150),
+                _number(fields, "CFG scale", float, 1.0, 20.0), _number(fields, "Seed", int, -1, SEED_MAX),
+                _number(fields, "Width", int, 256, 1024), _number(fields, "Height", int, 256, 1024)]
 
     upload.change(read, upload, text)
     send.click(to_txt2img, text, [tabs, prompt, controls["negative_prompt"], controls["sampler"], controls["steps"],

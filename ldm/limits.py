@@ -25,11 +25,12 @@ def is_whole(value, minimum: int = 0, maximum: Optional[int] = None) -> bool:
 class Limits:
     """Upper bounds on what one run may ask for, checked before anything is loaded, so that a typo
     (--steps 50000, --n_iter 10000, --H 51200) is one line and not minutes of work or an allocation
-    without limit. The commands expose them as --max-side/--max-steps/--max-batch/--max-images."""
+    without limit. The commands expose them as --max-side/--max-steps/--max-batch/--max-images/--max-chunks."""
     max_side: int = 4096  # pixels per side of a generated image
     max_steps: int = 1000  # sampling steps
     max_batch: int = 64  # images sampled together (--n_samples, or a reproduced image's batch)
     max_images: int = 100_000  # images one run saves
+    max_chunks: int = 32  # 75-token chunks of one prompt (A1111 prompts rarely pass 4)
 
     def check(self) -> "Limits":
         for name, value in dataclasses.asdict(self).items():
@@ -38,12 +39,19 @@ class Limits:
         return self
 
 
-def check_number(name: str, value: float, minimum: Optional[float] = None) -> None:
-    """SDError unless `value` is a finite number (NaN and infinity give black images), >= minimum if given."""
+# Guidance scales and etas past these only overflow: A1111's sliders stop at 30 and 1.
+MAX_SCALE = 1000.0
+MAX_ETA = 100.0
+
+
+def check_number(name: str, value: float, minimum: Optional[float] = None, maximum: Optional[float] = None) -> None:
+    """SDError unless `value` is a finite number (NaN and infinity give black images) within the bounds given."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise SDError(f"{name} must be a finite number (got {value})")
     if minimum is not None and value < minimum:
         raise SDError(f"{name} must be {minimum} or more (got {value})")
+    if maximum is not None and abs(value) > maximum:
+        raise SDError(f"{name} must be at most {maximum:g} in size (got {value:g})")
 
 
 def check_text(name: str, text: str) -> None:
@@ -52,9 +60,10 @@ def check_text(name: str, text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        bad = text[exc.start].encode("utf-8", "surrogateescape")
-        raise SDError(f"{name} is not valid UTF-8 text (byte 0x{bad.hex()} at character {exc.start}); "
-                      "save it as UTF-8") from None
+        code = ord(text[exc.start])
+        # U+DC80..U+DCFF is how Python carries an undecodable byte; any other surrogate came in as such
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
+        raise SDError(f"{name} is not valid UTF-8 text ({what} at character {exc.start}); save it as UTF-8") from None
     if "\0" in text:
         raise SDError(f"{name} holds a NUL character, which PNG metadata cannot carry")
 

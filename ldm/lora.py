@@ -10,7 +10,6 @@ Merging keeps the originals of the weights it touches and `restore` puts them ba
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -20,10 +19,13 @@ from torch import nn
 
 from ldm.errors import SDError
 from ldm.metadata import model_hash
+from ldm.prompt_syntax import lora_weight
 
 RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
           "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 SUFFIXES = (".safetensors", ".pt", ".bin")
+MAX_BYTES = 2 * 2 ** 30  # a rank-128 SD 2 LoRA is a few hundred MB
+MAX_FILES = 10_000  # LoRA files listed in a folder (and its subfolders)
 
 
 @dataclass(frozen=True)
@@ -128,27 +130,46 @@ def read_lora(path: Path) -> LoraFile:
     incomplete = [p for p, m in modules.items() if "down" not in m or "up" not in m]
     if incomplete or not modules:
         raise SDError(f"LoRA {path.name}: {'no updates' if not modules else 'half an update for ' + incomplete[0]}")
+    for prefix, update in modules.items():
+        _check_update(path.name, prefix, update)
     return LoraFile(path.stem, path, model_hash(path, length=12), modules)
 
 
 def _read(path: Path) -> tuple[dict, dict]:
+    """(tensors, safetensors metadata) of a LoRA file, read without running code, its cost checked first."""
+    from ldm.checkpoint import read_safetensors, read_torch_file
+
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
+        tensors = read_safetensors(path)  # header checked against the file: no tensor claims bytes it lacks
         try:
             with safe_open(str(path), "pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+                return tensors, f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as exc:
-            raise SDError(f"LoRA {path.name}: not a readable safetensors file ({exc})") from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on old pickle protocols: the error below says enough
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a pickle that would run code, or any damage: one line, never executed
-        raise SDError(f"LoRA {path.name}: cannot be read as weights only ({type(exc).__name__})") from None
+            raise SDError(f"LoRA {path.name}: not a valid safetensors file ({exc})") from None
+    data = read_torch_file(path, "LoRA", MAX_BYTES)
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise SDError(f"LoRA {path.name}: not a dict of tensors")
     return data, {}
+
+
+def _check_update(name: str, prefix: str, update: dict) -> None:
+    """SDError unless `update` is a usable low-rank pair: down (rank, in, ...), up (out, rank, ...) with the
+    same rank of at least 1, a scalar alpha, every number finite (a NaN or inf turns the image black)."""
+    down, up, alpha = update["down"], update["up"], update.get("alpha")
+    if down.ndim < 2 or up.ndim < 2:
+        raise SDError(f"LoRA {name}: {prefix} has a {down.ndim}-D down and a {up.ndim}-D up weight; both must be "
+                      "matrices (or convolution kernels)")
+    if down.shape[0] < 1 or up.shape[1] != down.shape[0]:
+        raise SDError(f"LoRA {name}: {prefix} has rank {down.shape[0]} in its down weight and {up.shape[1]} in its "
+                      "up weight; they must agree and be at least 1")
+    if alpha is not None and alpha.numel() != 1:
+        raise SDError(f"LoRA {name}: {prefix}.alpha has {alpha.numel()} values, not one")
+    for role, tensor in update.items():
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            raise SDError(f"LoRA {name}: {prefix}'s {role} holds values that are not finite numbers (NaN or "
+                          "infinity): the file is damaged")
 
 
 def delta(update: dict, shape: torch.Size) -> torch.Tensor:
@@ -226,14 +247,32 @@ class Merged:
         self.active = ()
 
 
-def _weight(text: str, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise SDError(f"{what}: the weight '{text}' is not a number") from None
-    if value != value or abs(value) > 100:
-        raise SDError(f"{what}: the weight {value} is not a finite number up to 100")
-    return value
+def list_loras(folder: Optional[Path]) -> dict[str, Path]:
+    """{name: file} of the LoRA files in `folder` and its subfolders (the first in sorted order where two
+    share a name): regular files whose real place is inside the folder, so neither a link nor a FIFO
+    leads a read elsewhere or blocks it."""
+    import os
+    import stat
+
+    if folder is None or not Path(folder).is_dir():
+        return {}
+    root = Path(folder).resolve()
+    found: dict[str, Path] = {}
+    for where, dirs, files in os.walk(root):
+        dirs.sort()
+        for file in sorted(files):
+            path = Path(where) / file
+            if path.suffix not in SUFFIXES or path.stem in found:
+                continue
+            try:
+                real = path.resolve()
+                if real.is_relative_to(root) and stat.S_ISREG(real.stat().st_mode):
+                    found[path.stem] = real
+            except (OSError, RuntimeError):  # a dangling or looping link
+                continue
+            if len(found) >= MAX_FILES:
+                return found
+    return found
 
 
 @dataclass
@@ -242,6 +281,7 @@ class LoraPlan:
     always: list  # [(path, weight)]
     folder: Optional[Path]
     files: dict = field(default_factory=dict)  # path -> LoraFile, read on first use
+    listed: Optional[dict] = None  # name -> path of the folder's LoRAs, listed on first use
 
     @classmethod
     def make(cls, given: tuple, folder: Optional[Path], prompts: list[str]) -> "LoraPlan":
@@ -256,7 +296,7 @@ class LoraPlan:
             path = Path(path)
             if not path.is_file():
                 raise SDError(f"--lora {spec}: no such file")
-            always.append((path, _weight(weight, f"--lora {spec}") if weight else 1.0))
+            always.append((path, lora_weight(weight, f"--lora {spec}") if weight else 1.0))
         plan = cls(always, folder)
         for prompt in prompts:
             for tag in take_loras(prompt)[1]:
@@ -264,11 +304,15 @@ class LoraPlan:
         return plan
 
     def path_of(self, name: str) -> Path:
-        found = [self.folder / f"{name}{suffix}" for suffix in SUFFIXES] if self.folder else []
-        found = [p for p in found if p.is_file()]
-        if not found:
-            raise SDError(f"<lora:{name}>: no {name}.safetensors in {self.folder} (--lora-dir)")
-        return found[0]
+        """The file a tag's NAME means: a LoRA of the folder (or its subfolders) by its file name without
+        extension, as A1111 lists them. Nothing else is a name (no path, no '..'), and a name that is not
+        listed gets one message whether or not some file of that name exists elsewhere."""
+        if self.listed is None:
+            self.listed = list_loras(self.folder)
+        if name not in self.listed:
+            raise SDError(f"<lora:{name}>: not among the LoRAs of the LoRA folder (--lora-dir); a name is a LoRA "
+                          "file's name without extension")
+        return self.listed[name]
 
     def all_files(self, prompts: list[str]) -> list[LoraFile]:
         """Every LoRA file the run's prompts and flags name, read (to check them before anything is written)."""

@@ -277,6 +277,11 @@ class Pipeline:
         Safe to call from another thread (a server's "interrupt")."""
         self._cancel.set()
 
+    def stop_if_cancelled(self, where: str) -> None:
+        """Raise Cancelled if cancel() was called (the step hook's check, for work between steps)."""
+        if self._cancel.is_set():
+            raise Cancelled(f"cancelled {where}")
+
     def preview(self, denoised: torch.Tensor) -> list[Image.Image]:
         """Decode a Progress's x0 latents into (unwatermarked) previews."""
         with torch.inference_mode(), autocast_context(self.model):
@@ -296,8 +301,7 @@ class _StepCounter:
         self.done += 1
         if self.progress is not None:
             self.progress(Progress(self.done, self.total, self.batch, self.batches, info["denoised"]))
-        if self.pipeline._cancel.is_set():
-            raise Cancelled(f"cancelled after step {self.done} of {self.total}")
+        self.pipeline.stop_if_cancelled(f"after step {self.done} of {self.total}")
 
 
 class Session:
@@ -319,7 +323,9 @@ class Session:
         for lora in job.lora_files().all_files(prompts):  # every LoRA fits before anything is sampled or written
             pipeline.loras.check(lora)
         self.encoder = PromptEncoder(model, emphasis=job.emphasis,
-                                     embeddings={name: e.vectors for name, e in self.embeddings.items()})
+                                     embeddings={name: e.vectors for name, e in self.embeddings.items()},
+                                     max_chunks=job.limits.max_chunks,
+                                     between=lambda: pipeline.stop_if_cancelled("while encoding the prompt"))
         self.common = {"Model hash": metadata.model_hash(pipeline.ckpt), "Model": Path(pipeline.ckpt).stem,
                        "Config": Path(pipeline.config).name, "Mode": task.name,
                        "Precision": model.runtime.precision.mode, **task.settings(),
@@ -388,8 +394,25 @@ class Session:
             latents = sample_latents(self.model, noise.to(self.device), generators, c, uc, settings, on_step,
                                      start_latents=inputs.start_latents, strength=inputs.strength,
                                      extra_cond=inputs.extra_cond, apply_model=task.apply_model(self.model))
+            self.check_finite(latents, "the sampled latents", items)
             images = task.finish(task.decode(self.model, latents).float(), items)
+            self.check_finite(images, "the decoded pixels", items)
         return imageio.tensor_to_pil(images.cpu())
+
+    def check_finite(self, values: torch.Tensor, what: str, items) -> None:
+        """The last wall against a silently black image: NaN or infinity anywhere fails the run in one line
+        that names the likely cause, before anything is saved."""
+        if bool(torch.isfinite(values).all()):
+            return
+        causes = []
+        if self.loras_of(items):
+            causes.append("a LoRA with extreme values or weights")
+        if self.embeddings:
+            causes.append("a textual-inversion embedding with extreme values")
+        if self.model.runtime.precision.mode in ("fp16", "autocast"):
+            causes.append("fp16 overflow (try --precision full or bf16)")
+        causes.append("an extreme guidance scale or prompt weight")
+        raise SDError(f"{what} hold NaN or infinite values, so nothing was saved; likely cause: {', or '.join(causes)}")
 
 
 def _backend_field(model) -> Optional[str]:

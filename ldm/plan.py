@@ -19,7 +19,7 @@ import torch
 
 from ldm.batch.prompts import PromptLine, read_prompt_lines
 from ldm.errors import SDError
-from ldm.limits import SEED_MAX, Limits, check_number, check_seed, check_text
+from ldm.limits import MAX_ETA, MAX_SCALE, SEED_MAX, Limits, check_number, check_seed
 from ldm.runtime import RuntimeOptions
 
 if TYPE_CHECKING:
@@ -183,6 +183,7 @@ class Job:
     def check(self) -> list[str]:
         """Validate every input that needs no model; returns the prompts."""
         from ldm.models.diffusion.sampler_names import check_sampler
+        from ldm.modules.encoders.prompt_chunks import check_prompt
 
         self.runtime.check()
 
@@ -198,11 +199,11 @@ class Job:
         self.limits.check()
         if self.n_samples > self.limits.max_batch:
             raise SDError(f"--n_samples {self.n_samples} is above --max-batch {self.limits.max_batch}")
-        check_number("--scale", self.sampling.scale)
-        check_number("--ddim_eta", self.sampling.eta, minimum=0)
+        check_number("--scale", self.sampling.scale, maximum=MAX_SCALE)
+        check_number("--ddim_eta", self.sampling.eta, minimum=0, maximum=MAX_ETA)
         check_seed(self.seed)
-        check_text("--prompt", self.prompt)
-        check_text("--negative-prompt", self.negative_prompt)
+        check_prompt("--prompt", self.prompt, self.limits.max_chunks)
+        check_prompt("--negative-prompt", self.negative_prompt, self.limits.max_chunks)
         if self.emphasis not in ("original", "none", "off"):
             raise SDError(f"--emphasis must be one of original, none, off (got '{self.emphasis}')")
         check_sampler(self.sampling.sampler, self.sampling.schedule)  # names first: check_steps builds the schedule
@@ -213,16 +214,17 @@ class Job:
         lines = self.prompt_lines()
         for line in lines:  # a line's own settings, reported with its file and line number
             try:
-                check_text("the prompt", line.prompt)
-                check_text("the negative prompt", line.negative_prompt or "")
+                if line.prompt != self.prompt:
+                    check_prompt("the prompt", line.prompt, self.limits.max_chunks)
+                check_prompt("the negative prompt", line.negative_prompt or "", self.limits.max_chunks)
                 if line.size is not None:
                     check_size(line.size[1], line.size[0], self.f, names=("height", "width"), max_side=self.limits.max_side)
                 if line.sampler is not None or line.schedule is not None:
                     check_sampler(line.sampler or self.sampling.sampler, line.schedule or self.sampling.schedule)
                 if line.scale is not None:
-                    check_number("\"scale\"", line.scale)
+                    check_number("\"scale\"", line.scale, maximum=MAX_SCALE)
                 if line.eta is not None:
-                    check_number("\"eta\"", line.eta, minimum=0)
+                    check_number("\"eta\"", line.eta, minimum=0, maximum=MAX_ETA)
                 if line.seed is not None:
                     check_seed(line.seed, "\"seed\"")
                 overrides = {k: getattr(line, k) for k in ("steps", "sampler", "schedule") if getattr(line, k) is not None}

@@ -29,8 +29,10 @@ class PromptEncoder:
     the `capacity` most recently used prompts (a (77, 1024) float32 chunk is about 0.3 MB).
     """
 
-    def __init__(self, model, capacity: int = 256, emphasis: str = "original", embeddings=None):
+    def __init__(self, model, capacity: int = 256, emphasis: str = "original", embeddings=None,
+                 max_chunks: Optional[int] = None, between: Optional[Callable[[], None]] = None):
         self.model, self.capacity, self.emphasis = model, capacity, emphasis
+        self.max_chunks, self.between = max_chunks, between  # the chunk bound; called before each chunk
         self.embeddings = embeddings or {}
         self.state: tuple = ()  # the merged LoRAs: the text tower's weights, so part of every cache key
         self.cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -60,7 +62,7 @@ class PromptEncoder:
         for text in todo:
             if (self.state, text) not in self.cache:
                 self.cache[(self.state, text)] = encode_prompt(self.model.cond_stage_model, text, self.emphasis,
-                                                               self.embeddings)
+                                                               self.embeddings, self.max_chunks, self.between)
         out = [self.cache[k] for k in keys]
         for k in dict.fromkeys(keys):
             self.cache.move_to_end(k)

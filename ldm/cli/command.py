@@ -61,12 +61,15 @@ def shared_flags(
     max_steps: opt.MaxSteps = Limits.max_steps,
     max_batch: opt.MaxBatch = Limits.max_batch,
     max_images: opt.MaxImages = Limits.max_images,
+    max_chunks: opt.MaxChunks = Limits.max_chunks,
 ) -> None:
     """The flags every generating command takes (the signature is what counts)."""
 
 
 # Flags whose default depends on the task and the model (ldm.families), resolved once the model is chosen.
 MODEL_DEPENDENT = ("steps", "n_iter", "n_samples", "scale", "ddim_eta")
+# The shared flags that are ldm.limits.Limits fields, passed on as one Limits.
+LIMIT_FLAGS = ("max_side", "max_steps", "max_batch", "max_images", "max_chunks")
 # The shared flags that are ldm.runtime.RuntimeOptions fields, passed on as one RuntimeOptions.
 RUNTIME_FLAGS = ("device", "precision", "compile", "torchscript", "ipex", "threads", "trust_config", "backend")
 
@@ -99,7 +102,7 @@ def run_command(task, *, plms: bool, dpm: bool, sampler: Optional[str], schedule
     fields["precision"] = opt.pick_precision(fields["precision"], fields.pop("bf16"))
     fields["runtime"] = RuntimeOptions(**{name: fields.pop(name) for name in RUNTIME_FLAGS})
     fields["loras"] = tuple(fields.pop("lora") or ())
-    fields["limits"] = Limits(**{name: fields.pop(name) for name in ("max_side", "max_steps", "max_batch", "max_images")})
+    fields["limits"] = Limits(**{name: fields.pop(name) for name in LIMIT_FLAGS})
     if isinstance(task, ImageTask):
         job = image_job(task, sampling=sampling, **fields)
     else:

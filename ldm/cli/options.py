@@ -78,6 +78,7 @@ MaxSide = Annotated[int, typer.Option("--max-side", help="Refuse image sides abo
 MaxSteps = Annotated[int, typer.Option("--max-steps", help="Refuse more sampling steps than this.")]
 MaxBatch = Annotated[int, typer.Option("--max-batch", help="Refuse batches (--n_samples) larger than this.")]
 MaxImages = Annotated[int, typer.Option("--max-images", help="Refuse runs that would save more images than this.")]
+MaxChunks = Annotated[int, typer.Option("--max-chunks", help="Refuse prompts of more 75-token chunks than this.")]
 Emphasis = Annotated[str, typer.Option(
     "--emphasis", help="AUTOMATIC1111's prompt weights, (word:1.2) [word] BREAK: original (weights, then the mean "
     "restored), none (weights only), off (brackets are plain text, one 77-token chunk).")]

@@ -29,7 +29,7 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
           outdir: ServeOutdir = None, tab: Tab = "txt2img", device: opt.Device = "auto",
           precision: opt.Precision = "auto", threads: opt.Threads = None, trust_config: opt.TrustConfig = False,
           max_side: opt.MaxSide = 2048, max_steps: opt.MaxSteps = 150, max_batch: opt.MaxBatch = 8,
-          max_images: opt.MaxImages = 16, max_body_mb: MaxBodyMb = 64, max_pixels: MaxPixels = 16_000_000,
+          max_images: opt.MaxImages = 16, max_chunks: opt.MaxChunks = 32, max_body_mb: MaxBodyMb = 64, max_pixels: MaxPixels = 16_000_000,
           embeddings: opt.Embeddings = None, lora_dir: opt.LoraDir = None, backend: opt.Backend = "torch") -> None:
     from ldm.entry import ready_for_interrupts
     from ldm.errors import SDError, note
@@ -46,7 +46,8 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
         raise SDError(f"--tab must be one of {', '.join(TASKS)} (got '{tab}')")
     if not 1 <= max_body_mb <= 4096 or max_pixels < 1 or not 1 <= port <= 65535:
         raise SDError("--max-body-mb must be 1..4096, --max-pixels at least 1, --port 1..65535")
-    limits = Limits(max_side=max_side, max_steps=max_steps, max_batch=max_batch, max_images=max_images)
+    limits = Limits(max_side=max_side, max_steps=max_steps, max_batch=max_batch, max_images=max_images,
+                    max_chunks=max_chunks)
     limits.check()
     if embeddings is not None and not embeddings.is_dir():
         raise SDError(f"--embeddings {embeddings}: no such folder")

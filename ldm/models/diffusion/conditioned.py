@@ -34,6 +34,9 @@ def _per_image_noise(x: torch.Tensor, generators: Generators,
     return noise, generators if isinstance(generators, torch.Generator) else None
 
 
+MAX_MIX_WEIGHT = 1000.0  # only ratios matter; a bound keeps their sum finite
+
+
 def check_mix_weights(weights: Sequence[float], pictures: int) -> None:
     """SDError unless there is one finite weight per picture and the weights do not sum to 0 (the mix divides
     by their sum): unCLIP's mixing rule, checked by the variations task before the model loads and by mix()."""
@@ -41,8 +44,9 @@ def check_mix_weights(weights: Sequence[float], pictures: int) -> None:
     if len(weights) != pictures:
         raise SDError(f"{len(weights)} weights for {pictures} pictures: give one weight per picture (--weight), in "
                       "the same order, or none for equal weights")
-    if not all(math.isfinite(w) for w in weights) or abs(math.fsum(weights)) < 1e-6:
-        raise SDError(f"the image weights {weights} must be finite and must not sum to 0 (the mix divides by their sum)")
+    if not all(math.isfinite(w) and abs(w) <= MAX_MIX_WEIGHT for w in weights) or abs(math.fsum(weights)) < 1e-6:
+        raise SDError(f"the image weights {weights} must be finite numbers up to {MAX_MIX_WEIGHT:g} in size and must "
+                      "not sum to 0 (the mix divides by their sum)")
 
 
 class _ImageConditionedDiffusion(LatentDiffusion):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 
@@ -20,6 +20,9 @@ from ldm.errors import SDError
 from ldm.prompt_syntax import BREAK, parse_weights
 
 CHUNK = 75  # prompt positions per chunk, between the start and end tokens
+# A prompt longer than max_chunks * CHUNK * this many characters is refused before it is tokenised (a
+# token is a few characters; only runs of spaces or of one rare word are longer).
+MAX_CHARS_PER_TOKEN = 64
 COMMA_BACKTRACK = 20  # A1111's default comma_padding_backtrack
 EMPHASIS = ("original", "none", "off")
 Token = Union[int, torch.Tensor]  # a token id, or one textual-inversion vector (width,)
@@ -45,15 +48,24 @@ def _pieces(text: str, names: list[str]):
     return [(t, n) for t, n in out if n is not None or t]
 
 
-def prompt_chunks(tokenizer, prompt: str, embeddings: Optional[Mapping[str, torch.Tensor]] = None) -> list[Chunk]:
-    """The prompt's chunks: token ids or vectors, with their weights (before start/end wrapping)."""
+def prompt_chunks(tokenizer, prompt: str, embeddings: Optional[Mapping[str, torch.Tensor]] = None,
+                  max_chunks: Optional[int] = None) -> list[Chunk]:
+    """The prompt's chunks: token ids or vectors, with their weights (before start/end wrapping).
+    SDError as soon as the prompt needs more than `max_chunks` (each chunk is one pass of the text tower,
+    and the UNet attends to all of them at every step: 10,000 BREAKs must not cost minutes)."""
     embeddings = embeddings or {}
     comma = tokenizer.encode(",")[0]
     chunks: list[Chunk] = []
     chunk, last_comma = Chunk(), -1
+    if max_chunks is not None and len(prompt) > max_chunks * CHUNK * MAX_CHARS_PER_TOKEN:
+        raise SDError(f"the prompt is {len(prompt)} characters, more than {max_chunks} chunks of {CHUNK} tokens "
+                      f"can hold (--max-chunks {max_chunks})")
 
     def close() -> None:
         nonlocal chunk, last_comma
+        if max_chunks is not None and len(chunks) >= max_chunks:
+            raise SDError(f"the prompt needs more than {max_chunks} chunks of {CHUNK} tokens (--max-chunks; "
+                          "BREAK starts a chunk)")
         chunks.append(chunk)
         chunk, last_comma = Chunk(), -1
 
@@ -80,6 +92,25 @@ def prompt_chunks(tokenizer, prompt: str, embeddings: Optional[Mapping[str, torc
     return chunks
 
 
+def check_prompt(what: str, text: str, max_chunks: int) -> None:
+    """SDError for a prompt no model should be given: not UTF-8 text, bad emphasis or LoRA weights, or more
+    than `max_chunks` chunks (textual-inversion names are counted as words here; their vectors are
+    counted again when the prompt is encoded). Checked before any model loads."""
+    from ldm.limits import check_text
+    from ldm.modules.encoders.tokenizer import get_tokenizer
+    from ldm.prompt_syntax import take_loras
+
+    try:
+        check_text(what, text)
+        words = take_loras(text)[0]
+        parse_weights(words)
+        # a chunk holds at least CHUNK - COMMA_BACKTRACK tokens, and a token at least one UTF-8 byte
+        if len(words.encode()) > (max_chunks - 1) * (CHUNK - COMMA_BACKTRACK) or BREAK in words:
+            prompt_chunks(get_tokenizer(), words, max_chunks=max_chunks)
+    except SDError as exc:
+        raise SDError(f"{what}: {exc}" if not str(exc).startswith(what) else str(exc)) from None
+
+
 def chunk_inputs(tokenizer, chunk: Chunk) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]], torch.Tensor]:
     """(ids (77,), [(position, vector), ...], weights (77,)) of one chunk, wrapped and padded."""
     pad = CHUNK - len(chunk.tokens)
@@ -93,15 +124,19 @@ def chunk_inputs(tokenizer, chunk: Chunk) -> tuple[torch.Tensor, list[tuple[int,
 
 
 def encode_prompt(embedder, prompt: str, emphasis: str = "original",
-                  embeddings: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
-    """Features (77 * chunks, width) of one prompt; `embedder` is a FrozenOpenCLIPEmbedder."""
+                  embeddings: Optional[Mapping[str, torch.Tensor]] = None, max_chunks: Optional[int] = None,
+                  between: Optional[Callable[[], None]] = None) -> torch.Tensor:
+    """Features (77 * chunks, width) of one prompt; `embedder` is a FrozenOpenCLIPEmbedder. `between` is
+    called before each chunk's pass (where an interrupt stops a long prompt)."""
     if emphasis not in EMPHASIS:
         raise SDError(f"--emphasis must be one of {', '.join(EMPHASIS)} (got '{emphasis}')")
     if emphasis == "off":
         return embedder.encode([prompt])[0]
     tokenizer = embedder.tokenizer()
     out = []
-    for chunk in prompt_chunks(tokenizer, prompt, embeddings):
+    for chunk in prompt_chunks(tokenizer, prompt, embeddings, max_chunks):
+        if between is not None:
+            between()
         ids, vectors, weights = chunk_inputs(tokenizer, chunk)
         z = embedder.encode_tokens(ids[None], vectors=vectors)[0]  # (77, width)
         if bool((weights != 1.0).any()):

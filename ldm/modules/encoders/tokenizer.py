@@ -129,24 +129,9 @@ class CLIPTokenizer:
         if ids is not None:
             return ids
         parts = list(piece[:-1]) + [piece[-1] + _END_OF_WORD]
-        ranks, unranked = self._ranks, len(self._ranks)
-        while len(parts) > 1:
-            # The best-ranked adjacent pair is merged everywhere it occurs, left to right.
-            best = min(zip(parts, parts[1:]), key=lambda pair: ranks.get(pair, unranked))
-            if best not in ranks:
-                break
-            first, second = best
-            merged, i = [], 0
-            while i < len(parts):
-                if parts[i] == first and i + 1 < len(parts) and parts[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
+        parts = _bpe(parts, self._ranks) if len(parts) <= _SHORT_WORD else _bpe_long(parts, self._ranks)
         ids = tuple(self.vocab[part] for part in parts)
-        if len(self._cache) < _BPE_CACHE_LIMIT:
+        if len(self._cache) < _BPE_CACHE_LIMIT and len(piece) <= _SHORT_WORD:  # no megabyte keys
             self._cache[piece] = ids
         return ids
 
@@ -168,6 +153,58 @@ class CLIPTokenizer:
                 ids = ids[:n - 1] + [self.eot_token_id]
             out[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
+
+
+_SHORT_WORD = 64  # symbols; longer words take the heap's way (the plain way is quadratic in the length)
+
+
+def _bpe(parts: list[str], ranks: dict) -> list[str]:
+    """CLIP's BPE as written: the best-ranked adjacent pair is merged everywhere it occurs, left to right,
+    until no adjacent pair is a merge."""
+    unranked = len(ranks)
+    while len(parts) > 1:
+        best = min(zip(parts, parts[1:]), key=lambda pair: ranks.get(pair, unranked))
+        if best not in ranks:
+            break
+        first, second = best
+        merged, i = [], 0
+        while i < len(parts):
+            if parts[i] == first and i + 1 < len(parts) and parts[i + 1] == second:
+                merged.append(first + second)
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
+def _bpe_long(parts: list[str], ranks: dict) -> list[str]:
+    """The same merges in O(n log n): adjacent pairs in a heap by (rank, position) over a linked list.
+    Equal to _bpe because a merge's result can only pair with ranks later than its own (the merge that
+    made a symbol was learned before any merge that uses it), so popping by rank, then position, merges
+    exactly what _bpe's passes merge, in its left-to-right order."""
+    import heapq
+
+    symbols = list(parts)
+    after = list(range(1, len(parts))) + [-1]
+    before = list(range(-1, len(parts) - 1))
+    heap = [(ranks[pair], i, pair) for i, pair in enumerate(zip(parts, parts[1:])) if pair in ranks]
+    heapq.heapify(heap)
+    while heap:
+        _, i, (first, second) = heapq.heappop(heap)
+        j = after[i] if symbols[i] is not None else -1
+        if j == -1 or symbols[i] != first or symbols[j] != second:
+            continue  # this pair no longer stands (one side was merged into something else)
+        symbols[i], symbols[j] = first + second, None
+        after[i] = after[j]
+        if after[j] != -1:
+            before[after[j]] = i
+        for left, right in ((before[i], i), (i, after[i])):
+            if left != -1 and right != -1 and (symbols[left], symbols[right]) in ranks:
+                pair = (symbols[left], symbols[right])
+                heapq.heappush(heap, (ranks[pair], left, pair))
+    return [s for s in symbols if s is not None]
 
 
 _TOKENIZERS: dict = {}

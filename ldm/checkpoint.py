@@ -16,9 +16,10 @@ import mmap
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -117,16 +118,61 @@ def _content_path(path: Path):
         yield fd_path if os.path.exists(fd_path) else f
 
 
-def read_torch_file(path: Path, what: str = "checkpoint"):
-    """torch.load of a torch zip file that may hold only tensors and plain containers (weights_only)."""
+# torch.save stores a file's tensors uncompressed (and torch.load maps them); compressed entries are
+# inflated into memory at the size their header gives, so a small crafted file could claim gigabytes.
+MAX_INFLATED_BYTES = 64 * 2 ** 20
+
+
+def _check_zip_costs(path: Path, what: str, max_bytes: Optional[int]) -> None:
+    """SDError when the zip's entries would cost more memory than such a file may (read from its
+    directory before torch opens it)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as exc:
+        raise SDError(f"cannot read {what} {path} (truncated or corrupt?): {exc}") from None
+    inflated = sum(e.file_size for e in entries if e.compress_type != zipfile.ZIP_STORED)
+    if inflated > MAX_INFLATED_BYTES:
+        raise SDError(f"{what} {path} holds {inflated} bytes of compressed data, more than a torch file ever "
+                      f"compresses ({MAX_INFLATED_BYTES}): refused")
+    total = sum(e.file_size for e in entries)
+    if max_bytes is not None and total > max_bytes:
+        raise SDError(f"{what} {path} holds {total} bytes, more than a {what} can be ({max_bytes}): refused")
+
+
+def check_storage(tensors, path) -> None:
+    """SDError for a tensor that claims more elements than its storage holds: torch.save keeps
+    `zeros(1).expand(10**5, 10**5)` as one float, and the first copy of it (a cast, a contiguous())
+    would allocate the whole claimed shape. Looks into nested dicts and lists."""
+    stack = [("", tensors)]
+    while stack:
+        name, value = stack.pop()
+        if isinstance(value, Mapping):
+            stack.extend((f"{name}.{k}" if name else str(k), v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{name}[{k}]", v) for k, v in enumerate(value))
+        elif isinstance(value, torch.Tensor) and value.numel():
+            need = (value.storage_offset() + value.numel()) * value.element_size()
+            held = value.untyped_storage().nbytes()
+            if held < need:
+                raise SDError(f"{path}: tensor '{name}' claims shape {tuple(value.shape)} ({need} bytes) but "
+                              f"stores {held} bytes: refused")
+
+
+def read_torch_file(path: Path, what: str = "checkpoint", max_bytes: Optional[int] = None):
+    """torch.load of a torch zip file that may hold only tensors and plain containers (weights_only),
+    after checking what it will cost (at most `max_bytes` in all) and that no tensor claims more than it
+    stores. Every failure is one SDError line; nothing in the file is ever run."""
     if not zipfile.is_zipfile(path):
         raise SDError(
             f"{path} is not a torch zip {what} (truncated, or a legacy pickle, which is refused "
             "because unpickling can run code); convert it to .safetensors with a trusted tool"
         )
+    _check_zip_costs(path, what, max_bytes)
     try:
-        with _content_path(path) as source:
-            return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        with _content_path(path) as source, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on old pickle protocols: our errors say enough
+            data = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         # torch's message names the offending global on its first lines; keep only that.
         detail = next((line.strip() for line in str(exc).splitlines() if "global" in line.lower()), "")
@@ -137,6 +183,8 @@ def read_torch_file(path: Path, what: str = "checkpoint"):
     except Exception as exc:  # a crafted zip can fail torch.load in any way; all mean "not a checkpoint"
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise SDError(f"cannot read {what} {path} (truncated or corrupt?): {first}") from exc
+    check_storage(data, path)
+    return data
 
 
 def read_ckpt(path: Path) -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ SD 2.x vectors are 1024 wide (the OpenCLIP text tower); SD 1.x's 768-wide ones a
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -32,23 +31,30 @@ class Embedding:
 
 
 def _read(path: Path) -> dict:
+    """An embedding file's tensors, read without running code and only once its size is that of one."""
+    from ldm.checkpoint import read_safetensors, read_torch_file
+
+    size = path.stat().st_size
+    if size > MAX_BYTES:
+        raise SDError(f"embedding {path.name} is {size} bytes: too large to be an embedding")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        return read_safetensors(path)
+    return read_torch_file(path, "embedding", MAX_BYTES)
 
+
+def files_in(folder: Path) -> list[Path]:
+    """The embedding files of a folder: regular files only (a FIFO named x.pt would block a read for ever),
+    sorted, at most MAX_FILES."""
+    import stat
+
+    found = []
+    for p in sorted(Path(folder).iterdir()):
         try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise SDError(f"embedding {path.name}: not a readable safetensors file ({exc})") from None
-    from ldm.checkpoint import _content_path
-
-    try:
-        with _content_path(path) as readable, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on old pickle protocols: the error below says enough
-            return torch.load(readable, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a pickle that would run code, or any other damage: one line, never executed
-        raise SDError(f"embedding {path.name}: cannot be read as weights only ({type(exc).__name__}); "
-                      "sd never unpickles code") from None
+            if p.suffix in SUFFIXES and stat.S_ISREG(p.stat().st_mode):
+                found.append(p)
+        except OSError:  # a dangling link
+            continue
+    return found[:MAX_FILES]
 
 
 def vectors_of(data, name: str) -> torch.Tensor:
@@ -73,8 +79,6 @@ def vectors_of(data, name: str) -> torch.Tensor:
 
 def load_embedding(path: Path, width: int) -> Embedding:
     path = Path(path)
-    if path.stat().st_size > MAX_BYTES:
-        raise SDError(f"embedding {path.name} is {path.stat().st_size} bytes: too large to be an embedding")
     vectors = vectors_of(_read(path), path.name)
     if vectors.shape[1] != width:
         what = "an SD 1.x embedding (768 wide)" if vectors.shape[1] == 768 else f"{vectors.shape[1]} wide"
@@ -91,8 +95,7 @@ def load_folder(folder: Optional[Path], width: int, required: bool = False) -> d
         if required and folder is not None:
             raise SDError(f"--embeddings {folder}: no such folder")
         return {}
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix in SUFFIXES and p.is_file())[:MAX_FILES]
-    return {p.stem: load_embedding(p, width) for p in files}
+    return {p.stem: load_embedding(p, width) for p in files_in(folder)}
 
 
 def names_in(prompts: list[str], names) -> list[str]:

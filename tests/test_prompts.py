@@ -178,10 +178,13 @@ def test_bad_embeddings_are_one_line(tmp_path):
             return (print, ("this must never run",))
 
     (tmp_path / "evil.pt").write_bytes(pickle.dumps({"string_to_param": {"*": Evil()}}))
-    with pytest.raises(SDError, match="never unpickles code"):
+    with pytest.raises(SDError, match="refused because unpickling can run code"):
         load_embedding(tmp_path / "evil.pt", 1024)
+    torch.save({"string_to_param": {"*": Evil()}}, tmp_path / "evil-zip.pt")  # the same inside torch's zip
+    with pytest.raises(SDError, match="holds Python objects besides tensors"):
+        load_embedding(tmp_path / "evil-zip.pt", 1024)
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 40)
-    with pytest.raises(SDError, match="not a readable safetensors file"):
+    with pytest.raises(SDError, match="not a valid safetensors file"):
         load_embedding(tmp_path / "junk.safetensors", 1024)
 
 

@@ -40,9 +40,9 @@ def prompt(text: Annotated[str, typer.Argument(help="The prompt, with AUTOMATIC1
 
 def _embeddings(folder, words: str) -> dict[str, int]:
     """{name: vector count} of the textual-inversion files in `folder` whose names the prompt uses."""
-    from ldm.textual_inversion import SUFFIXES, _read, names_in, vectors_of
+    from ldm.textual_inversion import _read, files_in, names_in, vectors_of
 
     if folder is None:
         return {}
-    files = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix in SUFFIXES} if folder.is_dir() else {}
+    files = {p.stem: p for p in files_in(folder)} if folder.is_dir() else {}
     return {name: vectors_of(_read(files[name]), name).shape[0] for name in names_in([words], files)}

@@ -42,7 +42,12 @@ _USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 def enable_compile_cache(path: Path) -> None:
     """Point inductor's on-disk caches at `path` (unless the user set TORCHINDUCTOR_CACHE_DIR) and turn
     on the FX-graph and AOTAutograd caches, so a second run reuses the compiled graphs and kernels."""
-    path.mkdir(parents=True, exist_ok=True)
+    from ldm.imageio import ensure_writable_dir
+
+    try:
+        ensure_writable_dir(path)
+    except SDError as exc:
+        raise SDError(f"--compile's cache: {exc} (set XDG_CACHE_HOME to another folder)") from None
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = _USER_INDUCTOR_CACHE or str(path)
     os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
     os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "1"

@@ -52,6 +52,57 @@ def cache_dir() -> Path:
     return Path(base) / "sd" / "openvino"
 
 
+def _ready_cache_dir() -> Path:
+    """The cache folder, created if needed; one SDError line when it cannot be (a file in its place)."""
+    from ldm.imageio import ensure_writable_dir
+
+    try:
+        return ensure_writable_dir(cache_dir())
+    except SDError as exc:
+        raise SDError(f"the OpenVINO cache: {exc} (set XDG_CACHE_HOME to another folder)") from None
+
+
+def _digest(xml: Path) -> str:
+    """SHA-256 of a converted model's .xml and .bin together (what the cache records and checks)."""
+    digest = hashlib.sha256()
+    for path in (xml, xml.with_suffix(".bin")):
+        with open(path, "rb") as f:
+            while block := f.read(2 ** 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(xml: Path):
+    """Hold the converted model's lock file: runs that need the same model convert it once, one after the
+    other, and compile it (OpenVINO writes its blob cache then) without meeting half-written files."""
+    import fcntl
+
+    with open(xml.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def cached(xml: Path, what: str) -> bool:
+    """True when `xml` and its .bin are in the cache exactly as written (their digest, recorded at write
+    time, matches). A damaged or unrecorded entry is removed with a note, so it is converted again."""
+    if not xml.is_file():
+        return False
+    recorded = xml.with_suffix(".sha256")
+    try:
+        if recorded.read_text().strip() == _digest(xml):
+            return True
+    except OSError:  # no record, or no .bin
+        pass
+    note(f"the cached {what} in {xml.parent} is damaged, incomplete or unrecorded (an older sd); converting it again")
+    for path in (xml, xml.with_suffix(".bin"), recorded):
+        path.unlink(missing_ok=True)
+    return False
+
+
 # --precision int8-ptq: the UNet calls of the run recorded (in float32) before its activations are quantised:
 # with guidance one call per step, so the first image's first 24 steps ("a few dozen latents of the run's own
 # prompts"); the quantised model is cached per shape like the others and reused by later runs.
@@ -115,58 +166,69 @@ class OpenVINOPart(nn.Module):
         return cache_dir() / f"{self.part}-{name}.xml"
 
     def _compile(self, args: tuple, key) -> Any:
-        ov = openvino_module()
-        cache_dir().mkdir(parents=True, exist_ok=True)
+        _ready_cache_dir()
         if self.quant == "int8-ptq":
             target = self._xml(key, "int8-ptq")
-            if target.is_file():  # calibrated and quantised by an earlier run
-                return self._load(target)
+            with _locked(target):
+                if cached(target, f"int8 {self.part}"):  # calibrated and quantised by an earlier run
+                    return self._load(target)
             xml = self._converted(args, key, None)
-            return _Calibrating(self._load(xml), xml, target)
-        return self._load(self._converted(args, key, self.quant))
+            with _locked(xml):
+                return _Calibrating(self._load(xml), xml, target)
+        xml = self._converted(args, key, self.quant)
+        with _locked(xml):
+            return self._load(xml)
 
     def _converted(self, args: tuple, key, quant: Optional[str]) -> Path:
-        """The converted model's file (exported and converted now unless cached)."""
-        ov = openvino_module()
+        """The converted model's file (exported and converted now unless cached and intact)."""
         xml = self._xml(key, quant)
-        if not xml.is_file():
-            start = time.perf_counter()
-            note(f"converting the {self.part} for OpenVINO ({' x '.join(str(tuple(s)) for s, _ in key)}; once, "
-                 f"cached in {cache_dir()})")
-            with torch.no_grad():
-                exported = torch.export.export(self.module, args)
-            converted = ov.convert_model(exported)
-            if quant == "int8":
-                converted = _int8_weights(converted)
-            self._save(converted, xml)
-            note(f"{self.part} converted in {time.perf_counter() - start:.1f} s")
+        with _locked(xml):
+            if not cached(xml, self.part):
+                self._convert(args, key, quant, xml)
         return xml
+
+    def _convert(self, args: tuple, key, quant: Optional[str], xml: Path) -> None:
+        ov = openvino_module()
+        start = time.perf_counter()
+        note(f"converting the {self.part} for OpenVINO ({' x '.join(str(tuple(s)) for s, _ in key)}; once, "
+             f"cached in {cache_dir()})")
+        with torch.no_grad():
+            exported = torch.export.export(self.module, args)
+        converted = ov.convert_model(exported)
+        if quant == "int8":
+            converted = _int8_weights(converted)
+        self._save(converted, xml)
+        note(f"{self.part} converted in {time.perf_counter() - start:.1f} s")
 
     def _quantise(self, calibrating: _Calibrating) -> Any:
         ov = openvino_module()
         start = time.perf_counter()
         note(f"quantising the {self.part} to int8 on {len(calibrating.samples)} of this run's calls (once, cached)")
         quantised = _int8_ptq(ov.Core().read_model(str(calibrating.xml)), calibrating.samples)
-        self._save(quantised, calibrating.target)
-        note(f"{self.part} quantised in {time.perf_counter() - start:.1f} s; the remaining steps run in int8")
-        return self._load(calibrating.target)
+        with _locked(calibrating.target):
+            self._save(quantised, calibrating.target)
+            note(f"{self.part} quantised in {time.perf_counter() - start:.1f} s; the remaining steps run in int8")
+            return self._load(calibrating.target)
 
     def _save(self, model, xml: Path) -> None:
-        """Write a converted model into the cache atomically: under a temporary name, then .bin and .xml renamed
-        (the .xml's presence means "cached"), so an interrupted or failed write leaves nothing to reuse."""
+        """Write a converted model into the cache atomically: under a temporary name, then .bin, its digest
+        and .xml renamed (the .xml's presence means "cached"; the digest is checked on every read), so an
+        interrupted or failed write leaves nothing to reuse."""
         ov = openvino_module()
         partial = xml.with_name(xml.stem + ".partial.xml")
         try:
             # compress_to_fp16 (save_model's default) would round every weight to fp16: keep them as they are
             ov.save_model(model, str(partial), compress_to_fp16=False)
+            partial.with_suffix(".sha256").write_text(_digest(partial) + "\n")
             os.replace(partial.with_suffix(".bin"), xml.with_suffix(".bin"))
+            os.replace(partial.with_suffix(".sha256"), xml.with_suffix(".sha256"))
             os.replace(partial, xml)
         except (RuntimeError, OSError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
             raise SDError(f"cannot write the converted {self.part} to {xml.parent} ({first}): is the disk full? "
                           "(the cache is $XDG_CACHE_HOME/sd/openvino, by default ~/.cache/sd/openvino)") from None
         finally:
-            for leftover in (partial, partial.with_suffix(".bin")):
+            for leftover in (partial, partial.with_suffix(".bin"), partial.with_suffix(".sha256")):
                 leftover.unlink(missing_ok=True)
 
     def _load(self, xml: Path) -> Any:
@@ -175,6 +237,10 @@ class OpenVINOPart(nn.Module):
         core.set_property({"CACHE_DIR": str(cache_dir())})
         try:
             return core.compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": self.hint})
+        except RuntimeError:
+            pass
+        try:  # once more without OpenVINO's compiled-blob cache, in case its blob is what is damaged
+            return ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": self.hint})
         except RuntimeError as exc:
             cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
             why = f" (ONEDNN_MAX_CPU_ISA={cap} hides instructions OpenVINO chose kernels for)" if cap else ""

@@ -328,11 +328,41 @@ def make_grid(images: list[Image.Image], n_rows: int, padding: int = 2, pad_valu
 # Input images are decoded whole; above this many pixels (an 8000x8000 photo is 64 million) decoding alone
 # takes gigabytes, and every mode shrinks its input far below it anyway.
 MAX_INPUT_PIXELS = 64_000_000
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B")
 
 
-def _convert(im: Image.Image, mode: str) -> Image.Image:
-    """Convert to `mode`; 16-bit grey is scaled to 8 bits; for "RGB", transparency goes over white.
+def _to_8_bits(im: Image.Image, what: str) -> Image.Image:
+    """8-bit grey from 16-bit, 32-bit integer or float grey, by the range its values really use (PIL's own
+    convert clips them at 255, which turns a 16-bit picture white and a 0..1 float one black):
+    16-bit files by their depth, 32-bit integers within 0..255 or 0..65535 as 8- or 16-bit ones and larger
+    ones from 0..their maximum (with a note), float pictures holding 0..1 scaled to 0..255; anything else
+    (negative values, NaN, floats past 255) is one SDError line."""
+    values = np.asarray(im)
+    if im.mode in _SIXTEEN_BIT_MODES:
+        return Image.fromarray((values.astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
+    if im.mode == "F" and not np.isfinite(values).all():
+        raise SDError(f"{what} is a float image with NaN or infinite values: sd cannot read it as a picture")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if low < 0:
+        raise SDError(f"{what} is a {'float' if im.mode == 'F' else '32-bit integer'} image with values from "
+                      f"{low:g} to {high:g}; sd reads pictures whose values are 0 or more")
+    if im.mode == "F":
+        if high > 255:
+            raise SDError(f"{what} is a float image with values up to {high:g}; sd reads float pictures "
+                          "holding 0..1 or 0..255")
+        scaled = values * 255.0 if high <= 1.0 else values
+        return Image.fromarray(np.rint(scaled).clip(0, 255).astype(np.uint8))
+    if high <= 65535:  # 32-bit storage of 8- or 16-bit values (older Pillow opens 16-bit PNGs as "I")
+        return Image.fromarray((values.astype(np.int64) >> (0 if high <= 255 else 8)).astype(np.uint8))
+    from ldm.errors import note
+
+    note(f"{what} is a 32-bit integer image with values 0..{high:.0f}; read as 0..{high:.0f} -> 0..255")
+    return Image.fromarray(np.rint(values.astype(np.float64) * (255.0 / high)).astype(np.uint8))
+
+
+def _convert(im: Image.Image, mode: str, what: str = "the picture") -> Image.Image:
+    """Convert to `mode`; 16-bit, 32-bit and float grey are brought to 8 bits (_to_8_bits); for "RGB",
+    transparency goes over white.
 
     White rather than the reference's plain .convert("RGB") (which keeps whatever colour hides under
     transparent pixels, often black or junk): cut-outs and logos are drawn to be seen on white. Other
@@ -340,8 +370,8 @@ def _convert(im: Image.Image, mode: str) -> Image.Image:
     """
     if im.mode == mode:
         return im
-    if im.mode in _SIXTEEN_BIT_MODES:  # 16-bit PNG/TIFF grey; PIL's own convert would clip at 255
-        im = Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
+    if im.mode in (*_SIXTEEN_BIT_MODES, "I", "F"):
+        im = _to_8_bits(im, what)
     if mode == "RGB" and im.has_transparency_data:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -364,7 +394,7 @@ def load_image(path: str | os.PathLike | Image.Image, mode: str = "RGB", what: s
                           "megapixels); shrink it first")
         if width < 1 or height < 1:
             raise SDError(f"{what} is empty ({width}x{height} pixels)")
-        return _convert(path, mode)
+        return _convert(path, mode, what)
     p = Path(path)
     if p.is_dir():
         raise SDError(f"{p} is a folder, not an image")
@@ -384,7 +414,7 @@ def load_image(path: str | os.PathLike | Image.Image, mode: str = "RGB", what: s
         raise SDError(f"{p} has more pixels than sd reads ({MAX_INPUT_PIXELS // 10**6} megapixels); shrink it first") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise SDError(f"cannot read {p}: the file is truncated or corrupt ({exc})") from None
-    return _convert(im, mode)
+    return _convert(im, mode, str(p))
 
 
 def pil_to_tensor(img: Image.Image):

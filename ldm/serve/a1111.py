@@ -93,9 +93,19 @@ class Img2ImgRequest(Txt2ImgRequest):
 
 def _disabled_scripts(value: Optional[dict]) -> bool:
     """alwayson_scripts that run nothing: none, or each with no args or a first arg of false (what clients
-    send to keep an extension off)."""
-    return all(not (entry or {}).get("args") or (entry or {}).get("args", [False])[0] is False
-               for entry in (value or {}).values())
+    send to keep an extension off). An entry that is not an object, or args that are not a list, is a
+    RequestError of its own."""
+    for name, entry in (value or {}).items():
+        if entry is None:
+            continue
+        if not isinstance(entry, dict):
+            raise RequestError(f"alwayson_scripts.{name} must be an object such as {{\"args\": []}}")
+        args = entry.get("args")
+        if args is not None and not isinstance(args, list):
+            raise RequestError(f"alwayson_scripts.{name}.args must be a list")
+        if args and args[0] is not False:
+            return False
+    return True
 
 
 # field -> test that the value is A1111's default (what sd does anyway)

@@ -60,6 +60,10 @@ def img2img(server, request: Img2ImgRequest) -> dict:
         raise RequestError(f"init_images must hold one image (got {len(request.init_images)})")
     if request.resize_mode != 0:
         raise RequestError(f"sd cannot honour resize_mode {request.resize_mode}; only 0 (just resize)")
+    for name in ("width", "height"):  # bounded before any resize: a 2**40 side must not reach PIL
+        value = getattr(request, name)
+        if value is not None and value != 0 and not 1 <= value <= server.limits.max_side:
+            raise RequestError(f"{name} must be from 1 to {server.limits.max_side} (got {value})")
     image = a1111.decode_image(request.init_images[0], "init_images[0]", server.max_pixels)
     size = (request.width or image.width, request.height or image.height)
     if request.mask is None:

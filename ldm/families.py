@@ -65,10 +65,19 @@ def task_defaults(task: str, demo: bool) -> dict:
     return {**SD_DEFAULTS[task], **DEMO_DEFAULTS, **DEMO_TASK_DEFAULTS.get(task, {})}
 
 
-def default_eta(task: str, demo: bool, sampler_takes_eta: bool) -> float:
-    """The eta a run uses when none is given: the task's (inpainting's 1.0) for samplers that take one."""
-    eta = task_defaults(task, demo)["eta"]
-    return float(eta) if eta is not None and sampler_takes_eta else 0.0
+def resolve_eta(task: str, demo: bool, sampler: str, eta: Optional[float]) -> float:
+    """The eta a run uses (and records), resolved here for every front end: the one asked for, 0 included;
+    else the task's (inpainting's 1.0) for samplers that take one; else the sampler's own (ddim 0.0,
+    euler_a and dpmpp_2m_sde 1.0); 0.0 for the deterministic samplers, which take none."""
+    from ldm.models.diffusion.sampler_names import check_sampler
+
+    if eta is not None:
+        return float(eta)
+    own = check_sampler(sampler).eta
+    if own is None:
+        return 0.0
+    task_eta = task_defaults(task, demo)["eta"]
+    return float(own if task_eta is None else task_eta)
 
 
 def demo_model_missing() -> Optional[str]:

@@ -13,6 +13,7 @@ image from the command line and from Python. Nothing here reads a command line o
 """
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -230,11 +231,7 @@ class Pipeline:
             C: Optional[int] = None, f: Optional[int] = None, emphasis: str = "original",
             embeddings: Optional[str | Path] = None, loras: tuple = (), lora_dir: Optional[str | Path] = None) -> Job:
         """The Job of one call: the task's defaults for this model where a setting is None."""
-        from ldm.models.diffusion.sampler_names import check_sampler
-
         defaults = self.defaults(task.name)
-        if eta is None:
-            eta = families.default_eta(task.name, self.demo, check_sampler(sampler).eta is not None)
         sampling = SamplingSettings(steps=defaults["steps"] if steps is None else steps, sampler=sampler,
                                     schedule=schedule, eta=eta, scale=defaults["scale"] if scale is None else scale)
         fields = dict(prompt=prompt, negative_prompt=negative_prompt, from_file=None, repeat=1,
@@ -344,7 +341,7 @@ class Session:
         ti = ", ".join(f"{e.name}: {e.hash}" for e in used) or None  # A1111's "TI hashes" field
         loras = ", ".join(f"{lora.name}: {lora.hash}" for lora, _, _ in self.loras_of(batch.items)) or None
         fields = {"Steps": s.steps, "Sampler": s.sampler, "Schedule type": s.schedule, "CFG scale": s.scale,
-                  "Seed": item.seed, "Size": f"{width}x{height}", "Eta": s.eta, **self.common, "TI hashes": ti,
+                  "Seed": item.seed, "Size": f"{width}x{height}", "Eta": self.eta_of(s), **self.common, "TI hashes": ti,
                   "Lora hashes": loras,
                   "Batch size": len(batch.items) if several else None, "Batch pos": position if several else None}
         return metadata.format_parameters(item.prompt, item.negative_prompt, fields)
@@ -386,7 +383,8 @@ class Session:
 
     def sample(self, batch: Batch, on_step: Optional[Callable[[dict], None]] = None) -> list[Image.Image]:
         """Sample and decode one batch: PIL images for every position, not yet watermarked."""
-        job, settings, items, task = self.job.for_batch(batch), batch.sampling, batch.items, self.task
+        job, items, task = self.job.for_batch(batch), batch.items, self.task
+        settings = dataclasses.replace(batch.sampling, eta=self.eta_of(batch.sampling))
         noise, generators = start_noise([item.seed for item in items], task.latent_shape(job))
         with torch.inference_mode(), autocast_context(self.model):
             c, uc = self.conditioning(items, guided=settings.scale != 1.0)
@@ -398,6 +396,10 @@ class Session:
             images = task.finish(task.decode(self.model, latents).float(), items)
             self.check_finite(images, "the decoded pixels", items)
         return imageio.tensor_to_pil(images.cpu())
+
+    def eta_of(self, sampling: SamplingSettings) -> float:
+        """The eta a batch runs with, and records (ldm.families.resolve_eta)."""
+        return families.resolve_eta(self.task.name, self.pipeline.demo, sampling.sampler, sampling.eta)
 
     def check_finite(self, values: torch.Tensor, what: str, items) -> None:
         """The last wall against a silently black image: NaN or infinity anywhere fails the run in one line

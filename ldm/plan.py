@@ -31,7 +31,7 @@ class SamplingSettings:
     steps: int = 50
     sampler: str = "ddim"
     schedule: Optional[str] = None  # None: the sampler's own default
-    eta: float = 0.0
+    eta: Optional[float] = None  # None: the task's or the sampler's own (ldm.families.resolve_eta)
     scale: float = 9.0
 
 
@@ -200,13 +200,15 @@ class Job:
         if self.n_samples > self.limits.max_batch:
             raise SDError(f"--n_samples {self.n_samples} is above --max-batch {self.limits.max_batch}")
         check_number("--scale", self.sampling.scale, maximum=MAX_SCALE)
-        check_number("--ddim_eta", self.sampling.eta, minimum=0, maximum=MAX_ETA)
+        if self.sampling.eta is not None:
+            check_number("--ddim_eta", self.sampling.eta, minimum=0, maximum=MAX_ETA)
         check_seed(self.seed)
         check_prompt("--prompt", self.prompt, self.limits.max_chunks)
         check_prompt("--negative-prompt", self.negative_prompt, self.limits.max_chunks)
         if self.emphasis not in ("original", "none", "off"):
             raise SDError(f"--emphasis must be one of original, none, off (got '{self.emphasis}')")
-        check_sampler(self.sampling.sampler, self.sampling.schedule)  # names first: check_steps builds the schedule
+        # names first: check_steps builds the schedule
+        check_sampler(self.sampling.sampler, self.sampling.schedule, self.sampling.eta)
         timesteps = self.timesteps()
         check_steps(self.sampling, self.limits, timesteps)
         stand_in = self.sized(STAND_IN_SIZE)
@@ -219,8 +221,9 @@ class Job:
                 check_prompt("the negative prompt", line.negative_prompt or "", self.limits.max_chunks)
                 if line.size is not None:
                     check_size(line.size[1], line.size[0], self.f, names=("height", "width"), max_side=self.limits.max_side)
-                if line.sampler is not None or line.schedule is not None:
-                    check_sampler(line.sampler or self.sampling.sampler, line.schedule or self.sampling.schedule)
+                if line.sampler is not None or line.schedule is not None or line.eta is not None:
+                    check_sampler(line.sampler or self.sampling.sampler, line.schedule or self.sampling.schedule,
+                                  self.sampling.eta if line.eta is None else line.eta)
                 if line.scale is not None:
                     check_number("\"scale\"", line.scale, maximum=MAX_SCALE)
                 if line.eta is not None:

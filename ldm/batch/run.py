@@ -58,7 +58,7 @@ def open_session(job: Job, task: Task, device=None):
     from ldm.pipeline import Pipeline
 
     options = job.runtime if device is None else dataclasses.replace(job.runtime, device=str(device))
-    pipeline = Pipeline.open(job.ckpt, job.config, options, task=task.name, quiet=True)
+    pipeline = Pipeline.open(job.ckpt, job.config, options, task=task.name)
     return pipeline.session(dataclasses.replace(job.sized(pipeline.native_size), config=pipeline.config), task)
 
 

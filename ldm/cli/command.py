@@ -67,7 +67,7 @@ def shared_flags(
 
 
 # Flags whose default depends on the task and the model (ldm.families), resolved once the model is chosen.
-MODEL_DEPENDENT = ("steps", "n_iter", "n_samples", "scale", "ddim_eta")
+MODEL_DEPENDENT = ("steps", "n_iter", "n_samples", "scale")
 # The shared flags that are ldm.limits.Limits fields, passed on as one Limits.
 LIMIT_FLAGS = ("max_side", "max_steps", "max_batch", "max_images", "max_chunks")
 # The shared flags that are ldm.runtime.RuntimeOptions fields, passed on as one RuntimeOptions.
@@ -83,7 +83,6 @@ def run_command(task, *, plms: bool, dpm: bool, sampler: Optional[str], schedule
     from ldm import families
     from ldm.batch.run import run_job
     from ldm.detect import choose_files
-    from ldm.models.diffusion.sampler_names import check_sampler
     from ldm.plan import Job, SamplingSettings
     from ldm.runtime import RuntimeOptions
     from ldm.tasks import ImageTask, image_job
@@ -92,8 +91,6 @@ def run_command(task, *, plms: bool, dpm: bool, sampler: Optional[str], schedule
     fields.update(config=config, ckpt=ckpt)
     sampler_name = opt.pick_sampler(sampler, plms=plms, dpm=dpm)
     defaults = families.task_defaults(task.name, demo)
-    if fields["ddim_eta"] is None:  # the task's eta (inpainting's 1.0) for samplers that take one, else none
-        fields["ddim_eta"] = families.default_eta(task.name, demo, check_sampler(sampler_name).eta is not None)
     for name in MODEL_DEPENDENT:
         if fields[name] is None:
             fields[name] = defaults[name]

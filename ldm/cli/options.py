@@ -40,8 +40,8 @@ Sampler = Annotated[Optional[str], typer.Option("--sampler", help=_sampler_help(
 Schedule = Annotated[Optional[str], typer.Option("--schedule", help=_schedule_help())]
 FixedCode = Annotated[bool, typer.Option(
     "--fixed_code", "--fixed-code", help="Every image starts from the same noise (that of seed + 0).")]
-DdimEta = Annotated[Optional[float], typer.Option("--ddim_eta", "--ddim-eta", "--eta", show_default=False, help="Noise amount for ddim, euler_a and dpmpp_2m_sde [default: 0; inpaint 1.0] (0: the sampler's default, deterministic for ddim, "
-    "full noise for euler_a and dpmpp_2m_sde); other samplers refuse a non-zero value.")]
+DdimEta = Annotated[Optional[float], typer.Option("--ddim_eta", "--ddim-eta", "--eta", show_default=False, help="Noise amount for ddim, euler_a and dpmpp_2m_sde [default: the sampler's own: 0 for ddim, 1 for euler_a "
+    "and dpmpp_2m_sde; inpaint 1.0]; 0 is deterministic; other samplers refuse a non-zero value.")]
 LatentChannels = Annotated[int, typer.Option("--C", help="Latent channels.")]
 Factor = Annotated[int, typer.Option("--f", help="Downsampling factor of the first stage.")]
 NRows = Annotated[int, typer.Option("--n_rows", "--n-rows", help="Images per grid row (0: n_samples).")]

@@ -379,8 +379,8 @@ def run(denoise, noise: torch.Tensor, cond, sampler: str, *, steps: int, schedul
     `denoise` must expose the model's `sigmas` (DiscreteDenoiser and CFGDenoiser do). `noise` is the
     batch's start noise; `generators` (one per image, the ones that drew `noise`) keep drawing the fresh
     noise of ancestral/SDE steps. With `start_latents` the run is img2img-style: the schedule keeps its
-    last int(strength * steps) steps and starts from start_latents noised to that level. An eta of 0
-    means the sampler's default (the reference's --ddim_eta defaults to 0).
+    last int(strength * steps) steps and starts from start_latents noised to that level. eta None is the
+    sampler's own; 0 is 0 (ldm.families.resolve_eta gives a run's eta).
     """
     check_sampler(sampler, schedule, eta)
     sigmas = make_sigmas(schedule or sampler, denoise.sigmas, steps)
@@ -393,4 +393,4 @@ def run(denoise, noise: torch.Tensor, cond, sampler: str, *, steps: int, schedul
     if generators is not None:
         noise_sampler = BatchedNoiseSampler(generators, noise.shape[1:], noise.device)
     return sample(denoise, start, sigmas, cond, sampler, noise_sampler=noise_sampler, callback=callback,
-                  eta=eta or None)
+                  eta=eta)

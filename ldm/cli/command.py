@@ -10,7 +10,6 @@ import inspect
 from pathlib import Path
 from typing import Callable, Optional
 
-from ldm.batch import options as bopt
 from ldm.cli import app
 from ldm.cli import options as opt
 from ldm.entry import ready_for_interrupts
@@ -52,11 +51,11 @@ def shared_flags(
     lora: opt.Lora = None,
     lora_dir: opt.LoraDir = None,
     backend: opt.Backend = "torch",
-    skip_existing: bopt.SkipExisting = False,
-    devices: bopt.Devices = None,
-    num_nodes: bopt.NumNodes = 1,
-    accelerator: bopt.Accelerator = None,
-    from_image: bopt.FromImage = None,
+    skip_existing: opt.SkipExisting = False,
+    devices: opt.Devices = None,
+    num_nodes: opt.NumNodes = 1,
+    accelerator: opt.Accelerator = None,
+    from_image: opt.FromImage = None,
     max_side: opt.MaxSide = Limits.max_side,
     max_steps: opt.MaxSteps = Limits.max_steps,
     max_batch: opt.MaxBatch = Limits.max_batch,

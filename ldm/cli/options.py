@@ -111,3 +111,19 @@ def pick_precision(precision: str, bf16: bool) -> str:
     if bf16 and precision not in ("auto", "bf16"):
         raise SDError(f"--bf16 and --precision {precision} disagree; pick one")
     return "bf16" if bf16 else precision
+
+
+# The batch-job flags (their values are ldm.batch's options: resume, scale-out, reproduction).
+SkipExisting = Annotated[bool, typer.Option(
+    "--skip-existing", "--skip_existing",
+    help="Resume: skip images whose file already exists with the same parameters. Images are then named "
+         "base + k (base fixed by the run's manifest), so the same command finishes an interrupted run.")]
+Devices = Annotated[Optional[int], typer.Option(
+    "--devices", help="Processes per node (Lightning DDP); each takes whole batches and writes its own files.")]
+NumNodes = Annotated[int, typer.Option(
+    "--num-nodes", "--num_nodes", help="Machines taking part (launch with torchrun or SLURM; see README).")]
+Accelerator = Annotated[Optional[str], typer.Option(
+    "--accelerator", help="cpu or gpu for the Lightning processes (default: from --device).")]
+FromImage = Annotated[Optional[Path], typer.Option(
+    "--from-image", "--from_image", help="Reproduce a PNG written by sd from its stored parameters (same pixels).")]
+

@@ -1,4 +1,4 @@
-"""AUTOMATIC1111's "parameters" PNG text: writing it, reading it back exactly, and the model hash.
+"""AUTOMATIC1111's "parameters" PNG text: its grammar, its fields' meaning (Infotext), and the model hash.
 
 The text is what A1111, ComfyUI's loaders and sd's own --from-image read: the prompt, a "Negative prompt:"
 line, then "Key: value" fields. PNG text is read by walking the chunks, so a crafted file is never
@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, Optional
 
 from ldm.errors import SDError
 
@@ -145,6 +147,74 @@ def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
             break
     return (_unescape_lines("\n".join(prompt_lines)), _unescape_lines("\n".join(negative_lines)),
             _parse_settings(last))
+
+
+def parameters_of_png(path: str | os.PathLike) -> str:
+    """The "parameters" text of the PNG at `path`, as stored; SDError if it carries none."""
+    text = read_png_text(path).get(PARAMETERS_KEY)
+    if text is None:
+        raise SDError(f"{path} carries no generation parameters (no PNG \"{PARAMETERS_KEY}\" text chunk)")
+    return text
+
+
+@dataclass
+class Infotext:
+    """One image's generation parameters in AUTOMATIC1111's format: the one place that writes and reads
+    their meaning (the grammar is format_parameters / parse_parameters). Every reader goes through here:
+    the PNG writer, --from-image, `sd info`, the API's info and png-info, the page's send-to. Samplers and
+    schedules are written with A1111's names ("DPM++ 2M", "Karras") and read in either spelling."""
+    prompt: str = ""
+    negative_prompt: str = ""
+    fields: dict = field(default_factory=dict)  # key -> value as text (None values are not written)
+
+    @classmethod
+    def read(cls, text: str) -> "Infotext":
+        return cls(*parse_parameters(text))
+
+    @classmethod
+    def of_png(cls, path: str | os.PathLike) -> "Infotext":
+        """The parameters of the PNG at `path`; SDError if it carries none."""
+        return cls.read(parameters_of_png(path))
+
+    @classmethod
+    def of_run(cls, prompt: str, negative_prompt: str, *, steps: int, sampler: str, schedule: Optional[str],
+               scale: float, seed: int, width: int, height: int, eta: float, **more) -> "Infotext":
+        """What sd writes for an image: the sampling fields under A1111's names, then `more` in order."""
+        from ldm.models.diffusion.sampler_names import sampler_label, schedule_label
+
+        fields = {"Steps": steps, "Sampler": sampler_label(sampler), "Schedule type": schedule_label(schedule),
+                  "CFG scale": scale, "Seed": seed, "Size": f"{width}x{height}", "Eta": eta, **more}
+        return cls(prompt, negative_prompt, {k: v for k, v in fields.items() if v is not None})
+
+    def text(self) -> str:
+        return format_parameters(self.prompt, self.negative_prompt, self.fields)
+
+    def number(self, key: str, cast: Callable, default=None):
+        """A numeric field (`default` when absent); SDError when its text is not a finite number of that type."""
+        if key not in self.fields:
+            return default
+        try:
+            value = cast(str(self.fields[key]))
+        except (ValueError, OverflowError):
+            raise SDError(f"its {key} '{self.fields[key]}' is not readable") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SDError(f"its {key} '{self.fields[key]}' is not a finite number")
+        return value
+
+    def size(self) -> Optional[tuple[int, int]]:
+        """(width, height) of the Size field, or None."""
+        if "Size" not in self.fields:
+            return None
+        width, sep, height = str(self.fields["Size"]).partition("x")
+        if not sep or not width.isdigit() or not height.isdigit():
+            raise SDError(f"its Size '{self.fields['Size']}' is not WIDTHxHEIGHT")
+        return int(width), int(height)
+
+    def sampler(self, default: str = "ddim") -> tuple[str, Optional[str]]:
+        """(sd's sampler, schedule or None) from Sampler and Schedule type, in sd's or A1111's spelling."""
+        from ldm.models.diffusion.sampler_names import sampler_of_name
+
+        return sampler_of_name(str(self.fields.get("Sampler", default)), self.fields.get("Schedule type"))
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

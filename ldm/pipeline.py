@@ -340,11 +340,11 @@ class Session:
         used = used_in([item.prompt, item.negative_prompt], self.embeddings)
         ti = ", ".join(f"{e.name}: {e.hash}" for e in used) or None  # A1111's "TI hashes" field
         loras = ", ".join(f"{lora.name}: {lora.hash}" for lora, _, _ in self.loras_of(batch.items)) or None
-        fields = {"Steps": s.steps, "Sampler": s.sampler, "Schedule type": s.schedule, "CFG scale": s.scale,
-                  "Seed": item.seed, "Size": f"{width}x{height}", "Eta": self.eta_of(s), **self.common, "TI hashes": ti,
-                  "Lora hashes": loras,
-                  "Batch size": len(batch.items) if several else None, "Batch pos": position if several else None}
-        return metadata.format_parameters(item.prompt, item.negative_prompt, fields)
+        return metadata.Infotext.of_run(
+            item.prompt, item.negative_prompt, steps=s.steps, sampler=s.sampler, schedule=s.schedule, scale=s.scale,
+            seed=item.seed, width=width, height=height, eta=self.eta_of(s), **self.common, **{
+                "TI hashes": ti, "Lora hashes": loras, "Batch size": len(batch.items) if several else None,
+                "Batch pos": position if several else None}).text()
 
     def images(self, batch: Batch, on_step: Optional[Callable[[dict], None]] = None,
                positions: Optional[list[int]] = None) -> list[GeneratedImage]:

@@ -413,8 +413,9 @@ def test_an_openvino_cache_folder_that_is_a_file_is_one_line(tmp_path, monkeypat
         _ready_cache_dir()
     from ldm.fastpath import compile_cache_dir, enable_compile_cache
 
-    with pytest.raises(SDError, match="--compile's cache: cannot write to"):
-        enable_compile_cache(compile_cache_dir())
+    if where != "cache/sd/openvino":  # --compile's cache is cache/sd/inductor
+        with pytest.raises(SDError, match="--compile's cache: cannot write to"):
+            enable_compile_cache(compile_cache_dir())
 
 
 # -- 6. files that would cost more than they say ---------------------------------------------------------------

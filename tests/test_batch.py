@@ -172,7 +172,7 @@ def test_metadata_info_and_from_image_reproduce_exactly(tiny_ckpts, tmp_path, ca
     image = out / "samples" / "00001.png"
     text = Image.open(image).text["parameters"]
     assert Image.open(image).info["parameters"] == text == raw_png_text(image)["parameters"]
-    expected = {"Steps": "2", "Sampler": "ddim", "CFG scale": "7.5", "Seed": "21", "Size": "256x256",
+    expected = {"Steps": "2", "Sampler": "DDIM", "CFG scale": "7.5", "Seed": "21", "Size": "256x256",
                 "Model hash": metadata.model_hash(tiny_ckpts["eps"]["safetensors"]), "Model": "tiny-eps", "Eta": "0.0",
                 "Config": "tiny-v2-inference.yaml", "Mode": "txt2img", "Precision": "full"}
     assert main(["info", "--json", str(image)]) == 0

@@ -90,7 +90,7 @@ def test_each_task_takes_its_families_defaults(pipes, pictures):
                                                                       steps=2)[0].parameters)
     assert fields["CFG scale"] == "10.0" and fields["Eta"] == "1.0"  # the reference inpainting demo's
     _, _, fields = metadata.parse_parameters(pipes["eps"].txt2img("p", seed=1, steps=2)[0].parameters)
-    assert fields["CFG scale"] == "9.0" and fields["Size"] == "512x512" and fields["Sampler"] == "ddim"
+    assert fields["CFG scale"] == "9.0" and fields["Size"] == "512x512" and fields["Sampler"] == "DDIM"
 
 
 def test_random_seeds_are_reported(pipes):
@@ -190,7 +190,7 @@ def test_readmes_use_from_python_runs_as_written(tmp_path, monkeypatch, capsys):
     for block in blocks:
         exec(compile(block, "README.md", "exec"), scope)
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("2 Steps: 20, Sampler: ddim, CFG scale: 5.0")
+    assert out[0].startswith("2 Steps: 20, Sampler: DDIM, CFG scale: 5.0")
     assert out[1:] == [f"step {k}/20" for k in range(1, 6)] + ["cancelled after step 5 of 20"]
     assert len(scope["previews"]) == 1 and scope["previews"][0].size == (256, 256)
     assert Image.open("circle.png").size == (256, 256) and (tmp_path / "circle-with-settings.png").read_bytes() == \

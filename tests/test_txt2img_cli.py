@@ -154,9 +154,12 @@ def test_sampler_flags_reach_the_sampler(tiny_ckpts, tmp_path, capsys):
                          *flag], capsys)
         assert code == 0, err
         results[out.name] = pixels(out / "samples" / "00000.png")
-        from ldm.metadata import parse_parameters
-        fields = parse_parameters(Image.open(out / "samples" / "00000.png").text["parameters"])[2]
-        assert fields["Sampler"] == expected
+        from ldm.metadata import Infotext
+        from ldm.models.diffusion.sampler_names import sampler_label
+
+        info = Infotext.read(Image.open(out / "samples" / "00000.png").text["parameters"])
+        assert info.fields["Sampler"] == sampler_label(expected)  # A1111's name: "DPM++ 2M"
+        assert info.sampler() == (expected, "karras" if expected == "dpmpp_2m" else None)
     ddim = results.pop("ddim")
     for name, img in results.items():
         assert np.abs(img - ddim).mean() > 1.0, name

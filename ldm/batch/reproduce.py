@@ -13,33 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ldm import metadata
-from ldm.batch.prompts import parse_size
 from ldm.errors import SDError, note
 
 if TYPE_CHECKING:
     from ldm.plan import Job
-
-
-def parameters_text(path: str | Path) -> str:
-    """The "parameters" text of the PNG at `path`; SDError if it carries none."""
-    text = metadata.read_png_text(path).get(metadata.PARAMETERS_KEY)
-    if text is None:
-        raise SDError(f"{path} carries no generation parameters (no PNG \"{metadata.PARAMETERS_KEY}\" text chunk)")
-    return text
-
-
-def read_parameters(path: str | Path) -> tuple[str, str, dict[str, str]]:
-    """(prompt, negative prompt, fields) of the PNG at `path`; SDError if it carries none."""
-    return metadata.parse_parameters(parameters_text(path))
-
-
-def _field(fields: dict[str, str], key: str, cast: Callable, default, path: Path):
-    if key not in fields:
-        return default
-    try:
-        return cast(fields[key])
-    except ValueError:
-        raise SDError(f"{path}: its {key} '{fields[key]}' is not readable") from None
 
 
 def _note_flag_loras(prompt: str, recorded: str, path: Path) -> None:
@@ -76,37 +53,38 @@ def job_from_image(job: "Job", mode_name: str = "txt2img", sized: bool = True,
     path = Path(job.from_image)
     if job.from_file is not None:
         raise SDError("--from-image and --from-file both give the prompts; use one of them")
-    prompt, negative, fields = read_parameters(path)
+    info = metadata.Infotext.of_png(path)
+    try:
+        return _job_from(job, info, path, mode_name, sized, mode_fields)
+    except SDError as exc:
+        message = str(exc)
+        raise SDError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+
+
+def _job_from(job: "Job", info: metadata.Infotext, path: Path, mode_name: str, sized: bool,
+              mode_fields: Callable[[dict], None]) -> "Job":
+    prompt, negative, fields = info.prompt, info.negative_prompt, info.fields
     made_by = fields.get("Mode", "txt2img")
     if made_by != mode_name:
         raise SDError(f"{path} was made by `sd {made_by}`; reproduce it with that command")
-    try:
-        mode_fields(fields)
-    except SDError as exc:
-        raise SDError(f"{path}: {exc}") from None
-    width, height = (parse_size(fields["Size"], str(path), "Size") if sized and "Size" in fields
-                     else (job.W, job.H))
+    mode_fields(fields)
+    width, height = (info.size() if sized and "Size" in fields else (job.W, job.H))
+    sampler, schedule = info.sampler(job.sampling.sampler)
     sampling = dataclasses.replace(
-        job.sampling,
-        steps=_field(fields, "Steps", int, job.sampling.steps, path),
-        sampler=fields.get("Sampler", job.sampling.sampler),
-        schedule=fields.get("Schedule type"),
-        eta=_field(fields, "Eta", float, job.sampling.eta, path),
-        scale=_field(fields, "CFG scale", float, job.sampling.scale, path),
-    )
+        job.sampling, steps=info.number("Steps", int, job.sampling.steps), sampler=sampler, schedule=schedule,
+        eta=info.number("Eta", float, job.sampling.eta), scale=info.number("CFG scale", float, job.sampling.scale))
     _note_missing_embeddings(job, fields.get("TI hashes", ""), path)
     _note_flag_loras(prompt, fields.get("Lora hashes", ""), path)
-    batch_size = _field(fields, "Batch size", int, 1, path)
-    position = _field(fields, "Batch pos", int, 0, path)
+    batch_size, position = info.number("Batch size", int, 1), info.number("Batch pos", int, 0)
     if not 0 <= position < batch_size:
-        raise SDError(f"{path}: Batch pos {position} does not fit Batch size {batch_size}")
+        raise SDError(f"Batch pos {position} does not fit Batch size {batch_size}")
     if job.ckpt is not None and Path(job.ckpt).is_file() and "Model hash" in fields:
         ours = metadata.model_hash(job.ckpt)
         if ours != fields["Model hash"]:
             note(f"{path} was made with model hash {fields['Model hash']} ({fields.get('Model', '?')}), "
                  f"--ckpt has {ours}: the image will differ")
     return dataclasses.replace(
-        job, prompt=prompt, negative_prompt=negative, seed=_field(fields, "Seed", int, job.seed, path),
+        job, prompt=prompt, negative_prompt=negative, seed=info.number("Seed", int, job.seed),
         W=width, H=height, sampling=sampling,
         runtime=dataclasses.replace(job.runtime, precision=fields.get("Precision", job.runtime.precision)),
         emphasis={"No norm": "none", "None": "off"}.get(fields.get("Emphasis", ""), "original"),

@@ -15,13 +15,12 @@ def info(
     image: Annotated[Path, typer.Argument(help="A PNG written by sd (or by AUTOMATIC1111's web UI).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print {prompt, negative_prompt, settings} as JSON.")] = False,
 ) -> None:
-    from ldm.batch.reproduce import parameters_text
     from ldm import metadata
 
-    text = parameters_text(image)
+    text = metadata.parameters_of_png(image)
     if as_json:
-        prompt, negative, settings = metadata.parse_parameters(text)
-        record = {"prompt": prompt, "negative_prompt": negative, "settings": settings}
+        info = metadata.Infotext.read(text)
+        record = {"prompt": info.prompt, "negative_prompt": info.negative_prompt, "settings": info.fields}
         print(metadata.printable(json.dumps(record, ensure_ascii=False, indent=2), json_escapes=True))
     else:
         print(metadata.printable(text))

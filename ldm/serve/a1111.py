@@ -18,23 +18,11 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict
 
 from ldm import metadata
+from ldm.errors import SDError
 
-# A1111's sampler names -> (our sampler, schedule or None for the sampler's own). The older builds named
-# sampler and schedule together ("DPM++ 2M Karras"); newer ones send the schedule in `scheduler`.
-SAMPLER_NAMES = {
-    "DDIM": ("ddim", None), "PLMS": ("plms", None), "Euler": ("euler", None), "Euler a": ("euler_a", None),
-    "Heun": ("heun", None), "DPM2": ("dpm2", None), "DPM++ 2M": ("dpmpp_2m", None),
-    "DPM++ 2M SDE": ("dpmpp_2m_sde", None), "DPM++ 2M Karras": ("dpmpp_2m", "karras"),
-    "DPM++ 2M SDE Karras": ("dpmpp_2m_sde", "karras"), "Euler Karras": ("euler", "karras"),
-    "DPM-Solver": ("dpm", None), "DPM-Solver 3": ("dpm3", None),
-}
-SAMPLER_ALIASES = {"DDIM": ["ddim"], "PLMS": ["plms"], "Euler": ["euler", "k_euler"], "Euler a": ["euler_a", "k_euler_a"],
-                   "Heun": ["heun", "k_heun"], "DPM2": ["dpm2", "k_dpm_2"], "DPM++ 2M": ["dpmpp_2m", "k_dpmpp_2m"],
-                   "DPM++ 2M SDE": ["dpmpp_2m_sde", "k_dpmpp_2m_sde"], "DPM-Solver": ["dpm"], "DPM-Solver 3": ["dpm3"]}
-SCHEDULER_NAMES = {"automatic": None, "Automatic": None, "karras": "karras", "Karras": "karras",
-                   "exponential": "exponential", "Exponential": "exponential", "uniform": "uniform",
-                   "Uniform": "uniform", "normal": "uniform", "Normal": "uniform", "ddim_uniform": "ddim_uniform",
-                   "DDIM": "ddim_uniform", "time_uniform": "time_uniform", "logsnr": "logsnr"}
+# A1111's older aliases of its sampler names (what GET /samplers lists beside sd's own name).
+SAMPLER_ALIASES = {"Euler": ["k_euler"], "Euler a": ["k_euler_a"], "Heun": ["k_heun"], "DPM2": ["k_dpm_2"],
+                   "DPM++ 2M": ["k_dpmpp_2m"], "DPM++ 2M SDE": ["k_dpmpp_2m_sde"]}
 
 
 class RequestError(ValueError):
@@ -130,21 +118,13 @@ def refuse_unsupported(request: Txt2ImgRequest, current_model: str) -> None:
 
 
 def sampler_of(request: Txt2ImgRequest) -> tuple[str, Optional[str]]:
-    """(our sampler, schedule) for the request's A1111 sampler and scheduler names (ours work too)."""
-    from ldm.models.diffusion.sampler_names import SAMPLER_INFO
+    """(our sampler, schedule) for the request's sampler and scheduler names, A1111's or sd's."""
+    from ldm.models.diffusion.sampler_names import sampler_of_name
 
-    name = request.sampler_name or request.sampler_index or "Euler a"
-    if name in SAMPLER_NAMES:
-        sampler, schedule = SAMPLER_NAMES[name]
-    elif name in SAMPLER_INFO:
-        sampler, schedule = name, None
-    else:
-        raise RequestError(f"unknown sampler_name '{name}' (one of {', '.join(SAMPLER_NAMES)})")
-    if request.scheduler not in (None, ""):
-        if request.scheduler not in SCHEDULER_NAMES:
-            raise RequestError(f"unknown scheduler '{request.scheduler}' (one of {', '.join(SCHEDULER_NAMES)})")
-        schedule = SCHEDULER_NAMES[request.scheduler] or schedule
-    return sampler, schedule
+    try:
+        return sampler_of_name(request.sampler_name or request.sampler_index or "Euler a", request.scheduler)
+    except SDError as exc:
+        raise RequestError(str(exc)) from None
 
 
 def settings_of(request: Txt2ImgRequest) -> dict:
@@ -197,17 +177,17 @@ def info_of(request: Txt2ImgRequest, images: list, model_hash: str, model_name: 
             interrupted: bool = False) -> str:
     """A1111's `info`: a JSON string with the seeds and one "parameters" text per image."""
     first = images[0] if images else None
-    fields = metadata.parse_parameters(first.parameters)[2] if first else {}
-    size = fields.get("Size", "x").split("x")
+    info = metadata.Infotext.read(first.parameters) if first else metadata.Infotext()
+    width, height = info.size() or (request.width, request.height)
     return json.dumps({
         "prompt": request.prompt, "all_prompts": [request.prompt] * len(images),
         "negative_prompt": request.negative_prompt, "all_negative_prompts": [request.negative_prompt] * len(images),
         "seed": first.seed if first else request.seed, "all_seeds": [image.seed for image in images],
         "subseed": -1, "all_subseeds": [-1] * len(images), "subseed_strength": 0,
-        "width": int(size[0]) if size[0] else request.width, "height": int(size[1]) if size[1] else request.height,
-        "sampler_name": request.sampler_name or request.sampler_index or "Euler a",
-        "cfg_scale": float(fields["CFG scale"]) if "CFG scale" in fields else request.cfg_scale,
-        "steps": int(fields["Steps"]) if "Steps" in fields else request.steps,
+        "width": width, "height": height,
+        "sampler_name": info.fields.get("Sampler", request.sampler_name or request.sampler_index or "Euler a"),
+        "cfg_scale": info.number("CFG scale", float, request.cfg_scale),
+        "steps": info.number("Steps", int, request.steps),
         "batch_size": request.batch_size, "restore_faces": False, "sd_model_name": model_name,
         "sd_model_hash": model_hash, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": getattr(request, "denoising_strength", None), "extra_generation_params": {},

@@ -109,11 +109,10 @@ def only_masked(original: Image.Image, mask: Image.Image, box, result: Generated
     """The full picture with a crop's result pasted into its masked part, watermarked as a whole, and the
     parameters text of the whole picture (its size, A1111's "Inpaint area" fields)."""
     pasted = imageio.apply_watermark(masks.paste_back(original, result.image, box, mask))
-    prompt, negative, fields = metadata.parse_parameters(result.parameters)
-    fields.update({"Size": f"{original.width}x{original.height}", "Inpaint area": "Only masked",
-                   "Masked area padding": padding})
-    return GeneratedImage(pasted, result.seed, metadata.format_parameters(prompt, negative, fields), result.index,
-                          result.batch_size, result.position)
+    info = metadata.Infotext.read(result.parameters)
+    info.fields.update({"Size": f"{original.width}x{original.height}", "Inpaint area": "Only masked",
+                        "Masked area padding": padding})
+    return GeneratedImage(pasted, result.seed, info.text(), result.index, result.batch_size, result.position)
 
 
 def png_info(server, body: dict) -> dict:
@@ -125,8 +124,8 @@ def png_info(server, body: dict) -> dict:
     text = texts.get(metadata.PARAMETERS_KEY, "")
     parameters = {}
     if text:
-        prompt, negative, fields = metadata.parse_parameters(text)
-        parameters = {"Prompt": prompt, "Negative prompt": negative, **fields}
+        info = metadata.Infotext.read(text)
+        parameters = {"Prompt": info.prompt, "Negative prompt": info.negative_prompt, **info.fields}
     return {"info": text, "items": {k: v for k, v in texts.items() if k != metadata.PARAMETERS_KEY},
             "parameters": parameters}
 
@@ -149,18 +148,16 @@ def progress(server) -> dict:
 def samplers() -> list[dict]:
     from ldm.models.diffusion.sampler_names import SAMPLER_INFO
 
-    listed = [{"name": name, "aliases": a1111.SAMPLER_ALIASES.get(name, []), "options": {}}
-              for name, (ours, schedule) in a1111.SAMPLER_NAMES.items() if schedule is None]
-    return listed + [{"name": name, "aliases": [], "options": {}} for name in SAMPLER_INFO
-                     if name not in {a for entry in a1111.SAMPLER_ALIASES.values() for a in entry}]
+    return [{"name": info.label, "aliases": [name, *a1111.SAMPLER_ALIASES.get(info.label, [])], "options": {}}
+            for name, info in SAMPLER_INFO.items()]
 
 
 def schedulers() -> list[dict]:
-    from ldm.models.diffusion.sampler_names import SCHEDULE_INFO
+    from ldm.models.diffusion.sampler_names import SCHEDULE_LABELS
 
     return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}] + [
-        {"name": name, "label": name, "aliases": None, "default_rho": -1, "need_inner_model": False}
-        for name in SCHEDULE_INFO]
+        {"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+        for name, label in SCHEDULE_LABELS.items()]
 
 
 def router(server) -> APIRouter:

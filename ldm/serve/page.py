@@ -214,14 +214,14 @@ def _mask_of(edited) -> tuple[Image.Image, Image.Image]:
     return background, Image.fromarray(np.where(alpha > 0, 255, 0).astype(np.uint8))
 
 
-def _number(fields: dict, key: str, cast, low, high):
+def _number(info: metadata.Infotext, key: str, cast, low, high):
     """A parameters field as a control's value, or no change where it is missing, unreadable (Steps: 1e999)
     or outside the control's range: a crafted PNG must not break the page."""
     try:
-        value = cast(fields[key])
-    except (KeyError, ValueError, OverflowError):
+        value = info.number(key, cast)
+    except SDError:
         return gr.update()
-    return value if low <= value <= high else gr.update()
+    return value if value is not None and low <= value <= high else gr.update()
 
 
 def page_theme() -> gr.themes.Theme:
@@ -307,14 +307,19 @@ def png_info_tab(tabs, prompt, controls: dict) -> None:
     def to_txt2img(parameters: str):
         from ldm.limits import SEED_MAX
 
-        prompt_text, negative, fields = metadata.parse_parameters(parameters or "")
-        width, height = (fields.get("Size", "x").split("x") + [""])[:2]
-        fields.update(Width=width, Height=height)
-        return [gr.Tabs(selected="txt2img"), prompt_text, negative,
-                fields.get("Sampler", gr.update()), _number(fields, "Steps", int, 1, 150),
-                _number(fields, "CFG scale", float, 1.0, 20.0), _number(fields, "Seed", int, -1, SEED_MAX),
-                _number(fields, "Width", int, 256, 1024), _number(fields, "Height", int, 256, 1024)]
+        info = metadata.Infotext.read(parameters or "")
+        width, height = (str(info.fields.get("Size", "x")).split("x") + [""])[:2]
+        info.fields.update(Width=width, Height=height)
+        try:
+            sampler, schedule = info.sampler() if "Sampler" in info.fields else (gr.update(), gr.update())
+        except SDError:  # a sampler sd does not have: the controls keep theirs
+            sampler, schedule = gr.update(), gr.update()
+        return [gr.Tabs(selected="txt2img"), info.prompt, info.negative_prompt, sampler,
+                "sampler's own" if schedule is None else schedule, _number(info, "Steps", int, 1, 150),
+                _number(info, "CFG scale", float, 1.0, 20.0), _number(info, "Seed", int, -1, SEED_MAX),
+                _number(info, "Width", int, 256, 1024), _number(info, "Height", int, 256, 1024)]
 
     upload.change(read, upload, text)
-    send.click(to_txt2img, text, [tabs, prompt, controls["negative_prompt"], controls["sampler"], controls["steps"],
-                                  controls["scale"], controls["seed"], controls["width"], controls["height"]])
+    send.click(to_txt2img, text, [tabs, prompt, controls["negative_prompt"], controls["sampler"], controls["schedule"],
+                                  controls["steps"], controls["scale"], controls["seed"], controls["width"],
+                                  controls["height"]])

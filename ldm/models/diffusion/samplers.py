@@ -314,6 +314,7 @@ class SamplerSpec:
     steps: int
     eta: Optional[float] = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    label: str = ""
 
 
 _STEP_RULES = {"ddim": sample_ddim, "plms": sample_plms, "dpm": sample_dpm_solver, "dpm3": sample_dpm_solver,

@@ -41,5 +41,5 @@ setup(
         # peft: diffusers' LoRA loading, the independent implementation the LoRA merge is checked against
         "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "webuiapi", "playwright", "requests", "peft"],
     },
-    entry_points={"console_scripts": ["sd=ldm.entry:main"]},
+    entry_points={"console_scripts": ["sd=ldm.cli.entry:main"]},
 )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.loading import load_model
+from ldm.loading.build import load_model
 from ldm.training.evaluate import contact_sheet, evaluate
 from ldm.training.plot import plot_losses, read_losses
 

@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fullsize import checkpoint_for  # noqa: E402
 
-from ldm import detect  # noqa: E402
+from ldm.loading import detect  # noqa: E402
 from ldm.pipeline import Pipeline  # noqa: E402
-from ldm.runtime import autocast_context  # noqa: E402
+from ldm.runtime.policy import autocast_context  # noqa: E402
 
 
 def resident_gib() -> float:

@@ -45,11 +45,12 @@ class Timer:
 def run_sd(args: dict) -> dict:
     import torch
 
-    from ldm import imageio
-    from ldm.loading import load_model
+    from ldm.files import imageio
+    from ldm.loading.build import load_model
     from ldm.plan import SamplingSettings
-    from ldm.runtime import RuntimeOptions, autocast_context
-    from ldm.sampling import PromptEncoder, sample_latents, start_noise
+    from ldm.runtime.policy import RuntimeOptions, autocast_context
+    from ldm.sampling import sample_latents, start_noise
+    from ldm.text.encoder import PromptEncoder
 
     timer = Timer()
     backend = "openvino" if args["variant"] == "sd-openvino" else "torch"
@@ -75,7 +76,7 @@ def run_diffusers(args: dict) -> dict:
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from ldm.modules.encoders.tokenizer import get_tokenizer
+    from ldm.text.tokenizer import get_tokenizer
     from peer import load_pretrained_peer
 
     timer = Timer()
@@ -140,7 +141,7 @@ def diffusers_folder(config: Path, ckpt: Path, out: Path) -> Path:
     optimum-intel's exporter can read it offline."""
     from peer import save_pretrained_peer
 
-    from ldm.modules.encoders.tokenizer import get_tokenizer
+    from ldm.text.tokenizer import get_tokenizer
 
     save_pretrained_peer(config, ckpt, out)
     tok = get_tokenizer(77)
@@ -214,7 +215,7 @@ def main() -> None:
 
 
 def report(results: dict, ns) -> str:
-    from ldm.runtime import cpu_flags
+    from ldm.runtime.policy import cpu_flags
 
     flags = cpu_flags()
     isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)

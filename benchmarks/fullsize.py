@@ -36,7 +36,7 @@ def cache_dir() -> Path:
 
 def model_layout(config_path: Path) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], dict[str, torch.Tensor]]:
     """(key -> (shape, dtype)) of the config's model, and the true values of its schedule buffers."""
-    from ldm.checkpoint import build_on_meta
+    from ldm.loading.checkpoint import build_on_meta
     from ldm.modules.diffusionmodules.noise_schedule import make_beta_schedule, register_schedule
     from ldm.util import load_config
 

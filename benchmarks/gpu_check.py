@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from ldm.loading import load_model  # noqa: E402
-from ldm.runtime import RuntimeOptions  # noqa: E402
+from ldm.loading.build import load_model  # noqa: E402
+from ldm.runtime.policy import RuntimeOptions  # noqa: E402
 
 
 class Check:
@@ -76,7 +76,7 @@ def unet_steps(check: Check) -> None:
     """sd's UNet against diffusers' on the same weights, per precision, size and compile setting."""
     from peer import diffusers_unet
 
-    from ldm.checkpoint import read_state_dict
+    from ldm.loading.checkpoint import read_state_dict
 
     config, ckpt = check.checkpoint("eps")
     check.lines += ["## UNet guidance step (batch 2)", "",

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fullsize import checkpoint_for  # noqa: E402
 
-from ldm.loading import load_model  # noqa: E402
-from ldm.runtime import RuntimeOptions  # noqa: E402
+from ldm.loading.build import load_model  # noqa: E402
+from ldm.runtime.policy import RuntimeOptions  # noqa: E402
 
 
 def main(turns: int = 4) -> None:
@@ -50,7 +50,7 @@ def main(turns: int = 4) -> None:
         with torch.inference_mode():
             unet(x, t, c)  # conversion and compile happen on the first call
             if opts.precision == "int8-ptq":  # calibration: the calls of a run, latents shrinking with t
-                from ldm import openvino_backend
+                from ldm.runtime import openvino as openvino_backend
 
                 for k in range(1, openvino_backend.CALIBRATION_CALLS):
                     level = 999.0 * (1 - k / openvino_backend.CALIBRATION_CALLS)

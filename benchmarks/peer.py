@@ -76,7 +76,7 @@ def transformers_text_encoder(checkpoint: dict, dtype: torch.dtype):
 
 def save_pretrained_peer(config_path: Path, ckpt: Path, out: Path) -> Path:
     """The peer's own on-disk format (diffusers folders, safetensors), written once, for its load time."""
-    from ldm.checkpoint import read_state_dict
+    from ldm.loading.checkpoint import read_state_dict
 
     if (out / "done").exists():
         return out

@@ -49,8 +49,8 @@ def psnr(a, b) -> float:
 
 # ---------------------------------------------------------------------------------- child workers
 def _sd_model(config, ckpt, precision, **opts):
-    from ldm.loading import load_model
-    from ldm.runtime import RuntimeOptions
+    from ldm.loading.build import load_model
+    from ldm.runtime.policy import RuntimeOptions
     return load_model(config, ckpt, RuntimeOptions(device="cpu", precision=precision, **opts))
 
 
@@ -58,9 +58,9 @@ def build_unet_variants(names: list[str], ckpt: Path):
     """name -> callable(x, t, context) for the UNet variants asked for (sharing weights where they can)."""
     import torch
 
-    from ldm.checkpoint import read_state_dict
-    from ldm.fastpath import speed_up
-    from ldm.runtime import RuntimeOptions, resolve_precision
+    from ldm.loading.checkpoint import read_state_dict
+    from ldm.runtime.fastpath import speed_up
+    from ldm.runtime.policy import RuntimeOptions, resolve_precision
     from peer import diffusers_unet
 
     calls = {}
@@ -146,7 +146,7 @@ def worker_unet(args: dict) -> dict:
 def worker_vae(args: dict) -> dict:
     import torch
 
-    from ldm.checkpoint import read_state_dict
+    from ldm.loading.checkpoint import read_state_dict
     from peer import diffusers_vae
 
     ckpt = Path(args["ckpt"])
@@ -177,8 +177,8 @@ def worker_load(args: dict) -> dict:
     import torch  # noqa: F401
     if args["who"] == "sd":
         import ldm.models.diffusion.ddpm  # noqa: F401
-        from ldm.loading import load_model
-        from ldm.runtime import RuntimeOptions
+        from ldm.loading.build import load_model
+        from ldm.runtime.policy import RuntimeOptions
         imported = time.perf_counter()
         load_model(args["config"], args["ckpt"], RuntimeOptions(device="cpu", precision=args["precision"]))
     else:
@@ -197,11 +197,12 @@ def worker_e2e(args: dict) -> dict:
 
     import torch
 
-    from ldm import imageio
+    from ldm.files import imageio
     from ldm.plan import Item, SamplingSettings
-    from ldm.sampling import PromptEncoder, sample_latents, start_noise
-    from ldm.loading import load_model
-    from ldm.runtime import RuntimeOptions, autocast_context
+    from ldm.sampling import sample_latents, start_noise
+    from ldm.text.encoder import PromptEncoder
+    from ldm.loading.build import load_model
+    from ldm.runtime.policy import RuntimeOptions, autocast_context
 
     split = {}
     start = time.perf_counter()
@@ -250,7 +251,7 @@ def child(task: str, args: dict, python: str = sys.executable, env: dict | None 
 
 
 def machine() -> str:
-    from ldm.runtime import cpu_flags
+    from ldm.runtime.policy import cpu_flags
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     flags = cpu_flags()
     isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16") if f in flags)

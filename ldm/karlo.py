@@ -218,7 +218,7 @@ def read_clip_file(path: Path) -> dict[str, torch.Tensor]:
     Python) or of a plain state dict (.pt zip / .safetensors); OpenAI's three scalar entries dropped."""
     import zipfile
 
-    from ldm.checkpoint import read_state_dict
+    from ldm.loading.checkpoint import read_state_dict
 
     if not Path(path).is_file():
         raise SDError(f"CLIP text encoder file not found: {path}")
@@ -239,7 +239,7 @@ def read_clip_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_strict(model: nn.Module, state_dict: dict, path: Path, what: str) -> nn.Module:
-    from ldm.checkpoint import assign_weights
+    from ldm.loading.checkpoint import assign_weights
 
     return assign_weights(model, state_dict, str(path), what).float()
 
@@ -257,7 +257,7 @@ class TextToImageEmbedding:
 
     def tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(token ids (N, 77), mask (N, 77), True on the start, text and end tokens), as Karlo pads them."""
-        from ldm.modules.encoders.tokenizer import get_tokenizer
+        from ldm.text.tokenizer import get_tokenizer
 
         ctx = self.prior.model.text_ctx
         tokenizer = get_tokenizer(ctx)
@@ -279,7 +279,7 @@ def load_prior(ckpt: str | Path, stats: tuple[torch.Tensor, torch.Tensor], clip:
                text_model=None) -> TextToImageEmbedding:
     """The prior from its checkpoint (strict, offline), with its CLIP text tower from `clip` (ViT-L-14.pt), else
     ViT-L-14.pt beside the prior, else `text_model` (unCLIP-L's own embedder: the same frozen OpenAI ViT-L/14)."""
-    from ldm.checkpoint import build_on_meta, read_state_dict
+    from ldm.loading.checkpoint import build_on_meta, read_state_dict
     from ldm.util import OmegaConf
 
     ckpt = Path(ckpt)

@@ -8,7 +8,7 @@
 
 Every front end is a layer over this module: the commands and the batch runner (ldm.batch) call
 `Pipeline.session` for each run, the server calls the per-task methods. Each task's defaults (the
-reference's, or the demo model's own) come from ldm.families, so the same few arguments make the same
+reference's, or the demo model's own) come from ldm.loading.families, so the same few arguments make the same
 image from the command line and from Python. Nothing here reads a command line or writes a file.
 """
 from __future__ import annotations
@@ -23,12 +23,17 @@ from typing import Callable, Optional
 import torch
 from PIL import Image
 
-from ldm import families, imageio, metadata
+from ldm.loading import families
+
+from ldm.files import imageio
+
+from ldm.files import metadata
 from ldm.errors import SDError
 from ldm.limits import Limits
 from ldm.plan import Batch, Job, SamplingSettings, make_plan
-from ldm.runtime import OPENVINO_INT8, RuntimeOptions, autocast_context
-from ldm.sampling import PromptEncoder, sample_latents, start_noise
+from ldm.runtime.policy import OPENVINO_INT8, RuntimeOptions, autocast_context
+from ldm.sampling import sample_latents, start_noise
+from ldm.text.encoder import PromptEncoder
 from ldm.tasks import Depth2Img, Img2Img, Inpaint, PriorTxt2Img, Task, Txt2Img, Upscale, Variations, image_job
 from ldm.tasks.base import ImageInput, is_unclip
 
@@ -74,7 +79,7 @@ class Pipeline:
     """A loaded model and the generating tasks on it; see Pipeline.load."""
 
     def __init__(self, model, choice, options: RuntimeOptions):
-        from ldm.lora import Merged
+        from ldm.adapters.lora import Merged
 
         self.model, self.choice, self.options = model, choice, options
         self.loras = Merged(model)  # the LoRAs merged into this model's weights (undone exactly when others come)
@@ -104,7 +109,7 @@ class Pipeline:
 
     @staticmethod
     def _read(options: RuntimeOptions, ckpt, config, task: str, quiet: bool):
-        from ldm.detect import choose_files, load_chosen
+        from ldm.loading.detect import choose_files, load_chosen
 
         options.check()
         config, ckpt, demo = choose_files(config, ckpt, task, quiet)
@@ -114,7 +119,7 @@ class Pipeline:
                    quiet: bool = False) -> None:
         """Replace the loaded model by another checkpoint (same device and precision). The first model is
         released before the second is read, so the two never take memory at once."""
-        from ldm.lora import Merged
+        from ldm.adapters.lora import Merged
 
         self.close()
         self.model, self.choice = self._read(self.options, ckpt, config, "txt2img", quiet)
@@ -122,7 +127,7 @@ class Pipeline:
 
     def close(self) -> None:
         """Drop the model and give its memory back (measured, docs/benchmarks.md); load_model loads another."""
-        from ldm.loading import release_memory
+        from ldm.loading.build import release_memory
 
         self.model = self.choice = self.loras = self.prior = None
         release_memory()
@@ -149,7 +154,7 @@ class Pipeline:
         return self.choice.native_size
 
     def defaults(self, task: str) -> dict:
-        """The settings `task` uses when none are given, for this model (ldm.families)."""
+        """The settings `task` uses when none are given, for this model (ldm.loading.families)."""
         return families.task_defaults(task, self.demo)
 
     # -- the tasks ------------------------------------------------------------------------------------
@@ -264,6 +269,14 @@ class Pipeline:
             raise
         return images
 
+    @classmethod
+    def open_session(cls, job: Job, task: Task, device=None) -> "Session":
+        """Load the job's model (on `device`, default the job's) and prepare the task on it: a batch run's
+        start. The session's job has the model's config and, where --H/--W was left out, its native size."""
+        options = job.runtime if device is None else dataclasses.replace(job.runtime, device=str(device))
+        pipeline = cls.open(job.ckpt, job.config, options, task=task.name)
+        return pipeline.session(dataclasses.replace(job.sized(pipeline.native_size), config=pipeline.config), task)
+
     def session(self, job: Job, task: Task) -> "Session":
         """A run of `job` on this model: the task prepared, prompts encoded once each (the batch runner's
         unit: it calls Session.images batch by batch)."""
@@ -312,7 +325,7 @@ class Session:
             raise SDError(f"--C {job.C} / --f {job.f} do not fit the model (it has {model.latent_channels} latent "
                           f"channels and factor {model.downsampling_factor})")
         task.prepare(model, job, self.device)
-        from ldm.textual_inversion import load_folder
+        from ldm.adapters.textual_inversion import load_folder
 
         folder, asked = job.embeddings_dir()
         self.embeddings = load_folder(folder, model.cond_stage_model.model.token_embedding.weight.shape[1], asked)
@@ -335,7 +348,7 @@ class Session:
         item, s = batch.items[position], batch.sampling
         width, height = self.task.image_size(self.job.for_batch(batch))
         several = len(batch.items) > 1  # A1111 writes the batch fields only for batches of several images
-        from ldm.textual_inversion import used_in
+        from ldm.adapters.textual_inversion import used_in
 
         used = used_in([item.prompt, item.negative_prompt], self.embeddings)
         ti = ", ".join(f"{e.name}: {e.hash}" for e in used) or None  # A1111's "TI hashes" field
@@ -398,7 +411,7 @@ class Session:
         return imageio.tensor_to_pil(images.cpu())
 
     def eta_of(self, sampling: SamplingSettings) -> float:
-        """The eta a batch runs with, and records (ldm.families.resolve_eta)."""
+        """The eta a batch runs with, and records (ldm.loading.families.resolve_eta)."""
         return families.resolve_eta(self.task.name, self.pipeline.demo, sampling.sampler, sampling.eta)
 
     def check_finite(self, values: torch.Tensor, what: str, items) -> None:

@@ -20,10 +20,10 @@ import torch
 from ldm.batch.prompts import PromptLine, read_prompt_lines
 from ldm.errors import SDError
 from ldm.limits import MAX_ETA, MAX_SCALE, SEED_MAX, Limits, check_number, check_seed
-from ldm.runtime import RuntimeOptions
+from ldm.runtime.policy import RuntimeOptions
 
 if TYPE_CHECKING:
-    from ldm.lora import LoraPlan
+    from ldm.adapters.lora import LoraPlan
 
 
 @dataclass
@@ -31,7 +31,7 @@ class SamplingSettings:
     steps: int = 50
     sampler: str = "ddim"
     schedule: Optional[str] = None  # None: the sampler's own default
-    eta: Optional[float] = None  # None: the task's or the sampler's own (ldm.families.resolve_eta)
+    eta: Optional[float] = None  # None: the task's or the sampler's own (ldm.loading.families.resolve_eta)
     scale: float = 9.0
 
 
@@ -147,11 +147,11 @@ class Job:
     C: int
     f: int
     outdir: Path
-    config: Optional[Path]  # None: chosen from the checkpoint's keys (ldm.detect)
+    config: Optional[Path]  # None: chosen from the checkpoint's keys (ldm.loading.detect)
     ckpt: Optional[Path]
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # --device, --precision, the fast paths
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    emphasis: str = "original"  # --emphasis: original | none | off (ldm.modules.encoders.prompt_chunks)
+    emphasis: str = "original"  # --emphasis: original | none | off (ldm.text.chunks)
     embeddings: Optional[Path] = None  # --embeddings DIR (None: embeddings/ beside the checkpoints folder)
     loras: tuple = ()  # --lora FILE[:W], for every image
     lora_dir: Optional[Path] = None  # --lora-dir: where <lora:NAME:W> finds NAME (None: loras/ beside the checkpoints)
@@ -183,7 +183,7 @@ class Job:
     def check(self) -> list[str]:
         """Validate every input that needs no model; returns the prompts."""
         from ldm.models.diffusion.sampler_names import check_sampler
-        from ldm.modules.encoders.prompt_chunks import check_prompt
+        from ldm.text.chunks import check_prompt
 
         self.runtime.check()
 
@@ -259,7 +259,7 @@ class Job:
     def lora_files(self) -> "LoraPlan":
         """The run's LoRA files: --lora ones for every image, <lora:NAME:...> tags looked up in the LoRA
         folder (checked here, before any model loads)."""
-        from ldm.lora import LoraPlan
+        from ldm.adapters.lora import LoraPlan
 
         if "_loras" not in self.__dict__:
             folder = Path(self.lora_dir) if self.lora_dir is not None else (

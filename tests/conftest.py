@@ -28,19 +28,19 @@ def tiny_ckpts(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def agreeing_probe(request, monkeypatch):
-    """Tiny random-weight UNets predict neither eps nor v, so ldm.detect's probe would call every explicit
+    """Tiny random-weight UNets predict neither eps nor v, so ldm.loading.detect's probe would call every explicit
     tiny config wrong. Unless a test is marked `real_probe`, the probe agrees with the loaded config; the
     probe itself is tested on analytic UNets and the demo model (tests/test_detect.py)."""
     if request.node.get_closest_marker("real_probe"):
         return
-    import ldm.detect
+    import ldm.loading.detect
 
-    monkeypatch.setattr(ldm.detect, "probe_parameterization",
+    monkeypatch.setattr(ldm.loading.detect, "probe_parameterization",
                         lambda model: (model.parameterization, 1.0 if model.parameterization == "eps" else 0.0))
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "real_probe: run ldm.detect's eps/v probe for real (see agreeing_probe)")
+    config.addinivalue_line("markers", "real_probe: run ldm.loading.detect's eps/v probe for real (see agreeing_probe)")
 
 
 def smooth_photo() -> np.ndarray:

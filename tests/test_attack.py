@@ -118,7 +118,7 @@ def small_lora(width=8, rank=2, **changes):
 
 
 def test_lora_names_are_names_in_the_folder_and_nothing_else(tmp_path):
-    from ldm.lora import LoraPlan
+    from ldm.adapters.lora import LoraPlan
 
     folder = tmp_path / "loras"
     lora_file(folder / "style.safetensors", small_lora())
@@ -158,7 +158,7 @@ def test_a_lora_tag_that_climbs_out_is_a_4xx_with_the_missing_ones_text(tmp_path
 def reference_weights(text: str) -> list:
     """A1111's bracket rule as first written here (quadratic: every close multiplies all pieces after its
     open), the independent check of the linear parser."""
-    from ldm.prompt_syntax import _BREAK, _PIECE, BREAK, BREAK_MARK, ROUND, SQUARE, _merged, _number
+    from ldm.text.syntax import _BREAK, _PIECE, BREAK, BREAK_MARK, ROUND, SQUARE, _merged, _number
 
     out, rounds, squares = [], [], []
 
@@ -192,7 +192,7 @@ def reference_weights(text: str) -> list:
 
 
 def test_the_linear_parser_gives_the_rules_weights_bit_for_bit():
-    from ldm.prompt_syntax import parse_weights
+    from ldm.text.syntax import parse_weights
 
     parts = ["(", ")", "[", "]", ":1.3)", ":0.5)", "a", "b c", " ", "\\(", "\\", "BREAK", " BREAK ", ",", ":", "\\\\"]
     rng = random.Random(0)
@@ -211,8 +211,8 @@ def finishes(code: str, seconds: float = 60) -> str:
 def test_prompts_built_to_be_slow_are_refused_or_parsed_at_once():
     out = finishes("""
 from ldm.errors import SDError
-from ldm.prompt_syntax import parse_weights
-from ldm.modules.encoders.prompt_chunks import check_prompt
+from ldm.text.syntax import parse_weights
+from ldm.text.chunks import check_prompt
 for prompt in ["(x " * 20000, "(x:1" * 200]:
     try:
         parse_weights(prompt); print("parsed")
@@ -243,7 +243,7 @@ def test_long_words_take_the_heap_bpe_and_get_the_same_tokens():
             symbols = "".join(tok._byte_symbols[b] for b in word.encode())
             parts = list(symbols[:-1]) + [symbols[-1] + T._END_OF_WORD]
             assert T._bpe_long(list(parts), tok._ranks) == T._bpe(list(parts), tok._ranks)
-    assert len(finishes("from ldm.modules.encoders.tokenizer import get_tokenizer\nimport random\n"
+    assert len(finishes("from ldm.text.tokenizer import get_tokenizer\nimport random\n"
                         "r = random.Random(0)\nprint(len(get_tokenizer().encode(''.join(r.choice('abcdefghij') "
                         "for _ in range(45000)))))", 60).strip()) > 0
 
@@ -284,7 +284,7 @@ def test_an_interrupt_reaches_the_text_encoder(tiny_ckpts):
     ("<lora:x:1:inf>", "not a finite number up to 100"),
 ])
 def test_absurd_weights_are_refused_before_the_load(prompt, says):
-    from ldm.modules.encoders.prompt_chunks import check_prompt
+    from ldm.text.chunks import check_prompt
 
     if says is None:  # deep but finite, or a product past the bound: one line either way, or accepted
         try:
@@ -306,7 +306,7 @@ def test_absurd_weights_are_refused_before_the_load(prompt, says):
     ({"lora_unet_nowhere.alpha": torch.ones(3)}, "has 3 values, not one"),
 ])
 def test_damaged_lora_files_are_one_line(tmp_path, change, says):
-    from ldm.lora import read_lora
+    from ldm.adapters.lora import read_lora
 
     with pytest.raises(SDError, match=re.escape(says)):
         read_lora(lora_file(tmp_path / "bad.safetensors", small_lora(**change)))
@@ -403,7 +403,7 @@ def test_unclip_weights_that_would_overflow_their_sum_are_one_line():
 
 @pytest.mark.parametrize("where", ["cache/sd/openvino", "cache/sd", "cache"])
 def test_an_openvino_cache_folder_that_is_a_file_is_one_line(tmp_path, monkeypatch, where):
-    from ldm.openvino_backend import _ready_cache_dir
+    from ldm.runtime.openvino import _ready_cache_dir
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     (tmp_path / where).parent.mkdir(parents=True, exist_ok=True)
@@ -411,7 +411,7 @@ def test_an_openvino_cache_folder_that_is_a_file_is_one_line(tmp_path, monkeypat
     with pytest.raises(SDError, match="the OpenVINO cache: cannot write to .*(exists and is not a folder|Not a "
                                       "directory).*XDG_CACHE_HOME"):
         _ready_cache_dir()
-    from ldm.fastpath import compile_cache_dir, enable_compile_cache
+    from ldm.runtime.fastpath import compile_cache_dir, enable_compile_cache
 
     if where != "cache/sd/openvino":  # --compile's cache is cache/sd/inductor
         with pytest.raises(SDError, match="--compile's cache: cannot write to"):
@@ -428,8 +428,8 @@ def deflated_copy(source: Path, target: Path) -> Path:
 
 
 def test_a_small_deflated_file_claiming_a_huge_tensor_is_refused_unread(tmp_path):
-    from ldm.lora import read_lora
-    from ldm.textual_inversion import load_embedding
+    from ldm.adapters.lora import read_lora
+    from ldm.adapters.textual_inversion import load_embedding
 
     big = tmp_path / "big.pt"
     torch.save({"string_to_param": {"*": torch.zeros(80 * 2 ** 20 // 4)}}, big)
@@ -443,8 +443,8 @@ def test_a_small_deflated_file_claiming_a_huge_tensor_is_refused_unread(tmp_path
 
 
 def test_a_tensor_claiming_more_than_it_stores_is_refused_before_any_copy(tmp_path):
-    from ldm.checkpoint import read_state_dict
-    from ldm.textual_inversion import load_embedding
+    from ldm.loading.checkpoint import read_state_dict
+    from ldm.adapters.textual_inversion import load_embedding
 
     torch.save({"state_dict": {"x": torch.zeros(1).expand(100000, 100000, 1, 1)}}, tmp_path / "expand.ckpt")
     with pytest.raises(SDError, match=r"claims shape \(100000, 100000, 1, 1\) \(40000000000 bytes\) but stores 4"):
@@ -496,8 +496,8 @@ def test_damaged_cached_models_are_noticed_and_converted_again(tiny_ckpts, ov_ca
 
 def test_two_processes_converting_one_model_share_the_conversion(tiny_ckpts, ov_cache, tmp_path):
     entry = tiny_ckpts["eps"]
-    code = (f"from ldm.pipeline import Pipeline\nimport ldm.detect\n"
-            f"ldm.detect.probe_parameterization = lambda m: (m.parameterization, 1.0)\n"
+    code = (f"from ldm.pipeline import Pipeline\nimport ldm.loading.detect\n"
+            f"ldm.loading.detect.probe_parameterization = lambda m: (m.parameterization, 1.0)\n"
             f"p = Pipeline.load({str(entry['safetensors'])!r}, {entry['config']!r}, device='cpu', precision='full', "
             f"backend='openvino', quiet=True)\n"
             f"import sys; sys.stdout.buffer.write(p.txt2img('a red cube', seed=5, steps=2, width=256, height=256)[0].png())")
@@ -513,7 +513,7 @@ def test_two_processes_converting_one_model_share_the_conversion(tiny_ckpts, ov_
 
 # -- 8. pictures that would load black ---------------------------------------------------------------------------
 def test_32_bit_integer_and_float_pictures_load_by_their_range(tmp_path, capsys):
-    from ldm.imageio import load_image
+    from ldm.files.imageio import load_image
 
     ramp = (np.arange(64 * 64).reshape(64, 64) % 256).astype(np.float64)
     cases = {"i8.tif": Image.fromarray(ramp.astype(np.int32), "I"),

@@ -107,7 +107,7 @@ def test_bad_prompt_files_fail_up_front_in_one_line(case, content, message, tmp_
 # ------------------------------------------------------------------------------------------- plan
 def job(tmp_path, **kw):
     from ldm.plan import Job, SamplingSettings
-    from ldm.runtime import RuntimeOptions
+    from ldm.runtime.policy import RuntimeOptions
 
     base = dict(prompt="p", negative_prompt="", from_file=None, repeat=1, n_samples=2, n_iter=1, n_rows=0, seed=10,
                 fixed_code=False, H=256, W=256, C=4, f=8, outdir=tmp_path, config=Path("c.yaml"), ckpt=None,
@@ -140,7 +140,7 @@ def test_plan_seeds_batches_and_line_settings(tmp_path):
 
 
 def test_prompt_encoder_encodes_each_distinct_prompt_once():
-    from ldm.sampling import PromptEncoder
+    from ldm.text.encoder import PromptEncoder
 
     calls = []
 
@@ -160,7 +160,7 @@ def test_prompt_encoder_encodes_each_distinct_prompt_once():
 
 # ----------------------------------------------------------------- metadata, info and --from-image
 def test_metadata_info_and_from_image_reproduce_exactly(tiny_ckpts, tmp_path, capsys):
-    from ldm import metadata
+    from ldm.files import metadata
 
     prompts = write(tmp_path / "p.jsonl", '{"prompt": "a red cube", "negative_prompt": "blurry, text: none", "seed": 3}\n'
                     '{"prompt": "a blue \\"ball\\", at night", "scale": 7.5, "negative_prompt": "dark"}\n')

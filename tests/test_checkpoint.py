@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.checkpoint import build_on_meta, read_state_dict
-from ldm.loading import load_model
+from ldm.loading.checkpoint import build_on_meta, read_state_dict
+from ldm.loading.build import load_model
 from ldm.errors import SDError
 from ldm.util import load_config
 from tests.tinyckpt import CONFIGS, build_tiny, manifest, save_tiny
@@ -137,7 +137,7 @@ def save_tiny_dict(sd, path):
 
 
 def test_describe_sd1_checkpoint(tmp_path):
-    from ldm.detect import describe_checkpoint
+    from ldm.loading.keys import describe_checkpoint
     sd = {"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(1)}
     assert "1.x" in describe_checkpoint(sd)
     assert "inpainting" in describe_checkpoint({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)})
@@ -152,7 +152,7 @@ def test_meta_build_of_a_full_size_model_is_cheap_and_leaves_torch_init_alone():
 
     code = (
         "import sys, torch\n"
-        "from ldm.checkpoint import build_on_meta\n"
+        "from ldm.loading.checkpoint import build_on_meta\n"
         "from ldm.util import load_config\n"
         "init_before = torch.nn.init.normal_\n"
         "model = build_on_meta(load_config('configs/stable-diffusion/v2-inference-v.yaml').model)\n"

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from ldm.cli import main
-from ldm.metadata import parse_parameters
+from ldm.files.metadata import parse_parameters
 from ldm.data.measure import read_image
 from ldm.data.shapes import ShapeScene, render_scene
-from ldm.families import DEMO_CKPT
+from ldm.loading.families import DEMO_CKPT
 
 NOTE = "note: no --ckpt given, using the built-in demo model"
 # fp32 pinned: these assertions read one seed's picture, and `auto` picks bf16 on CPUs that have it natively

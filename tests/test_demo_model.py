@@ -27,13 +27,13 @@ SAMPLER_AGREEMENT = 0.15  # measured <= 0.045 for ddim, dpm, euler, dpmpp_2m, he
 
 @pytest.fixture(scope="module")
 def demo():
-    from ldm.loading import load_model
+    from ldm.loading.build import load_model
 
     return load_model(CONFIG, CKPT).float().eval()
 
 
 def test_shipped_checkpoint_is_small_half_precision_and_loads_strictly(demo):
-    from ldm.checkpoint import read_state_dict
+    from ldm.loading.checkpoint import read_state_dict
 
     assert CKPT.stat().st_size < 20 * 2**20
     state = read_state_dict(CKPT)

@@ -1,11 +1,11 @@
-"""ldm.detect: the config from the checkpoint's keys, the eps/v probe, and the warning for a wrong config."""
+"""ldm.loading.detect: the config from the checkpoint's keys, the eps/v probe, and the warning for a wrong config."""
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from ldm import detect
+from ldm.loading import detect, keys
 from ldm.errors import SDError
 from ldm.pipeline import Pipeline
 
@@ -35,9 +35,9 @@ def manifest(name):
 
 @pytest.mark.parametrize("kind", sorted(TINY))
 def test_each_family_is_recognised_from_a_tiny_checkpoint(tiny, kind):
-    from ldm.checkpoint import read_state_dict
+    from ldm.loading.checkpoint import read_state_dict
 
-    assert detect.checkpoint_kind(read_state_dict(tiny[kind])) == KIND_OF_CONFIG[kind]
+    assert keys.checkpoint_kind(read_state_dict(tiny[kind])) == KIND_OF_CONFIG[kind]
 
 
 @pytest.mark.parametrize("name, kind", [
@@ -45,22 +45,22 @@ def test_each_family_is_recognised_from_a_tiny_checkpoint(tiny, kind):
     ("v2-midas-inference", "depth"), ("x4-upscaling", "x4"), ("v2-1-stable-unclip-h-inference", "unclip-h"),
     ("v2-1-stable-unclip-l-inference", "unclip-l")])
 def test_the_real_checkpoints_keys_give_their_config(name, kind):
-    assert detect.checkpoint_kind(manifest(name)) == kind
+    assert keys.checkpoint_kind(manifest(name)) == kind
     if kind != "txt2img":
-        assert detect.CONFIG_NAMES[kind] == f"{name}.yaml"
+        assert keys.CONFIG_NAMES[kind] == f"{name}.yaml"
 
 
 def test_other_checkpoints_are_refused_with_one_line():
     sd1 = {"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.empty(49408, 768),
-           detect.UNET_IN: torch.empty(320, 4, 3, 3)}
+           keys.UNET_IN: torch.empty(320, 4, 3, 3)}
     with pytest.raises(SDError, match="Stable Diffusion 1.x"):
-        detect.checkpoint_kind(sd1)
+        keys.checkpoint_kind(sd1)
     with pytest.raises(SDError, match="SDXL"):
-        detect.checkpoint_kind({"conditioner.embedders.0.transformer.x": torch.empty(1), detect.UNET_IN: torch.empty(1, 4, 3, 3)})
+        keys.checkpoint_kind({"conditioner.embedders.0.transformer.x": torch.empty(1), keys.UNET_IN: torch.empty(1, 4, 3, 3)})
     with pytest.raises(SDError, match="not a Stable Diffusion checkpoint"):
-        detect.checkpoint_kind({"encoder.weight": torch.empty(3)})
+        keys.checkpoint_kind({"encoder.weight": torch.empty(3)})
     with pytest.raises(SDError, match="6 input channels"):
-        detect.checkpoint_kind({detect.UNET_IN: torch.empty(320, 6, 3, 3)})
+        keys.checkpoint_kind({keys.UNET_IN: torch.empty(320, 6, 3, 3)})
 
 
 class GaussianData(torch.nn.Module):
@@ -110,8 +110,8 @@ def test_the_probe_tells_eps_from_v_on_exact_denoisers(mean, std):
 
 @pytest.mark.real_probe
 def test_the_probe_reads_the_demo_model_as_v():
-    from ldm.families import DEMO_CKPT, DEMO_CONFIG
-    from ldm.loading import load_model
+    from ldm.loading.families import DEMO_CKPT, DEMO_CONFIG
+    from ldm.loading.build import load_model
 
     model = load_model(DEMO_CONFIG, DEMO_CKPT).float()
     assert model.parameterization == "v"
@@ -121,7 +121,7 @@ def test_the_probe_reads_the_demo_model_as_v():
 
 @pytest.fixture
 def tiny_references(monkeypatch):
-    """ldm.detect chooses among the tiny configs instead of the full-size reference ones."""
+    """ldm.loading.detect chooses among the tiny configs instead of the full-size reference ones."""
     monkeypatch.setattr(detect, "reference_config", lambda kind: CONFIGS / TINY[kind])
 
 
@@ -153,7 +153,7 @@ def test_unclip_checkpoints_choose_their_reference_config(tmp_path):
     from safetensors.torch import save_file
 
     ckpt = tmp_path / "unclip.safetensors"
-    save_file({detect.UNET_IN: torch.zeros(32, 4, 3, 3), "embedder.model.text_projection": torch.zeros(8, 8),
+    save_file({keys.UNET_IN: torch.zeros(32, 4, 3, 3), "embedder.model.text_projection": torch.zeros(8, 8),
                "model.diffusion_model.label_emb.0.0.weight": torch.zeros(32, 1536)}, str(ckpt))
     # the reference's unCLIP-L config is chosen; this stub then lacks its keys, named in one line
     with pytest.raises(SDError, match="v2-1-stable-unclip-l-inference.yaml"):
@@ -162,7 +162,7 @@ def test_unclip_checkpoints_choose_their_reference_config(tmp_path):
 
 def test_the_probe_runs_before_the_fast_path(tiny, tiny_references, monkeypatch):
     """A traced UNet specialises to the shapes it first sees: the probe must see the plain one."""
-    from ldm import fastpath
+    from ldm.runtime import fastpath
 
     seen = []
     monkeypatch.setattr(detect, "probe_parameterization",

@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from ldm import imageio, metadata
+from ldm.files import imageio
+
+from ldm.files import metadata
 from ldm.cli import main
 from ldm.errors import SDError
 
@@ -36,12 +38,12 @@ def model_args(tiny_ckpts):
 @pytest.fixture
 def no_load(monkeypatch):
     """Fail the test if a model gets loaded: these inputs must be refused before."""
-    import ldm.loading
+    import ldm.loading.build
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was refused")
 
-    monkeypatch.setattr(ldm.loading, "load_model", refuse)
+    monkeypatch.setattr(ldm.loading.build, "load_model", refuse)
 
 
 def refused(command, args, capsys, outdir: Path) -> str:
@@ -405,7 +407,7 @@ def test_img2img_from_image_uses_the_recorded_strength(tiny_ckpts, tmp_path, cap
 # -- 6. signals ---------------------------------------------------------------------------------------
 
 def sd_process(*args, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "import sys; from ldm.entry import main; sys.exit(main())", *args],
+    return subprocess.Popen([sys.executable, "-c", "import sys; from ldm.cli.entry import main; sys.exit(main())", *args],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 

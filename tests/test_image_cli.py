@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 
 from ldm.cli import main
-from ldm.imageio import apply_watermark, pil_to_tensor, tensor_to_pil
-from ldm.metadata import parse_parameters
-from ldm import tasks, tiling
+from ldm.files.imageio import apply_watermark, pil_to_tensor, tensor_to_pil
+from ldm.files.metadata import parse_parameters
+from ldm import tasks
+from ldm.tasks import tiling
 from ldm.tasks import base as task_base, inpaint as task_inpaint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -262,7 +263,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, ckpts, images, tmp_pa
 def test_each_command_has_the_reference_demos_defaults():
     import inspect
 
-    from ldm.cli import _register_commands, app
+    from ldm.cli.app import _register_commands, app
 
     _register_commands()
     commands = {c.name: c.callback for c in app.registered_commands}
@@ -275,12 +276,12 @@ def test_each_command_has_the_reference_demos_defaults():
         "upscale": {"steps": 75, "n_samples": 1, "scale": 10.0, "ddim_eta": 0.0, "noise_level": 20,
                     "outdir": Path("outputs/upscale-samples")},
     }
-    from ldm.families import task_defaults
+    from ldm.loading.families import task_defaults
 
     for name, values in expected.items():
         params = inspect.signature(commands[name]).parameters
         # steps, batch, scale and eta are resolved when the model is known (the demo model has its own,
-        # tests/test_demo_cli.py): the flags default to None and the library (ldm.families) holds the values.
+        # tests/test_demo_cli.py): the flags default to None and the library (ldm.loading.families) holds the values.
         model_dependent = {key: values.pop(key) for key in ("steps", "n_samples", "n_iter", "scale", "ddim_eta")
                            if key in values}
         assert all(params[key].default is None for key in model_dependent), name

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from ldm.checkpoint import build_on_meta
+from ldm.loading.checkpoint import build_on_meta
 from ldm.errors import SDError
 from ldm.modules.diffusionmodules.upscaling import ImageConcatWithNoiseAugmentation
 from ldm.util import instantiate_from_config, load_config

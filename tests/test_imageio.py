@@ -1,4 +1,4 @@
-"""Tests of ldm.imageio and ldm.metadata: output layout, atomic writes, watermark, grid, metadata, input images."""
+"""Tests of ldm.files.imageio and ldm.files.metadata: output layout, atomic writes, watermark, grid, metadata, input images."""
 
 import errno
 import hashlib
@@ -14,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm import imageio as iio, metadata
+from ldm.files import imageio as iio
+
+from ldm.files import metadata
 from ldm.errors import SDError
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.checkpoint import build_on_meta
+from ldm.loading.checkpoint import build_on_meta
 from ldm.cli import main
 from ldm.karlo import PRIOR_CONFIG, KarloPrior, spaced_steps
-from ldm.metadata import parse_parameters, read_png_text
+from ldm.files.metadata import parse_parameters, read_png_text
 from ldm.modules.encoders.image_embedders import CLIPModel
 from ldm.pipeline import Pipeline
 from ldm.util import OmegaConf

@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from ldm import lora
+from ldm.adapters import lora
 from ldm.errors import SDError
 from tests.test_unet import diffusers_twin, rel_err
 from tests.tinyckpt import CONFIGS, build_tiny
@@ -145,7 +145,7 @@ def test_bad_loras_are_one_line(model, tmp_path):
 def test_prompt_tags_and_the_flag_through_the_command(tiny_ckpts, tmp_path, capsys):
     from PIL import Image
 
-    from ldm import metadata
+    from ldm.files import metadata
     from ldm.cli import main
 
     model = tiny_ckpts["eps"]["model"]

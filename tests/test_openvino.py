@@ -9,7 +9,7 @@ import torch
 
 from ldm.errors import SDError
 from ldm.pipeline import Pipeline
-from ldm.runtime import RuntimeOptions
+from ldm.runtime.policy import RuntimeOptions
 
 pytest.importorskip("openvino")
 
@@ -63,7 +63,7 @@ def test_openvino_refuses_what_it_cannot_do():
 def test_openvinos_converter_cannot_phone_home():
     """OpenVINO's converter sends usage to Google Analytics when no consent file says no; sd makes it use
     its own no-op stub instead."""
-    from ldm.openvino_backend import openvino_module
+    from ldm.runtime.openvino import openvino_module
 
     openvino_module()
     import openvino.tools.ovc.telemetry_utils as telemetry
@@ -132,7 +132,7 @@ def test_backend_auto_runs_through_the_pipeline(tiny_ckpts, cache):
                     reason="OpenVINO picks its int8 kernels by the real CPU; an oneDNN ISA cap (CI's AVX2 emulation) "
                            "hides instructions they use")
 def test_int8_ptq_calibrates_on_the_runs_first_calls_then_quantises(tiny_ckpts, cache, capsys, monkeypatch):
-    from ldm import openvino_backend
+    from ldm.runtime import openvino as openvino_backend
 
     monkeypatch.setattr(openvino_backend, "CALIBRATION_CALLS", 3)
     entry = tiny_ckpts["eps"]
@@ -159,7 +159,7 @@ def test_int8_ptq_calibrates_on_the_runs_first_calls_then_quantises(tiny_ckpts, 
 
 def test_a_failed_cache_write_is_one_line_and_leaves_nothing_cached(tiny_ckpts, cache, monkeypatch):
     """A full disk (or any write error) while saving the converted model: one SDError, no half model in the cache."""
-    from ldm import openvino_backend
+    from ldm.runtime import openvino as openvino_backend
 
     ov = openvino_backend.openvino_module()
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm import metadata
+from ldm.files import metadata
 from ldm.cli import main
 from ldm.pipeline import Cancelled, Pipeline
 
@@ -136,11 +136,11 @@ def resident_bytes() -> int:
 
 
 def test_twenty_calls_load_once_and_memory_stays_flat(models, monkeypatch):
-    import ldm.checkpoint
+    import ldm.loading.checkpoint
 
     reads = []
-    real = ldm.checkpoint.read_state_dict
-    monkeypatch.setattr(ldm.checkpoint, "read_state_dict", lambda path: (reads.append(path), real(path))[1])
+    real = ldm.loading.checkpoint.read_state_dict
+    monkeypatch.setattr(ldm.loading.checkpoint, "read_state_dict", lambda path: (reads.append(path), real(path))[1])
     pipe = Pipeline.load(*models["eps"], **CPU)
     rss = []
     for k in range(20):
@@ -154,13 +154,13 @@ def test_twenty_calls_load_once_and_memory_stays_flat(models, monkeypatch):
 
 
 def test_loading_another_model_releases_the_first(models, monkeypatch):
-    import ldm.checkpoint
+    import ldm.loading.checkpoint
 
     pipe = Pipeline.load(*models["eps"], **CPU)
     first = weakref.ref(pipe.model)
     alive_at_read = []
-    real = ldm.checkpoint.read_state_dict
-    monkeypatch.setattr(ldm.checkpoint, "read_state_dict",
+    real = ldm.loading.checkpoint.read_state_dict
+    monkeypatch.setattr(ldm.loading.checkpoint, "read_state_dict",
                         lambda path: (alive_at_read.append(first() is not None), real(path))[1])
     pipe.load_model(*models["inpaint"])
     assert alive_at_read == [False] and first() is None

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from ldm.modules.encoders.prompt_chunks import CHUNK, encode_prompt, prompt_chunks
-from ldm.prompt_syntax import BREAK, LoraTag, parse_weights, take_loras
+from ldm.text.chunks import CHUNK, encode_prompt, prompt_chunks
+from ldm.text.syntax import BREAK, LoraTag, parse_weights, take_loras
 
 
 def test_a1111s_documented_example():
@@ -102,7 +102,7 @@ def test_prompt_and_negative_of_different_lengths_batch(tiny_ckpts):
     long = ", ".join(["a red cube on a blue table"] * 12)
     images = pipe.txt2img(long, negative_prompt="blurry", steps=2, seed=1, width=256, height=256, batch_size=2)
     assert len(images) == 2 and images[0].parameters.startswith(long)
-    from ldm.sampling import PromptEncoder
+    from ldm.text.encoder import PromptEncoder
 
     encoder = PromptEncoder(pipe.model)
     c, uc = encoder.encode([long]), encoder.encode(["blurry"])
@@ -140,7 +140,7 @@ def write_embeddings(folder, width):
 
 
 def test_each_embedding_format_loads_and_its_vectors_reach_the_text_tower(embedder, tmp_path):
-    from ldm.textual_inversion import load_folder
+    from ldm.adapters.textual_inversion import load_folder
 
     width = embedder.model.token_embedding.weight.shape[1]
     vectors = write_embeddings(tmp_path / "emb", width)
@@ -167,7 +167,7 @@ def test_bad_embeddings_are_one_line(tmp_path):
     import pickle
 
     from ldm.errors import SDError
-    from ldm.textual_inversion import load_embedding
+    from ldm.adapters.textual_inversion import load_embedding
 
     torch.save({"string_to_param": {"*": torch.zeros(1, 768)}}, tmp_path / "sd1.pt")
     with pytest.raises(SDError, match="an SD 1.x embedding \\(768 wide\\)"):
@@ -191,9 +191,9 @@ def test_bad_embeddings_are_one_line(tmp_path):
 def test_the_command_uses_embeddings_and_records_their_hashes(tiny_ckpts, tmp_path, capsys):
     from PIL import Image
 
-    from ldm import metadata
+    from ldm.files import metadata
     from ldm.cli import main
-    from ldm.textual_inversion import load_folder
+    from ldm.adapters.textual_inversion import load_folder
 
     width = tiny_ckpts["eps"]["model"].cond_stage_model.model.token_embedding.weight.shape[1]
     write_embeddings(tmp_path / "emb", width)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm import metadata
+from ldm.files import metadata
 from ldm.cli import main
-from ldm.families import resolve_eta
+from ldm.loading.families import resolve_eta
 from ldm.pipeline import Pipeline
 
 
@@ -44,7 +44,7 @@ def test_the_command_runs_the_eta_it_records(tiny_ckpts, tmp_path):
 
 
 def test_a_detected_config_is_said_once(tiny_ckpts, tmp_path, capsys, monkeypatch):
-    from ldm import detect
+    from ldm.loading import detect
 
     monkeypatch.setattr(detect, "reference_config", lambda kind: tiny_ckpts["eps"]["config"])
     args = ["txt2img", "--ckpt", str(tiny_ckpts["eps"]["safetensors"]), "--steps", "2", "--H", "256", "--W", "256",
@@ -58,9 +58,9 @@ def test_a_detected_config_is_said_once(tiny_ckpts, tmp_path, capsys, monkeypatc
     assert err.count("note: no --ckpt given, using the built-in demo model") == 1 and "note: config" not in err
 
 
-# -- the A1111 parameters format: written and read in one module (ldm.metadata.Infotext) ------------------
+# -- the A1111 parameters format: written and read in one module (ldm.files.metadata.Infotext) ------------------
 def test_every_field_round_trips_and_samplers_read_in_either_spelling():
-    from ldm.metadata import Infotext
+    from ldm.files.metadata import Infotext
     from ldm.models.diffusion.sampler_names import SAMPLER_INFO, SCHEDULE_INFO
 
     for sampler in SAMPLER_INFO:
@@ -96,7 +96,7 @@ def test_every_field_round_trips_and_samplers_read_in_either_spelling():
 ])
 def test_unreadable_fields_are_one_line(text, says):
     from ldm.errors import SDError
-    from ldm.metadata import Infotext
+    from ldm.files.metadata import Infotext
 
     info = Infotext.read(text)
     with pytest.raises(SDError, match=re.escape(says)):

@@ -1,4 +1,4 @@
-"""ldm.runtime: precision resolution, the low-memory bf16 loader, the fast-path wrappers, and the
+"""ldm.runtime.policy: precision resolution, the low-memory bf16 loader, the fast-path wrappers, and the
 accuracy of the bf16 path (pinned on tiny models; full-size numbers are in docs/benchmarks.md)."""
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from ldm import runtime
+from ldm.runtime import policy as runtime
 from ldm.errors import SDError
-from ldm import fastpath, loading
-from ldm.loading import load_model
-from ldm.runtime import RuntimeOptions, autocast_context, resolve_precision
+from ldm.runtime import fastpath
+from ldm.loading import build as loading
+from ldm.loading.build import load_model
+from ldm.runtime.policy import RuntimeOptions, autocast_context, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -147,7 +148,7 @@ def test_cast_keeps_values_and_releases_mapped_sources(tmp_path):
     whose pages were handed back to the kernel, still reads its true values (clean pages re-fault)."""
     from safetensors.torch import save_file
 
-    from ldm.checkpoint import read_state_dict
+    from ldm.loading.checkpoint import read_state_dict
 
     g = torch.Generator().manual_seed(0)
     tensors = {"model.diffusion_model.w": torch.randn(256, 1024, generator=g),
@@ -235,7 +236,8 @@ def test_bf16_unet_error_is_what_bf16_rounding_explains(tiny_ckpts):
 def test_tiny_images_of_bf16_and_fp32_runs_agree(tiny_ckpts):
     """A short txt2img run (DDIM, CFG) in bf16 and in fp32: the decoded images agree by PSNR."""
     from ldm.plan import Item, SamplingSettings
-    from ldm.sampling import PromptEncoder, sample_latents, start_noise
+    from ldm.sampling import sample_latents, start_noise
+    from ldm.text.encoder import PromptEncoder
 
     entry = tiny_ckpts["v"]
     images = {}

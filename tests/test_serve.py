@@ -16,7 +16,7 @@ import pytest
 import requests
 from PIL import Image
 
-from ldm.imageio import read_watermark
+from ldm.files.imageio import read_watermark
 from ldm.cli import main
 from ldm.limits import Limits
 from ldm.pipeline import Pipeline
@@ -53,8 +53,8 @@ def photo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_server(models, monkeypatch_module):
-    """A server on the tiny checkpoints: ldm.detect picks the tiny configs for them."""
-    from ldm import detect
+    """A server on the tiny checkpoints: ldm.loading.detect picks the tiny configs for them."""
+    from ldm.loading import detect
 
     monkeypatch_module.setattr(detect, "reference_config", lambda kind: CONFIGS / {
         "eps": "tiny-v2-inference.yaml", "inpaint": "tiny-v2-inpainting.yaml"}[kind])
@@ -273,9 +273,9 @@ def test_the_reference_gradio_command_lines_open_sd_serve(script, tab, monkeypat
     import runpy
 
     seen = {}
-    import ldm.entry
+    import ldm.cli.entry
 
-    monkeypatch.setattr(ldm.entry, "main", lambda command=None, argv=None: seen.update(command=command, argv=argv) or 0)
+    monkeypatch.setattr(ldm.cli.entry, "main", lambda command=None, argv=None: seen.update(command=command, argv=argv) or 0)
     monkeypatch.setattr(sys, "argv", [script, "configs/x.yaml", "model.ckpt", "--port", "7000"])
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(ROOT / "scripts" / "gradio" / f"{script}.py"), run_name="__main__")

@@ -226,8 +226,8 @@ def test_autoencoder_training_reduces_the_loss_on_a_fixed_batch():
 # -- the train() entry and its checkpoints ---------------------------------------------------------------
 
 def test_train_writes_original_format_checkpoints_that_load_strictly(tmp_path, capsys):
-    from ldm.checkpoint import read_state_dict
-    from ldm.loading import load_model
+    from ldm.loading.checkpoint import read_state_dict
+    from ldm.loading.build import load_model
     from ldm.cli import main
 
     vae_cfg = tmp_path / "vae.yaml"
@@ -281,7 +281,7 @@ def test_train_config_errors(tmp_path, capsys):
 
 
 def test_decoder_only_finetuning_and_merge(tmp_path):
-    from ldm.checkpoint import read_state_dict
+    from ldm.loading.checkpoint import read_state_dict
     from ldm.errors import SDError
     from ldm.training.trainers import export_state_dict, merge_first_stage, save_safetensors
 

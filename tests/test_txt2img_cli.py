@@ -46,8 +46,8 @@ def test_reference_layout_numbering_watermark_and_metadata(tiny_ckpts, tmp_path,
     assert np.array_equal(first, pixels(out / "samples" / "00000.png"))
     assert not list(out.rglob("*.tmp*"))
 
-    from ldm.imageio import read_watermark
-    from ldm.metadata import parse_parameters
+    from ldm.files.imageio import read_watermark
+    from ldm.files.metadata import parse_parameters
     img = Image.open(out / "samples" / "00001.png")
     assert read_watermark(img) == b"SDV2"
     prompt, negative, fields = parse_parameters(img.text["parameters"])
@@ -77,7 +77,7 @@ def test_prompt_file_batching_and_fixed_code(tiny_ckpts, tmp_path, capsys):
     code, err = run([*tiny_args(tiny_ckpts), *FAST, "--from-file", str(prompts), "--repeat", "2", "--n_samples", "4",
                      "--n_iter", "1", "--outdir", str(out), "--fixed_code"], capsys)
     assert code == 0, err
-    from ldm.metadata import parse_parameters
+    from ldm.files.metadata import parse_parameters
     got = [parse_parameters(Image.open(p).text["parameters"])[0] for p in sorted((out / "samples").glob("*.png"))]
     assert got == ["a cat", "a cat", "a dog", "a dog", "a bird", "a bird"]
     # --fixed_code: the two "a cat" images share the noise, so they are the same image.
@@ -154,7 +154,7 @@ def test_sampler_flags_reach_the_sampler(tiny_ckpts, tmp_path, capsys):
                          *flag], capsys)
         assert code == 0, err
         results[out.name] = pixels(out / "samples" / "00000.png")
-        from ldm.metadata import Infotext
+        from ldm.files.metadata import Infotext
         from ldm.models.diffusion.sampler_names import sampler_label
 
         info = Infotext.read(Image.open(out / "samples" / "00000.png").text["parameters"])

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ldm.checkpoint import build_on_meta
+from ldm.loading.checkpoint import build_on_meta
 from ldm.errors import SDError
 from ldm.util import load_config
 from tests.test_unet import diffusers_twin, rel_err

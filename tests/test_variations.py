@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ldm.cli import main
-from ldm.metadata import parse_parameters, read_png_text
+from ldm.files.metadata import parse_parameters, read_png_text
 from ldm.pipeline import Pipeline
 
 CONFIGS = Path(__file__).resolve().parent / "configs"

@@ -103,7 +103,7 @@ def _plan_module(pl):
     from torch.utils.data import DataLoader
 
     from ldm.batch import outputs
-    from ldm.batch.run import open_session, write_side_outputs
+    from ldm.pipeline import Pipeline
     from ldm.plan import make_plan
 
     class PlanModule(pl.LightningModule):
@@ -122,12 +122,12 @@ def _plan_module(pl):
             strategy = self.trainer.strategy
             # The session holds the model outside the module's children, so Lightning neither moves nor
             # broadcasts its weights: each process loads the checkpoint itself onto its own device.
-            session = open_session(self.job, self.task, device=strategy.root_device)
+            session = Pipeline.open_session(self.job, self.task, device=strategy.root_device)
             self.plan = make_plan(session.job)
             decided = None
             if self.global_rank == 0:
                 try:
-                    write_side_outputs(session)
+                    outputs.write_side_outputs(session)
                     decided = outputs.begin_run(session, self.plan, processes=self.trainer.world_size)
                 except SDError as exc:  # tell the other processes instead of leaving them at the broadcast
                     decided = str(exc)

@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Optional
 
 from PIL import Image
 
-from ldm import imageio, metadata
+from ldm.files import imageio
+
+from ldm.files import metadata
 from ldm.errors import SDError, note
 from ldm.limits import is_whole
 
@@ -375,3 +377,14 @@ def run_plan(session: "Session", plan: list["Batch"]) -> list[Path]:
     written = runner.run_share()
     runner.finish()
     return written
+
+
+def write_side_outputs(session) -> None:
+    """What a run writes besides its samples: depth2img's --save-depth map (OUTDIR/depth-NNNN.png)."""
+    from ldm.files import imageio
+
+    task, job = session.task, session.job
+    if getattr(task, "save_depth", False) and getattr(task, "depth", None) is not None:
+        path = imageio.save_numbered(task.depth, job.outdir, digits=imageio.GRID_DIGITS, prefix="depth-",
+                                     watermark=False)
+        note(f"depth map written to {path}")

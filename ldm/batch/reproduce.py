@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ldm import metadata
+from ldm.files import metadata
 from ldm.errors import SDError, note
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 def _note_flag_loras(prompt: str, recorded: str, path: Path) -> None:
     """LoRAs the image used that its prompt does not tag (they came from --lora): say so."""
-    from ldm.prompt_syntax import take_loras
+    from ldm.text.syntax import take_loras
 
     tagged = {tag.name for tag in take_loras(prompt)[1]}
     for entry in filter(None, (e.strip() for e in recorded.split(","))):

@@ -8,12 +8,11 @@ before it is.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Optional
 
-from ldm.errors import SDError, note
+from ldm.errors import SDError
 from ldm.plan import STAND_IN_SIZE, Job, make_plan
 from ldm.tasks import Task, Txt2Img, task_sets_size
 
@@ -47,27 +46,10 @@ def run_job(job: Job, task: Optional[Task] = None) -> list[Path]:
 
         return run_distributed(job, task)
     outputs.prepare_outdir(job.outdir)
-    session = open_session(job, task)
-    write_side_outputs(session)
+    from ldm.pipeline import Pipeline
+
+    session = Pipeline.open_session(job, task)
+    outputs.write_side_outputs(session)
     return outputs.run_plan(session, make_plan(session.job))
 
 
-def open_session(job: Job, task: Task, device=None):
-    """Load the job's model (on `device`, default the job's) and prepare the task on it; the session's job
-    has the model's config and, where --H/--W was left out, its native size."""
-    from ldm.pipeline import Pipeline
-
-    options = job.runtime if device is None else dataclasses.replace(job.runtime, device=str(device))
-    pipeline = Pipeline.open(job.ckpt, job.config, options, task=task.name)
-    return pipeline.session(dataclasses.replace(job.sized(pipeline.native_size), config=pipeline.config), task)
-
-
-def write_side_outputs(session) -> None:
-    """What a run writes besides its samples: depth2img's --save-depth map (OUTDIR/depth-NNNN.png)."""
-    from ldm import imageio
-
-    task, job = session.task, session.job
-    if getattr(task, "save_depth", False) and getattr(task, "depth", None) is not None:
-        path = imageio.save_numbered(task.depth, job.outdir, digits=imageio.GRID_DIGITS, prefix="depth-",
-                                     watermark=False)
-        note(f"depth map written to {path}")

@@ -10,9 +10,9 @@ import inspect
 from pathlib import Path
 from typing import Callable, Optional
 
-from ldm.cli import app
+from ldm.cli.app import app
 from ldm.cli import options as opt
-from ldm.entry import ready_for_interrupts
+from ldm.cli.entry import ready_for_interrupts
 from ldm.limits import Limits
 
 
@@ -65,11 +65,11 @@ def shared_flags(
     """The flags every generating command takes (the signature is what counts)."""
 
 
-# Flags whose default depends on the task and the model (ldm.families), resolved once the model is chosen.
+# Flags whose default depends on the task and the model (ldm.loading.families), resolved once the model is chosen.
 MODEL_DEPENDENT = ("steps", "n_iter", "n_samples", "scale")
 # The shared flags that are ldm.limits.Limits fields, passed on as one Limits.
 LIMIT_FLAGS = ("max_side", "max_steps", "max_batch", "max_images", "max_chunks")
-# The shared flags that are ldm.runtime.RuntimeOptions fields, passed on as one RuntimeOptions.
+# The shared flags that are ldm.runtime.policy.RuntimeOptions fields, passed on as one RuntimeOptions.
 RUNTIME_FLAGS = ("device", "precision", "compile", "torchscript", "ipex", "threads", "trust_config", "backend")
 
 
@@ -77,13 +77,13 @@ def run_command(task, *, plms: bool, dpm: bool, sampler: Optional[str], schedule
     """Run a generating command's task with the shared flags (prompt, seeds, batching, outdir, model...).
 
     A MODEL_DEPENDENT flag the user left out (None) takes the task's default for the chosen model
-    (ldm.families: the reference's for SD checkpoints, the demo model's own). An image task's size is its
+    (ldm.loading.families: the reference's for SD checkpoints, the demo model's own). An image task's size is its
     input's; plain txt2img takes --H/--W, by default the model's native size (known once it is loaded)."""
-    from ldm import families
+    from ldm.loading import families
     from ldm.batch.run import run_job
-    from ldm.detect import choose_files
+    from ldm.loading.detect import choose_files
     from ldm.plan import Job, SamplingSettings
-    from ldm.runtime import RuntimeOptions
+    from ldm.runtime.policy import RuntimeOptions
     from ldm.tasks import ImageTask, image_job
 
     config, ckpt, demo = choose_files(fields.pop("config"), fields.pop("ckpt"), task.name)
@@ -112,7 +112,7 @@ def generating_command(name: str, help: str, fixed: Optional[dict] = None, **def
 
     The command takes those flags first, then the shared ones with `defaults` replacing theirs; flags in
     `fixed` are not offered and take the given values (the upscaler's C and f). The MODEL_DEPENDENT flags
-    (steps, batch, scale, eta) default to None and are resolved by run_command from ldm.families.
+    (steps, batch, scale, eta) default to None and are resolved by run_command from ldm.loading.families.
     """
     fixed = fixed or {}
     defaults.update({key: None for key in MODEL_DEPENDENT})

@@ -8,7 +8,7 @@ import typer
 
 from ldm.cli.command import generating_command
 from ldm.cli.img2img import InitImg, Strength
-from ldm.families import SD_DEFAULTS
+from ldm.loading.families import SD_DEFAULTS
 
 DepthMap = Annotated[Optional[Path], typer.Option(
     "--depth-map", "--depth_map", help="Use this grayscale image (brighter = nearer) instead of MiDaS's depth.")]

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ldm.cli.command import generating_command
-from ldm.families import SD_DEFAULTS
+from ldm.loading.families import SD_DEFAULTS
 
 InitImg = Annotated[Path, typer.Option("--init-img", "--init_img", help="The input image (any size; sides are "
                                             "shrunk to multiples of 8).")]

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ldm.cli import app
+from ldm.cli.app import app
 
 
 @app.command("info", help="Print the generation parameters stored in an image (AUTOMATIC1111's \"parameters\" text).")
@@ -15,7 +15,7 @@ def info(
     image: Annotated[Path, typer.Argument(help="A PNG written by sd (or by AUTOMATIC1111's web UI).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print {prompt, negative_prompt, settings} as JSON.")] = False,
 ) -> None:
-    from ldm import metadata
+    from ldm.files import metadata
 
     text = metadata.parameters_of_png(image)
     if as_json:

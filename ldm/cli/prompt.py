@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ldm.cli import app
+from ldm.cli.app import app
 from ldm.cli import options as opt
 
 
@@ -14,10 +14,10 @@ from ldm.cli import options as opt
 def prompt(text: Annotated[str, typer.Argument(help="The prompt, with AUTOMATIC1111's syntax.")],
            embeddings: opt.Embeddings = None) -> None:
     from ldm.limits import check_text
-    from ldm.metadata import printable
-    from ldm.modules.encoders.prompt_chunks import CHUNK, prompt_chunks
-    from ldm.modules.encoders.tokenizer import get_tokenizer
-    from ldm.prompt_syntax import take_loras
+    from ldm.files.metadata import printable
+    from ldm.text.chunks import CHUNK, prompt_chunks
+    from ldm.text.tokenizer import get_tokenizer
+    from ldm.text.syntax import take_loras
 
     check_text("the prompt", text)
     words, loras = take_loras(text)
@@ -40,7 +40,7 @@ def prompt(text: Annotated[str, typer.Argument(help="The prompt, with AUTOMATIC1
 
 def _embeddings(folder, words: str) -> dict[str, int]:
     """{name: vector count} of the textual-inversion files in `folder` whose names the prompt uses."""
-    from ldm.textual_inversion import _read, files_in, names_in, vectors_of
+    from ldm.adapters.textual_inversion import _read, files_in, names_in, vectors_of
 
     if folder is None:
         return {}

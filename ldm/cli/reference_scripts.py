@@ -6,7 +6,7 @@ import sys
 
 def serve_tab(tab: str, argv: list[str]) -> int:
     """`sd serve --config CONFIG --ckpt CKPT --tab TAB [more flags]` from the reference's positional form."""
-    from ldm.entry import main
+    from ldm.cli.entry import main
 
     positional = [a for a in argv[:2] if not a.startswith("-")]
     if len(positional) != 2:

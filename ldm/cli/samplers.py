@@ -1,7 +1,7 @@
 """`sd samplers`: the sampler names with what each is good for and how many steps it wants."""
 from __future__ import annotations
 
-from ldm.cli import app
+from ldm.cli.app import app
 
 
 @app.command("samplers", help="List the samplers (--sampler NAME) with their step-count advice.")

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ldm.cli import app
+from ldm.cli.app import app
 from ldm.cli import options as opt
 
 Host = Annotated[str, typer.Option("--host", help="Address to listen on (other than loopback: needs --api-auth or --insecure).")]
@@ -31,10 +31,10 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
           max_side: opt.MaxSide = 2048, max_steps: opt.MaxSteps = 150, max_batch: opt.MaxBatch = 8,
           max_images: opt.MaxImages = 16, max_chunks: opt.MaxChunks = 32, max_body_mb: MaxBodyMb = 64, max_pixels: MaxPixels = 16_000_000,
           embeddings: opt.Embeddings = None, lora_dir: opt.LoraDir = None, backend: opt.Backend = "torch") -> None:
-    from ldm.entry import ready_for_interrupts
+    from ldm.cli.entry import ready_for_interrupts
     from ldm.errors import SDError, note
     from ldm.limits import Limits
-    from ldm.families import TASKS
+    from ldm.loading.families import TASKS
 
     auth = None
     if api_auth is not None:

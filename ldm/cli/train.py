@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ldm.cli import app
+from ldm.cli.app import app
 
 
 @app.command("train", help="Train a model stage from a training config (e.g. configs/demo/demo-autoencoder.yaml); "
@@ -20,7 +20,7 @@ def train(
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (overrides trainer.threads).")] = None,
     init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Continue from this checkpoint of the same model.")] = None,
 ) -> None:
-    from ldm.entry import ready_for_interrupts
+    from ldm.cli.entry import ready_for_interrupts
     from ldm.training.trainers import train as run
 
     ready_for_interrupts()

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ldm.cli.command import generating_command
-from ldm.families import SD_DEFAULTS
+from ldm.loading.families import SD_DEFAULTS
 
 Image = Annotated[Path, typer.Option("--image", help="The low-resolution image; the result is 4x per side.")]
 NoiseLevel = Annotated[int, typer.Option(

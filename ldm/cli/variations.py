@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ldm.cli.command import generating_command
-from ldm.families import SD_DEFAULTS
+from ldm.loading.families import SD_DEFAULTS
 
 Images = Annotated[list[Path], typer.Option(
     "--image", help="An input picture; repeat to mix several (their CLIP embeddings are averaged by --weight).")]

@@ -17,7 +17,7 @@ from typing import Any, Optional
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict
 
-from ldm import metadata
+from ldm.files import metadata
 from ldm.errors import SDError
 
 # A1111's older aliases of its sampler names (what GET /samplers lists beside sd's own name).

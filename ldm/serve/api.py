@@ -7,7 +7,9 @@ import time
 from fastapi import APIRouter
 from PIL import Image
 
-from ldm import imageio, metadata
+from ldm.files import imageio
+
+from ldm.files import metadata
 from ldm.errors import SDError
 from ldm.pipeline import Cancelled, GeneratedImage
 from ldm.serve import a1111, masks

@@ -19,7 +19,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ldm import metadata  # noqa: E402
+from ldm.files import metadata  # noqa: E402
 from ldm.errors import SDError  # noqa: E402
 from ldm.pipeline import Cancelled  # noqa: E402
 from ldm.tasks import Depth2Img, Img2Img, Inpaint, Txt2Img, Upscale, Variations  # noqa: E402

@@ -16,7 +16,7 @@ What the image tasks do to the user's images before the model sees them:
   (the reference pads to 64), and the result is cropped back, so it has the input's size. The unmasked
   pixels of the result are the input's, bit for bit before the watermark (paste-back).
 - upscale: the latent has the low-res image's size (f = 4), so the result is exactly 4x per side;
-  large inputs run tiled (ldm.tiling).
+  large inputs run tiled (ldm.tasks.tiling).
 
 Every random draw comes from the run's per-image generators (seed + k): start noise, then the
 img2img/inpaint/augmentation noise, then the samplers' fresh noise.
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm import imageio
+from ldm.files import imageio
 from ldm.errors import SDError, note
 from ldm.plan import Item, Job
 

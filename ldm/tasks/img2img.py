@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldm import imageio
+from ldm.files import imageio
 from ldm.errors import SDError
 from ldm.plan import Item, Job
 from ldm.tasks.base import (BatchInputs, ImageInput, ImageTask, check_strength, exact_tensor, extra_cond, fit_to_multiple,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldm import imageio
+from ldm.files import imageio
 from ldm.errors import SDError, note
 from ldm.plan import Item, Job
 from ldm.tasks.base import (BatchInputs, ImageInput, ImageTask, check_strength, exact_tensor, extra_cond, pad_to_multiple,

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image
 
-from ldm import imageio
+from ldm.files import imageio
 from ldm.errors import SDError, note
 from ldm.plan import Item, Job
 from ldm.tasks.base import BatchInputs, ImageInput, Txt2Img, extra_cond, repeat_batch, require_model, shrink_to_work_size
@@ -195,7 +195,7 @@ class PriorTxt2Img(Txt2Img):
                                     text_model=model.embedder.model).to(device)
 
     def batch(self, model, items: list[Item], generators, device) -> BatchInputs:
-        from ldm.prompt_syntax import parse_weights, take_loras
+        from ldm.text.syntax import parse_weights, take_loras
 
         # the prior reads plain text: LoRA tags and (word:1.2) weights are the SD text encoder's syntax
         texts = ["".join(t for t, w in parse_weights(take_loras(it.prompt)[0]) if w >= 0) for it in items]
@@ -212,7 +212,7 @@ class PriorTxt2Img(Txt2Img):
             raise SDError("its Noise level / Prior steps / Prior scale are not numbers") from None
 
     def settings(self) -> dict:
-        from ldm import metadata
+        from ldm.files import metadata
 
         return {"Prior": "Karlo v1 alpha", "Prior hash": metadata.model_hash(self.prior.ckpt if self.prior is not None
                                                                               else self.prior_ckpt),

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ldm import imageio
+from ldm.files import imageio
 from ldm.errors import SDError, note
 from ldm.plan import Item, Job
 from ldm.tasks.base import BatchInputs, ImageInput, ImageTask, extra_cond, repeat_batch, require_model
@@ -13,7 +13,7 @@ from ldm.tasks.base import BatchInputs, ImageInput, ImageTask, extra_cond, repea
 class Upscale(ImageTask):
     """The x4 upscaler: the latent has the low-res image's size; the f = 4 VAE makes it 4x per side.
 
-    Tiling (ldm.tiling): with tile=None the run is tiled when untiled_peak_bytes exceeds 80% of the
+    Tiling (ldm.tasks.tiling): with tile=None the run is tiled when untiled_peak_bytes exceeds 80% of the
     available memory; tile=True/False forces it. tile_size and overlap count latent cells (= input
     pixels); the same tiles serve every UNet call and the VAE decoder.
     """
@@ -49,7 +49,7 @@ class Upscale(ImageTask):
         super().check(job)
 
     def prepare(self, model, job: Job, device: torch.device) -> None:
-        from ldm import tiling
+        from ldm.tasks import tiling
         from ldm.models.diffusion.conditioned import LatentUpscaleDiffusion
 
         require_model(model, LatentUpscaleDiffusion, "upscale",
@@ -66,14 +66,14 @@ class Upscale(ImageTask):
                      f"running in {self.tile_size}x{self.tile_size} tiles")
 
     def apply_model(self, model):
-        from ldm import tiling
+        from ldm.tasks import tiling
 
         if not self.tiled:
             return super().apply_model(model)
         return tiling.TiledApplyModel(model.apply_model, self.tile_size, self.overlap)
 
     def decode(self, model, latents: torch.Tensor) -> torch.Tensor:
-        from ldm import tiling
+        from ldm.tasks import tiling
 
         if not self.tiled:
             return super().decode(model, latents)

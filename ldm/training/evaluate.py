@@ -49,7 +49,7 @@ def decode(model, z: torch.Tensor, bf16: bool = True) -> np.ndarray:
     """Latents -> (B, H, W, 3) uint8. On CPUs with native bf16, bf16 autocast halves the decoder's time (it
     dominates: the full-resolution convolutions) and nearest-colour readings do not move; elsewhere bf16
     is emulated, about 160x slower, so the decode stays float32."""
-    from ldm.runtime import cpu_has_fast_bf16
+    from ldm.runtime.policy import cpu_has_fast_bf16
 
     with torch.autocast("cpu", torch.bfloat16, enabled=bf16 and cpu_has_fast_bf16()):
         images = model.decode_first_stage(z.to(torch.float32)).float()  # (B, 3, H, W) about [-1, 1]

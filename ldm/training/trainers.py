@@ -7,7 +7,7 @@ with the caption dropped to "" at `ucg_rate` so that classifier-free guidance ha
 
 Checkpoints are written as safetensors in the original key layout (encoder.* for a lone VAE;
 first_stage_model.*, model.diffusion_model.*, cond_stage_model.model.*, schedule buffers for the full
-model), so ldm.checkpoint.load_model loads them exactly as it loads SD 2.x files.
+model), so ldm.loading.checkpoint.load_model loads them exactly as it loads SD 2.x files.
 """
 from __future__ import annotations
 
@@ -204,7 +204,7 @@ class DiffusionTrainer(_Logged):
         params = model_config.get("params", {})
         self.ldm = instantiate_from_config(model_config)
         if first_stage_ckpt is not None:
-            from ldm.checkpoint import read_state_dict
+            from ldm.loading.checkpoint import read_state_dict
 
             state = {k: v.float() for k, v in read_state_dict(first_stage_ckpt).items()}
             self.ldm.first_stage_model.load_state_dict(state, strict=True)
@@ -315,7 +315,7 @@ def merge_first_stage(diffusion_ckpt: str | Path, vae_ckpt: str | Path, output: 
                       dtype: torch.dtype = torch.float16) -> Path:
     """A full checkpoint with its first_stage_model.* replaced by a (decoder-fine-tuned) VAE checkpoint
     whose encoder is unchanged; refuses a VAE with a different encoder, which would invalidate the UNet."""
-    from ldm.checkpoint import read_state_dict
+    from ldm.loading.checkpoint import read_state_dict
 
     state = dict(read_state_dict(diffusion_ckpt))
     vae = read_state_dict(vae_ckpt)
@@ -333,7 +333,7 @@ def _init_from(target: torch.nn.Module, path: Optional[str]) -> bool:
     """Continue from an earlier checkpoint of the same model (same key layout), loaded strictly."""
     if not path:
         return False
-    from ldm.checkpoint import read_state_dict
+    from ldm.loading.checkpoint import read_state_dict
 
     target.load_state_dict({k: v.float() for k, v in read_state_dict(path).items()}, strict=True)
     return True
@@ -386,7 +386,7 @@ def train(config_path: str | Path, *, max_minutes: Optional[float] = None, max_s
     minutes = tcfg.pop("max_minutes", None)
     precision = str(tcfg.pop("precision", "32-true"))
     if precision.startswith("bf16"):
-        from ldm.runtime import bf16_on_cpu
+        from ldm.runtime.policy import bf16_on_cpu
 
         precision = precision if bf16_on_cpu(False, f"training ({config_path} asks for {precision})") else "32-true"
     common = {k: tcfg[k] for k in ("lr", "weight_decay", "warmup_steps", "checkpoint_every", "save_dtype",

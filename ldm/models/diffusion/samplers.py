@@ -381,7 +381,7 @@ def run(denoise, noise: torch.Tensor, cond, sampler: str, *, steps: int, schedul
     batch's start noise; `generators` (one per image, the ones that drew `noise`) keep drawing the fresh
     noise of ancestral/SDE steps. With `start_latents` the run is img2img-style: the schedule keeps its
     last int(strength * steps) steps and starts from start_latents noised to that level. eta None is the
-    sampler's own; 0 is 0 (ldm.families.resolve_eta gives a run's eta).
+    sampler's own; 0 is 0 (ldm.loading.families.resolve_eta gives a run's eta).
     """
     check_sampler(sampler, schedule, eta)
     sigmas = make_sigmas(schedule or sampler, denoise.sigmas, steps)

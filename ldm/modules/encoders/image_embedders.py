@@ -176,7 +176,7 @@ class ClipImageEmbedder(_ImageEmbedder):
 
 def read_clip_stats(path: str | Path, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of CLIP image embeddings from a torch-saved pair of `width` floats (ViT-L-14_stats.th)."""
-    from ldm.checkpoint import read_torch_file
+    from ldm.loading.checkpoint import read_torch_file
 
     pair = read_torch_file(Path(path), "CLIP statistics")
     if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):

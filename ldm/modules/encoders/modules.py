@@ -6,7 +6,7 @@ weight under cond_stage_model.model.*, so we build only the text tower, with ope
 names, and let the checkpoint fill it. open_clip is used for two offline files only, read from its
 package directory without importing it (importing it pulls in timm and torchvision, seconds): the
 architecture numbers (model_configs/<arch>.json) and the BPE vocabulary, which our own tokenizer
-(ldm.modules.encoders.tokenizer) reads.
+(ldm.text.tokenizer) reads.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import SDError
-from ldm.modules.encoders.tokenizer import get_tokenizer, open_clip_dir
+from ldm.text.tokenizer import get_tokenizer, open_clip_dir
 
 # open_clip's CLIPTextCfg dataclass defaults (open_clip.model.CLIPTextCfg), kept here so that building
 # the text encoder need not import open_clip; tests/test_tokenizer.py checks them against open_clip.
@@ -267,7 +267,7 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         return [max(0, len(tokenizer.encode(text)) + 2 - self.max_length) for text in texts]
 
     def tokenizer(self):
-        """The BPE tokenizer (ldm.modules.encoders.tokenizer.CLIPTokenizer) of this text tower."""
+        """The BPE tokenizer (ldm.text.tokenizer.CLIPTokenizer) of this text tower."""
         return _tokenizer(self.max_length, self.tokenizer_kwargs)
 
     def encode_tokens(self, tokens: torch.Tensor, vectors=()) -> torch.Tensor:

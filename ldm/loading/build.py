@@ -1,11 +1,11 @@
 """The one loading path: read -> check keys -> cast -> build on meta -> assign, then device and fast path.
 
-`load_model(config, ckpt, opts)` reads the checkpoint (ldm.checkpoint: safe readers, memory-mapped),
+`load_model(config, ckpt, opts)` reads the checkpoint (ldm.loading.checkpoint: safe readers, memory-mapped),
 builds the config's model on the meta device (no weight is allocated or initialised), casts each tensor
 as the precision asks while loading (tensor by tensor, handing each memory-mapped float32 source page back
 to the kernel, so peak memory stays near the size of the cast model), assigns them strictly, moves the
-model to its device and applies the fast path (ldm.fastpath) to the UNet. The policy it follows (device,
-precision, threads) is ldm.runtime's; which config fits a checkpoint is ldm.detect's.
+model to its device and applies the fast path (ldm.runtime.fastpath) to the UNet. The policy it follows (device,
+precision, threads) is ldm.runtime.policy's; which config fits a checkpoint is ldm.loading.detect's.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from ldm.runtime import (OPENVINO_INT8, UNET_PREFIX, RuntimeOptions, RuntimeState, Precision, config_precision_hint,
+from ldm.runtime.policy import (OPENVINO_INT8, UNET_PREFIX, RuntimeOptions, RuntimeState, Precision, config_precision_hint,
                          part_dtype, resolve_device, resolve_precision, set_threads)
 
 
@@ -157,11 +157,11 @@ def load_model(config: str | Path, ckpt: str | Path, opts: Optional[RuntimeOptio
     Without `opts` the weights keep the checkpoint's dtypes on the CPU and nothing else is done (training,
     evaluation). With `opts` (RuntimeOptions) the precision's casts, the device and the fast path apply,
     and the model gets a `runtime` attribute (RuntimeState) that autocast_context reads. `state_dict`
-    passes a checkpoint already read (ldm.detect reads it to choose the config), `loaded_config` a
-    config already parsed; `inspect(model)` runs on the placed model before the fast path (ldm.detect's
+    passes a checkpoint already read (ldm.loading.detect reads it to choose the config), `loaded_config` a
+    config already parsed; `inspect(model)` runs on the placed model before the fast path (ldm.loading.detect's
     probe, which must not be what a compiled or traced UNet specialises to).
     """
-    from ldm.checkpoint import assign_weights, build_on_meta, read_state_dict
+    from ldm.loading.checkpoint import assign_weights, build_on_meta, read_state_dict
     from ldm.util import load_config, trusted_config
 
     opts = opts.resolved(quiet=True) if opts is not None else None  # --backend auto (Pipeline resolves it first)
@@ -196,7 +196,7 @@ def load_model(config: str | Path, ckpt: str | Path, opts: Optional[RuntimeOptio
 def _place(model: nn.Module, opts: RuntimeOptions, device: torch.device, prec: Precision, channels_last: bool,
            inspect: Optional[Callable[[nn.Module], None]]) -> nn.Module:
     """Move a loaded model to its device, set its attention and VAE dtypes, and speed its UNet up."""
-    from ldm.fastpath import speed_up
+    from ldm.runtime.fastpath import speed_up
 
     if device.type != "cpu":
         model = model.to(device)
@@ -210,8 +210,8 @@ def _place(model: nn.Module, opts: RuntimeOptions, device: torch.device, prec: P
     if inspect is not None:
         inspect(model)
     if opts.backend == "openvino":
-        from ldm.metadata import model_hash
-        from ldm.openvino_backend import use_openvino
+        from ldm.files.metadata import model_hash
+        from ldm.runtime.openvino import use_openvino
 
         quant = opts.precision if opts.precision in OPENVINO_INT8 else None
         use_openvino(model, model_hash(model.runtime_ckpt), quant=quant)

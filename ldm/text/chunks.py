@@ -1,6 +1,6 @@
 """Prompts as AUTOMATIC1111 encodes them: weighted tokens in 75-token chunks, textual-inversion vectors.
 
-A prompt's pieces (ldm.prompt_syntax) are tokenised one by one into chunks of 75 positions; when a chunk
+A prompt's pieces (ldm.text.syntax) are tokenised one by one into chunks of 75 positions; when a chunk
 is full and a comma came within the last 20 tokens, the tokens after that comma move to the next chunk
 (A1111's comma backtrack); BREAK ends a chunk. Each chunk is padded with end tokens to 75, wrapped in the
 start and end tokens (77) and, as SD 2's OpenCLIP tokenizer does, everything after its first end token
@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 
 from ldm.errors import SDError
-from ldm.prompt_syntax import BREAK, parse_weights
+from ldm.text.syntax import BREAK, parse_weights
 
 CHUNK = 75  # prompt positions per chunk, between the start and end tokens
 # A prompt longer than max_chunks * CHUNK * this many characters is refused before it is tokenised (a
@@ -97,8 +97,8 @@ def check_prompt(what: str, text: str, max_chunks: int) -> None:
     than `max_chunks` chunks (textual-inversion names are counted as words here; their vectors are
     counted again when the prompt is encoded). Checked before any model loads."""
     from ldm.limits import check_text
-    from ldm.modules.encoders.tokenizer import get_tokenizer
-    from ldm.prompt_syntax import take_loras
+    from ldm.text.tokenizer import get_tokenizer
+    from ldm.text.syntax import take_loras
 
     try:
         check_text(what, text)

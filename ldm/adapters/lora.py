@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ldm.errors import SDError
-from ldm.metadata import model_hash
-from ldm.prompt_syntax import lora_weight
+from ldm.files.metadata import model_hash
+from ldm.text.syntax import lora_weight
 
 RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
           "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
@@ -137,7 +137,7 @@ def read_lora(path: Path) -> LoraFile:
 
 def _read(path: Path) -> tuple[dict, dict]:
     """(tensors, safetensors metadata) of a LoRA file, read without running code, its cost checked first."""
-    from ldm.checkpoint import read_safetensors, read_torch_file
+    from ldm.loading.checkpoint import read_safetensors, read_torch_file
 
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
@@ -286,7 +286,7 @@ class LoraPlan:
     @classmethod
     def make(cls, given: tuple, folder: Optional[Path], prompts: list[str]) -> "LoraPlan":
         """Check every --lora file and every tag's file exist (SDError naming the first that does not)."""
-        from ldm.prompt_syntax import take_loras
+        from ldm.text.syntax import take_loras
 
         always = []
         for spec in map(str, given):
@@ -326,7 +326,7 @@ class LoraPlan:
     def for_prompts(self, prompts: list[str]) -> list[tuple[LoraFile, float, float]]:
         """(file, text weight, UNet weight) for a batch: the --lora files, then the tags of its prompts
         (a name tagged twice keeps its first weights, as A1111 does)."""
-        from ldm.prompt_syntax import take_loras
+        from ldm.text.syntax import take_loras
 
         wanted = [(self.read(path), weight, weight) for path, weight in self.always]
         for prompt in prompts:

@@ -15,7 +15,7 @@ from typing import Optional
 
 from ldm.errors import SDError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = ROOT / "configs" / "demo" / "demo-inference.yaml"
 DEMO_CKPT = ROOT / "checkpoints" / "demo" / "demo.safetensors"
 DEMO_SIZE = 256  # the demo model's native image side (it was trained on 256x256 scenes)

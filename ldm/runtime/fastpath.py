@@ -13,18 +13,7 @@ import torch
 from torch import nn
 
 from ldm.errors import SDError
-from ldm.runtime import Precision, RuntimeOptions
-
-
-def ipex_module():
-    """intel_extension_for_pytorch, or an SDError that says how to get it."""
-    try:
-        import intel_extension_for_pytorch as ipex  # noqa: F401
-    except ImportError as exc:
-        raise SDError(
-            f"--ipex needs intel_extension_for_pytorch, which is not installed for torch {torch.__version__}: "
-            "run `make install-ipex` and use .venv-ipex/bin/sd (IPEX 2.8 needs torch 2.8)") from exc
-    return ipex
+from ldm.runtime.policy import Precision, RuntimeOptions, ipex_module
 
 
 def compile_cache_dir(opts: Optional[RuntimeOptions] = None) -> Path:
@@ -42,7 +31,7 @@ _USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 def enable_compile_cache(path: Path) -> None:
     """Point inductor's on-disk caches at `path` (unless the user set TORCHINDUCTOR_CACHE_DIR) and turn
     on the FX-graph and AOTAutograd caches, so a second run reuses the compiled graphs and kernels."""
-    from ldm.imageio import ensure_writable_dir
+    from ldm.files.imageio import ensure_writable_dir
 
     try:
         ensure_writable_dir(path)

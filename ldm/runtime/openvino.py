@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ldm.errors import SDError, note
-from ldm.fastpath import falls_through
+from ldm.runtime.fastpath import falls_through
 
 VERSION = 1  # bump when what is exported changes, so stale cached models are not reused
 
@@ -54,7 +54,7 @@ def cache_dir() -> Path:
 
 def _ready_cache_dir() -> Path:
     """The cache folder, created if needed; one SDError line when it cannot be (a file in its place)."""
-    from ldm.imageio import ensure_writable_dir
+    from ldm.files.imageio import ensure_writable_dir
 
     try:
         return ensure_writable_dir(cache_dir())

@@ -11,7 +11,7 @@ What lives here:
 - PNGs encoded to bytes in memory with their text chunks (what a server sends);
 - loading input images with one-line SDErrors, and the reference's PIL <-> tensor conversions.
 
-The PNG "parameters" text lives in ldm.metadata. torch and invisible-watermark (which pulls in cv2) are imported only by the functions that need them, so
+The PNG "parameters" text lives in ldm.files.metadata. torch and invisible-watermark (which pulls in cv2) are imported only by the functions that need them, so
 that importing this module stays cheap for the CLI's fast paths (--help, argument errors).
 """
 

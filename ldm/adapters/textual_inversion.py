@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ldm.errors import SDError
-from ldm.metadata import model_hash
+from ldm.files.metadata import model_hash
 
 SUFFIXES = (".pt", ".bin", ".safetensors")
 MAX_FILES = 1000
@@ -32,7 +32,7 @@ class Embedding:
 
 def _read(path: Path) -> dict:
     """An embedding file's tensors, read without running code and only once its size is that of one."""
-    from ldm.checkpoint import read_safetensors, read_torch_file
+    from ldm.loading.checkpoint import read_safetensors, read_torch_file
 
     size = path.stat().st_size
     if size > MAX_BYTES:

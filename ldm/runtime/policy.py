@@ -2,8 +2,8 @@
 
 `RuntimeOptions` holds the user's choices (--device, --precision, --compile, --torchscript, --ipex,
 --threads); `resolve_device` and `resolve_precision` turn them into a device and per-part dtypes, which
-the loader (ldm.loading) applies while it loads; `autocast_context(model)` is the context a loaded model
-runs under. Nothing else decides device or dtype. The fast paths live beside this, in ldm.fastpath.
+the loader (ldm.loading.build) applies while it loads; `autocast_context(model)` is the context a loaded model
+runs under. Nothing else decides device or dtype. The fast paths live beside this, in ldm.runtime.fastpath.
 
 Precision modes (resolved from "auto" by `resolve_precision`):
 - full:     float32 everywhere.
@@ -56,7 +56,7 @@ class RuntimeOptions:
     channels_last: Optional[bool] = None
     compile_cache: Optional[Path] = None
     trust_config: bool = False  # --trust-config: the config may name classes outside ldm.* (ldm.util.check_target)
-    backend: str = "torch"  # --backend: torch, openvino (ldm.openvino_backend), or auto (resolved())
+    backend: str = "torch"  # --backend: torch, openvino (ldm.runtime.openvino), or auto (resolved())
 
     def check(self) -> "RuntimeOptions":
         """Validate everything that needs no model; raises SDError with one line."""
@@ -84,8 +84,6 @@ class RuntimeOptions:
         if self.ipex and self.compile:
             raise SDError("--ipex and --compile cannot be combined (IPEX brings its own graph optimisations)")
         if self.ipex:
-            from ldm.fastpath import ipex_module
-
             ipex_module()  # fails early, with the way to get it
         return self
 
@@ -102,7 +100,7 @@ class RuntimeOptions:
                "--compile/--torchscript/--ipex ask for PyTorch" if self.compile or self.torchscript or self.ipex else
                f"--precision {self.precision} is PyTorch's" if self.precision not in ("auto", "full", *OPENVINO_INT8) else
                None)
-        # find_spec, not an import: openvino is imported once, by ldm.openvino_backend, which first keeps its
+        # find_spec, not an import: openvino is imported once, by ldm.runtime.openvino, which first keeps its
         # telemetry off
         if why is None and importlib.util.find_spec("openvino") is None:
             why = "the openvino package is not installed"
@@ -116,6 +114,18 @@ class RuntimeOptions:
         """Whether the UNet goes through IPEX: only when asked (--ipex). Intel ended IPEX after 2.8 (its
         issue #867, October 2025), so it is never a default; --backend openvino is the live CPU path."""
         return bool(self.ipex)
+
+
+def ipex_module():
+    """intel_extension_for_pytorch, or an SDError that says how to get it."""
+    try:
+        import intel_extension_for_pytorch as ipex  # noqa: F401
+    except ImportError as exc:
+        raise SDError(
+            f"--ipex needs intel_extension_for_pytorch, which is not installed for torch {torch.__version__}: "
+            "run `make install-ipex` and use .venv-ipex/bin/sd (IPEX 2.8 needs torch 2.8)") from exc
+    return ipex
+
 
 
 @dataclass(frozen=True)
@@ -266,7 +276,7 @@ class RuntimeState:
 def autocast_context(model_or_device: Any, precision: Optional[str] = None):
     """The context to run a loaded model under: torch.autocast in the autocast mode, else nothing.
 
-    Call as autocast_context(model) with a model from ldm.loading.load_model, or as
+    Call as autocast_context(model) with a model from ldm.loading.build.load_model, or as
     autocast_context(device, precision_string).
     """
     state = getattr(model_or_device, "runtime", None)

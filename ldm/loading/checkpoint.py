@@ -3,7 +3,7 @@
 A checkpoint is read without running any code from it: .safetensors by parsing its header and mapping
 the file into memory, .ckpt through torch.load(weights_only=True, mmap=True). The model is built on the
 meta device (no random init of ~1.3B parameters) and the checkpoint tensors are assigned in place, so
-the weights exist once in memory (ldm.loading puts these steps in order). Every key must match: missing, unexpected or mis-shaped keys fail
+the weights exist once in memory (ldm.loading.build puts these steps in order). Every key must match: missing, unexpected or mis-shaped keys fail
 with a message that names them and, where the keys tell, which config fits.
 """
 from __future__ import annotations
@@ -243,7 +243,7 @@ def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], ckpt: s
             parts.append(f"{len(unexpected)} unexpected ({_first(unexpected)})")
         if wrong_shape:
             parts.append(f"{len(wrong_shape)} with another shape (checkpoint vs model: {_first(wrong_shape, 2)})")
-        from ldm.detect import describe_checkpoint
+        from ldm.loading.keys import describe_checkpoint
 
         hint = describe_checkpoint(state_dict)
         fit = f"; the checkpoint looks like {hint}" if hint else ""

@@ -233,7 +233,7 @@ for prompt in ["x BREAK " * 10000, "a photo of a cat, " * 6000, "x" * 1_000_000]
 
 
 def test_long_words_take_the_heap_bpe_and_get_the_same_tokens():
-    from ldm.modules.encoders import tokenizer as T
+    from ldm.text import tokenizer as T
 
     tok = T.get_tokenizer()
     rng = random.Random(3)

@@ -12,7 +12,8 @@ from open_clip.model import CLIPTextCfg
 from open_clip.tokenizer import SimpleTokenizer
 
 from ldm.errors import SDError
-from ldm.modules.encoders import modules, tokenizer
+from ldm.modules.encoders import modules
+from ldm.text import tokenizer
 from ldm.modules.encoders.modules import CLIP_TEXT_CFG_DEFAULTS, text_tower_config
 from ldm.text.tokenizer import CLIPTokenizer, get_tokenizer
 from tests.test_autoencoder import ROOT

@@ -177,23 +177,3 @@ def test_the_library_does_not_import_the_cli_and_help_does_not_import_torch():
             "print(codes, 'torch' in sys.modules, 'numpy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[0, 0, 0] False False"
-
-
-def test_readmes_use_from_python_runs_as_written(tmp_path, monkeypatch, capsys):
-    """Every Python block of README's "Use from Python", in order, in an empty folder."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Use from Python", 1)[1].split("\n## ", 1)[0]
-    blocks = [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
-    assert len(blocks) == 2
-    monkeypatch.chdir(tmp_path)
-    scope: dict = {}
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), scope)
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("2 Steps: 20, Sampler: DDIM, CFG scale: 5.0")
-    assert out[1:] == [f"step {k}/20" for k in range(1, 6)] + ["cancelled after step 5 of 20"]
-    assert len(scope["previews"]) == 1 and scope["previews"][0].size == (256, 256)
-    assert Image.open("circle.png").size == (256, 256) and (tmp_path / "circle-with-settings.png").read_bytes() == \
-        scope["images"][0].png()
-    assert metadata.read_png_text("circle-with-settings.png")["parameters"] == scope["images"][0].parameters
-    assert scope["masked"][0].image.size == (256, 256) and scope["edited"][0].seed == 1

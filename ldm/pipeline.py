@@ -38,6 +38,10 @@ from ldm.tasks import Depth2Img, Img2Img, Inpaint, PriorTxt2Img, Task, Txt2Img, 
 from ldm.tasks.base import ImageInput, is_unclip
 
 
+class Skipped(Exception):
+    """skip() ended the running batch (the call goes on with the next)."""
+
+
 class Cancelled(Exception):
     """Raised by a generating call that Pipeline.cancel() stopped between two steps; `images` holds the
     images of the batches that had finished (a server returns them, as AUTOMATIC1111's interrupt does)."""
@@ -85,6 +89,7 @@ class Pipeline:
         self.loras = Merged(model)  # the LoRAs merged into this model's weights (undone exactly when others come)
         self.prior = None  # Karlo's prior, for unCLIP-L text-to-image (load_prior)
         self._cancel = threading.Event()
+        self._skip = threading.Event()
 
     @classmethod
     def load(cls, ckpt: Optional[str | Path] = None, config: Optional[str | Path] = None, *, device: str = "auto",
@@ -233,7 +238,7 @@ class Pipeline:
             steps: Optional[int] = None, scale: Optional[float] = None, sampler: str = "ddim",
             schedule: Optional[str] = None, eta: Optional[float] = None, batch_size: Optional[int] = None,
             n_iter: int = 1, limits: Optional[Limits] = None, H: int = 256, W: int = 256,
-            C: Optional[int] = None, f: Optional[int] = None, emphasis: str = "original",
+            C: Optional[int] = None, f: Optional[int] = None, emphasis: str = "original", clip_skip: int = 1,
             embeddings: Optional[str | Path] = None, loras: tuple = (), lora_dir: Optional[str | Path] = None) -> Job:
         """The Job of one call: the task's defaults for this model where a setting is None."""
         defaults = self.defaults(task.name)
@@ -244,7 +249,7 @@ class Pipeline:
                       seed=secrets.randbelow(2 ** 32) if seed is None or seed == -1 else seed, fixed_code=False,
                       C=C or self.model.latent_channels, f=f or self.model.downsampling_factor, outdir=Path("."),
                       config=self.config, ckpt=self.ckpt, runtime=self.options, sampling=sampling,
-                      limits=limits or Limits(), emphasis=emphasis,
+                      limits=limits or Limits(), emphasis=emphasis, clip_skip=clip_skip,
                       embeddings=Path(embeddings) if embeddings is not None else None, loras=tuple(loras),
                       lora_dir=Path(lora_dir) if lora_dir is not None else None)
         if isinstance(task, Txt2Img):
@@ -254,6 +259,7 @@ class Pipeline:
     def generate(self, job: Job, task: Task, progress: Optional[ProgressCallback] = None) -> list[GeneratedImage]:
         """Run a whole job (every batch of its plan) and return its images in order."""
         self._cancel.clear()
+        self._skip.clear()
         job.check()
         task.check(job)
         plan = make_plan(job)
@@ -262,10 +268,15 @@ class Pipeline:
         images: list[GeneratedImage] = []
         try:
             for batch in plan:
-                counter.batch = batch.index
-                images += session.images(batch, counter)
+                counter.start(batch.index)
+                try:
+                    images += session.images(batch, counter)
+                except Skipped:  # skip(): this batch ends with its partial images, the next ones run
+                    self._skip.clear()
+                    images += session.partial(batch, counter.denoised)
         except Cancelled as stop:
-            stop.images = images
+            # the batches finished, then the running batch's images as they stand (A1111's interrupt)
+            stop.images = images + session.partial(batch, counter.denoised)
             raise
         return images
 
@@ -281,6 +292,11 @@ class Pipeline:
         """A run of `job` on this model: the task prepared, prompts encoded once each (the batch runner's
         unit: it calls Session.images batch by batch)."""
         return Session(self, job, task)
+
+    def skip(self) -> None:
+        """End the running batch after its current step, keeping its partial images, and go on with the next
+        batch (A1111's "skip"). Safe to call from another thread."""
+        self._skip.set()
 
     def cancel(self) -> None:
         """Stop the running call after its current step (it raises Cancelled); the pipeline stays usable.
@@ -306,12 +322,19 @@ class _StepCounter:
         self.pipeline, self.progress = pipeline, progress
         self.total = sum(task.steps_run(batch.sampling.steps) for batch in plan)
         self.batches, self.batch, self.done = len(plan), 0, 0
+        self.denoised: Optional[torch.Tensor] = None  # the running batch's latest x0 (its partial images)
+
+    def start(self, batch: int) -> None:
+        self.batch, self.denoised = batch, None
 
     def __call__(self, info: dict) -> None:
         self.done += 1
+        self.denoised = info["denoised"]
         if self.progress is not None:
             self.progress(Progress(self.done, self.total, self.batch, self.batches, info["denoised"]))
         self.pipeline.stop_if_cancelled(f"after step {self.done} of {self.total}")
+        if self.pipeline._skip.is_set():
+            raise Skipped(f"skipped after step {self.done} of {self.total}")
 
 
 class Session:
@@ -340,8 +363,11 @@ class Session:
                        "Config": Path(pipeline.config).name, "Mode": task.name,
                        "Precision": model.runtime.precision.mode, **task.settings(),
                        "Backend": _backend_field(model),
-                       # A1111 writes Emphasis only when it is not its default, "Original"
-                       "Emphasis": {"none": "No norm", "off": "None"}.get(job.emphasis)}
+                       # A1111 writes Emphasis only when it is not its default, "Original", Clip skip above 1
+                       "Emphasis": {"none": "No norm", "off": "None"}.get(job.emphasis),
+                       "Clip skip": job.clip_skip if job.clip_skip != 1 else None}
+        with model.cond_stage_model.clip_skip(job.clip_skip):  # within this text encoder's depth
+            pass
 
     def parameters(self, batch: Batch, position: int) -> str:
         """The "parameters" text of the image at `position` of `batch` (known before sampling)."""
@@ -362,13 +388,28 @@ class Session:
     def images(self, batch: Batch, on_step: Optional[Callable[[dict], None]] = None,
                positions: Optional[list[int]] = None) -> list[GeneratedImage]:
         """Sample `batch` and return its kept images (or those at `positions`), watermarked."""
-        pictures = self.sample(batch, on_step)
+        return self.generated(batch, self.sample(batch, on_step), positions)
+
+    def generated(self, batch: Batch, pictures: list[Image.Image], positions: Optional[list[int]] = None):
+        """The batch's kept pictures (or those at `positions`) as watermarked GeneratedImages."""
         out = []
         for pos in batch.kept() if positions is None else positions:
             item = batch.items[pos]
             out.append(GeneratedImage(imageio.apply_watermark(pictures[pos]), item.seed, self.parameters(batch, pos),
                                       item.index, len(batch.items), pos))
         return out
+
+    def partial(self, batch: Batch, denoised: Optional[torch.Tensor]) -> list[GeneratedImage]:
+        """A stopped batch's images as they stand: its latest x0 decoded as the finished ones are (none when it
+        had not begun sampling, or when those latents are not finite)."""
+        if denoised is None:
+            return []
+        try:
+            with torch.inference_mode(), autocast_context(self.model):
+                pictures = self.decoded(batch.items, denoised)
+        except SDError:
+            return []
+        return self.generated(batch, pictures)
 
     def loras_of(self, items) -> list:
         """The batch's LoRAs: (file, text weight, UNet weight) from --lora and its prompts' tags."""
@@ -388,8 +429,9 @@ class Session:
         """Text features of the batch's prompts (B, 77 * k, width) and, when guided, of its negative prompts,
         padded to one chunk count."""
         self.merge_loras(items)
-        c = self.encoder.encode([it.prompt for it in items])
-        uc = self.encoder.encode([it.negative_prompt for it in items]) if guided else []
+        with self.model.cond_stage_model.clip_skip(self.job.clip_skip):
+            c = self.encoder.encode([it.prompt for it in items])
+            uc = self.encoder.encode([it.negative_prompt for it in items]) if guided else []
         length = max(f.shape[0] for f in c + uc)
         return (self.encoder.stack(c, length).to(self.device),
                 self.encoder.stack(uc, length).to(self.device) if guided else None)
@@ -405,9 +447,13 @@ class Session:
             latents = sample_latents(self.model, noise.to(self.device), generators, c, uc, settings, on_step,
                                      start_latents=inputs.start_latents, strength=inputs.strength,
                                      extra_cond=inputs.extra_cond, apply_model=task.apply_model(self.model))
-            self.check_finite(latents, "the sampled latents", items)
-            images = task.finish(task.decode(self.model, latents).float(), items)
-            self.check_finite(images, "the decoded pixels", items)
+            return self.decoded(items, latents)
+
+    def decoded(self, items, latents: torch.Tensor) -> list[Image.Image]:
+        """The batch's pictures from its final latents (checked finite before and after decoding)."""
+        self.check_finite(latents, "the sampled latents", items)
+        images = self.task.finish(self.task.decode(self.model, latents).float(), items)
+        self.check_finite(images, "the decoded pixels", items)
         return imageio.tensor_to_pil(images.cpu())
 
     def eta_of(self, sampling: SamplingSettings) -> float:

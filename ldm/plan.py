@@ -19,7 +19,7 @@ import torch
 
 from ldm.batch.prompts import PromptLine, read_prompt_lines
 from ldm.errors import SDError
-from ldm.limits import MAX_ETA, MAX_SCALE, SEED_MAX, Limits, check_number, check_seed
+from ldm.limits import MAX_ETA, MAX_SCALE, SEED_MAX, Limits, check_number, check_seed, is_whole
 from ldm.runtime.policy import RuntimeOptions
 
 if TYPE_CHECKING:
@@ -113,6 +113,7 @@ def check_size(H: int, W: int, f: int, names: tuple[str, str] = ("--H", "--W"), 
 
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
+MAX_CLIP_SKIP = 12  # A1111's slider; a text encoder's own depth may bound it lower (checked once loaded)
 # The size a job whose --H/--W waits for the model's native size is checked at before the model loads
 # (every native size passes the same checks).
 STAND_IN_SIZE = 512
@@ -152,6 +153,7 @@ class Job:
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # --device, --precision, the fast paths
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     emphasis: str = "original"  # --emphasis: original | none | off (ldm.text.chunks)
+    clip_skip: int = 1  # --clip-skip: A1111's "Clip skip" (1: the model's own text layer)
     embeddings: Optional[Path] = None  # --embeddings DIR (None: embeddings/ beside the checkpoints folder)
     loras: tuple = ()  # --lora FILE[:W], for every image
     lora_dir: Optional[Path] = None  # --lora-dir: where <lora:NAME:W> finds NAME (None: loras/ beside the checkpoints)
@@ -205,6 +207,8 @@ class Job:
         check_seed(self.seed)
         check_prompt("--prompt", self.prompt, self.limits.max_chunks)
         check_prompt("--negative-prompt", self.negative_prompt, self.limits.max_chunks)
+        if not is_whole(self.clip_skip, 1, MAX_CLIP_SKIP):
+            raise SDError(f"--clip-skip must be a whole number from 1 to {MAX_CLIP_SKIP} (got {self.clip_skip})")
         if self.emphasis not in ("original", "none", "off"):
             raise SDError(f"--emphasis must be one of original, none, off (got '{self.emphasis}')")
         # names first: check_steps builds the schedule
@@ -262,8 +266,9 @@ class Job:
         from ldm.adapters.lora import LoraPlan
 
         if "_loras" not in self.__dict__:
-            folder = Path(self.lora_dir) if self.lora_dir is not None else (
-                Path(self.ckpt).resolve().parent.parent / "loras" if self.ckpt else None)
+            from ldm.adapters.lora import default_folder
+
+            folder = Path(self.lora_dir) if self.lora_dir is not None else default_folder(self.ckpt)
             prompts = [self.prompt] + [line.prompt for line in self.prompt_lines()]
             self.__dict__["_loras"] = LoraPlan.make(self.loras, folder, prompts)
         return self.__dict__["_loras"]
@@ -273,7 +278,9 @@ class Job:
         the folder that holds the checkpoint."""
         if self.embeddings is not None:
             return Path(self.embeddings), True
-        return (Path(self.ckpt).resolve().parent.parent / "embeddings" if self.ckpt else None), False
+        from ldm.adapters.textual_inversion import default_folder
+
+        return default_folder(self.ckpt), False
 
     def sized(self, native_size: int) -> "Job":
         """This job with the model's native size wherever --H/--W was left out."""

@@ -124,8 +124,8 @@ def png_with_parameters(path: Path, text: str, size=(256, 256)) -> Path:
     ("Steps: 2, Seed: 1, Size: 99992x99992", "above --max-side"),
     ("Steps: 2, Seed: %d, Size: 256x256" % 2**64, "seeds must be whole numbers"),
     ("Steps: -5, Seed: 1, Size: 256x256", "--steps must be from 1"),
-    ("Steps: 2, Seed: 1, Size: 256x256, CFG scale: nan", "--scale must be a finite number"),
-    ("Steps: 2, Seed: 1, Size: 256", '"Size" must be "WIDTHxHEIGHT" or [WIDTH, HEIGHT], got "256"'),
+    ("Steps: 2, Seed: 1, Size: 256x256, CFG scale: nan", "its CFG scale 'nan' is not a finite number"),
+    ("Steps: 2, Seed: 1, Size: 256", "its Size '256' is not WIDTHxHEIGHT"),
     ("Steps: %s, Seed: 1" % ("9" * 5000), "is not readable"),
 ])
 def test_crafted_metadata_is_bounded(fields, says, tiny_ckpts, tmp_path, capsys, no_load):

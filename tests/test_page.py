@@ -83,12 +83,14 @@ def test_a_brush_stroke_repaints_only_under_it(page, tmp_path):
 
     photo = tmp_path / "photo.png"
     Image.fromarray(smooth_photo()).save(photo)  # 260 x 300
-    page.get_by_role("tab", name="inpaint").click()
     shown = "!document.querySelector('#inpaint-editor').innerText.includes('Upload an image')"
     for attempt in range(4):  # the editor's canvas is slow to start on a starved machine and may miss an upload
+        # (once, under a parallel load, a first tab click left the editor unmounted: no upload was ever sent)
+        page.get_by_role("tab", name="inpaint").click()
+        page.wait_for_selector("#inpaint-editor", state="visible", timeout=30_000)
         page.set_input_files("#inpaint-editor input[type=file]", str(photo))
         try:
-            page.wait_for_function(shown, timeout=45_000)
+            page.wait_for_function(shown, timeout=30_000)
             break
         except sync_api.TimeoutError:
             if attempt == 3:

@@ -247,6 +247,24 @@ class Merged:
         self.active = ()
 
 
+def default_folder(ckpt) -> Optional[Path]:
+    """loras/ beside the folder that holds the checkpoint (where <lora:NAME> looks without --lora-dir)."""
+    return Path(ckpt).resolve().parent.parent / "loras" if ckpt else None
+
+
+def lora_metadata(path: Path) -> dict:
+    """A LoRA file's safetensors metadata (kohya's ss_* training notes), {} for other files or unreadable ones."""
+    if Path(path).suffix != ".safetensors":
+        return {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return {}
+
+
 def list_loras(folder: Optional[Path]) -> dict[str, Path]:
     """{name: file} of the LoRA files in `folder` and its subfolders (the first in sorted order where two
     share a name): regular files whose real place is inside the folder, so neither a link nor a FIFO

@@ -42,6 +42,11 @@ def _read(path: Path) -> dict:
     return read_torch_file(path, "embedding", MAX_BYTES)
 
 
+def default_folder(ckpt) -> Optional[Path]:
+    """embeddings/ beside the folder that holds the checkpoint (where sd looks without --embeddings)."""
+    return Path(ckpt).resolve().parent.parent / "embeddings" if ckpt else None
+
+
 def files_in(folder: Path) -> list[Path]:
     """The embedding files of a folder: regular files only (a FIFO named x.pt would block a read for ever),
     sorted, at most MAX_FILES."""

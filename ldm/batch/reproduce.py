@@ -88,4 +88,5 @@ def _job_from(job: "Job", info: metadata.Infotext, path: Path, mode_name: str, s
         W=width, H=height, sampling=sampling,
         runtime=dataclasses.replace(job.runtime, precision=fields.get("Precision", job.runtime.precision)),
         emphasis={"No norm": "none", "None": "off"}.get(fields.get("Emphasis", ""), "original"),
+        clip_skip=info.number("Clip skip", int, 1),
         from_file=None, n_samples=1, n_iter=1, repeat=1, fixed_code=False, reproduce=(batch_size, position))

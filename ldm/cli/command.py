@@ -47,6 +47,7 @@ def shared_flags(
     threads: opt.Threads = None,
     trust_config: opt.TrustConfig = False,
     emphasis: opt.Emphasis = "original",
+    clip_skip: opt.ClipSkip = 1,
     embeddings: opt.Embeddings = None,
     lora: opt.Lora = None,
     lora_dir: opt.LoraDir = None,

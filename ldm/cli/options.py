@@ -79,6 +79,9 @@ MaxSteps = Annotated[int, typer.Option("--max-steps", help="Refuse more sampling
 MaxBatch = Annotated[int, typer.Option("--max-batch", help="Refuse batches (--n_samples) larger than this.")]
 MaxImages = Annotated[int, typer.Option("--max-images", help="Refuse runs that would save more images than this.")]
 MaxChunks = Annotated[int, typer.Option("--max-chunks", help="Refuse prompts of more 75-token chunks than this.")]
+ClipSkip = Annotated[int, typer.Option(
+    "--clip-skip", help="AUTOMATIC1111's Clip skip: text features from this many layers before the text "
+    "encoder's last (1: the model's own layer, SD 2's penultimate; 2: one layer earlier).")]
 Emphasis = Annotated[str, typer.Option(
     "--emphasis", help="AUTOMATIC1111's prompt weights, (word:1.2) [word] BREAK: original (weights, then the mean "
     "restored), none (weights only), off (brackets are plain text, one 77-token chunk).")]

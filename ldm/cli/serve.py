@@ -20,6 +20,9 @@ ServeOutdir = Annotated[Optional[Path], typer.Option(
     "--outdir", help="Where save_images / the page's save box write (OUTDIR/<task>-samples/samples/NNNNN.png).")]
 Tab = Annotated[str, typer.Option("--tab", help="The page's first tab: txt2img, img2img, inpaint, depth2img, upscale, variations.")]
 MaxBodyMb = Annotated[int, typer.Option("--max-body-mb", help="Refuse request bodies above this many MiB (413).")]
+Styles = Annotated[Optional[Path], typer.Option(
+    "--styles", help="AUTOMATIC1111's styles.csv (name,prompt,negative_prompt) for requests' \"styles\" "
+    "[default: styles.csv beside the models folder].")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse input images with more pixels than this.")]
 
 
@@ -30,7 +33,8 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
           precision: opt.Precision = "auto", threads: opt.Threads = None, trust_config: opt.TrustConfig = False,
           max_side: opt.MaxSide = 2048, max_steps: opt.MaxSteps = 150, max_batch: opt.MaxBatch = 8,
           max_images: opt.MaxImages = 16, max_chunks: opt.MaxChunks = 32, max_body_mb: MaxBodyMb = 64, max_pixels: MaxPixels = 16_000_000,
-          embeddings: opt.Embeddings = None, lora_dir: opt.LoraDir = None, backend: opt.Backend = "torch") -> None:
+          embeddings: opt.Embeddings = None, lora_dir: opt.LoraDir = None, backend: opt.Backend = "torch",
+          styles: Styles = None) -> None:
     from ldm.cli.entry import ready_for_interrupts
     from ldm.errors import SDError, note
     from ldm.limits import Limits
@@ -63,4 +67,4 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
     note(f"sd serve on http://{host}:{port}/ (page) and /sdapi/v1 (API, docs at /docs): {said}")
     run(pipeline, host=host, port=port, auth=auth, models_dir=models_dir, outdir=outdir, limits=limits,
         max_pixels=max_pixels, max_body=max_body_mb * 2 ** 20, first_tab=tab, embeddings=embeddings,
-        lora_dir=lora_dir)
+        lora_dir=lora_dir, styles=styles)

@@ -297,6 +297,34 @@ def png_text_chunks(f, name: str = "the image") -> dict[str, str]:
     return texts
 
 
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286  # where A1111 puts the parameters of JPEG and WebP images
+
+
+def exif_parameters(f, name: str = "the image") -> dict[str, str]:
+    """{"parameters": text} from a JPEG's or WebP's EXIF UserComment (A1111 writes it there), {} when it has
+    none; SDError when Pillow cannot read the file as an image. No pixel is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(f) as im:
+            raw = im.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise SDError(f"cannot read {name}: not an image sd can read ({type(exc).__name__})") from None
+    if isinstance(raw, str):
+        return {PARAMETERS_KEY: raw} if raw else {}
+    if not isinstance(raw, bytes) or len(raw) < 8:
+        return {}
+    head, body = raw[:8], raw[8:]
+    if head.startswith(b"UNICODE"):
+        # EXIF says UCS-2 without a byte order; writers differ, so take the reading with fewer NULs in it
+        texts = [body.decode(codec, errors="replace") for codec in ("utf-16-be", "utf-16-le")]
+        text = min(texts, key=lambda t: t.count("\0") + t.count("\ufffd"))
+    else:
+        text = body.decode("utf-8" if head.startswith(b"ASCII") else "latin-1", errors="replace")
+    text = text.rstrip("\0")
+    return {PARAMETERS_KEY: text} if text else {}
+
+
 def printable(text: str, json_escapes: bool = False) -> str:
     """`text` safe to print on a terminal: control and format characters other than newline, tab and the
     emoji joiners (escape sequences a crafted PNG could carry, bidi overrides) are shown as \\xNN /

@@ -25,6 +25,9 @@ SAMPLER_ALIASES = {"Euler": ["k_euler"], "Euler a": ["k_euler_a"], "Heun": ["k_h
                    "DPM++ 2M": ["k_dpmpp_2m"], "DPM++ 2M SDE": ["k_dpmpp_2m_sde"]}
 
 
+SD_VERSION = "sd 0.1.0"  # the `version` A1111 clients read from info (A1111 writes its git tag there)
+
+
 class RequestError(ValueError):
     """A request sd cannot run as asked: the server answers 422 with this one line."""
 
@@ -60,6 +63,7 @@ class Txt2ImgRequest(BaseModel):
     s_noise: Optional[float] = 1.0
     styles: Optional[list] = None
     override_settings: Optional[dict] = None
+    override_settings_restore_afterwards: bool = True
     script_name: Optional[str] = None
     script_args: Optional[list] = None
     alwayson_scripts: Optional[dict] = None
@@ -102,17 +106,14 @@ UNSUPPORTED = {
     "subseed_strength": lambda v: not v, "seed_resize_from_h": lambda v: v in (None, 0, -1),
     "seed_resize_from_w": lambda v: v in (None, 0, -1), "s_churn": lambda v: not v, "s_tmin": lambda v: not v,
     "s_tmax": lambda v: v in (None, 0) or v == math.inf, "s_noise": lambda v: v in (None, 1, 1.0),
-    "styles": lambda v: not v, "script_name": lambda v: not v, "script_args": lambda v: not v,
+    "script_name": lambda v: not v, "script_args": lambda v: not v,
     "alwayson_scripts": _disabled_scripts,
 }
 
 
-def refuse_unsupported(request: Txt2ImgRequest, current_model: str) -> None:
-    """RequestError naming every field set to something sd cannot do."""
+def refuse_unsupported(request: Txt2ImgRequest) -> None:
+    """RequestError naming every field set to something sd cannot do (override_settings: ldm.serve.options)."""
     asked = [name for name, is_default in UNSUPPORTED.items() if not is_default(getattr(request, name))]
-    overrides = {k: v for k, v in (request.override_settings or {}).items()
-                 if not (k == "sd_model_checkpoint" and v in (None, "", current_model))}
-    asked += [f"override_settings.{k}" for k in overrides]
     if asked:
         raise RequestError(f"sd cannot honour {', '.join(asked)}; leave them at AUTOMATIC1111's defaults")
 
@@ -174,7 +175,7 @@ def encode_png(png: bytes) -> str:
 
 
 def info_of(request: Txt2ImgRequest, images: list, model_hash: str, model_name: str,
-            interrupted: bool = False) -> str:
+            interrupted: bool = False, ignored: tuple = (), styles: tuple = ()) -> str:
     """A1111's `info`: a JSON string with the seeds and one "parameters" text per image."""
     first = images[0] if images else None
     info = metadata.Infotext.read(first.parameters) if first else metadata.Infotext()
@@ -191,6 +192,7 @@ def info_of(request: Txt2ImgRequest, images: list, model_hash: str, model_name: 
         "batch_size": request.batch_size, "restore_faces": False, "sd_model_name": model_name,
         "sd_model_hash": model_hash, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": getattr(request, "denoising_strength", None), "extra_generation_params": {},
-        "index_of_first_image": 0, "infotexts": [image.parameters for image in images], "styles": [],
+        "index_of_first_image": 0, "infotexts": [image.parameters for image in images], "styles": list(styles),
+        "sd_vae_name": None, "sd_vae_hash": None, "version": SD_VERSION, "ignored_settings": list(ignored),
         "job_timestamp": "", "clip_skip": 1, "is_using_inpainting_conditioning": False, "interrupted": interrupted,
     })

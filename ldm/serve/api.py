@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 from fastapi import APIRouter
 from PIL import Image
@@ -14,50 +16,103 @@ from ldm.errors import SDError
 from ldm.pipeline import Cancelled, GeneratedImage
 from ldm.serve import a1111, masks
 from ldm.serve.a1111 import Img2ImgRequest, RequestError, Txt2ImgRequest
+from ldm.serve.options import Settings
+from ldm.serve.styles import apply_styles
 
 A1111_MASK_BLUR = 4  # A1111's mask_blur when a request leaves it out
 
 
-def generate(server, job) -> tuple[list[GeneratedImage], bool]:
-    """Run a generating job on the worker: (images, interrupted). An interrupt returns the batches done."""
+@dataclass
+class Prepared:
+    """A request made ready for the pipeline: its settings after the A1111 options, styles and sizes, and
+    what the response's info reports (the styles applied, the settings taken without effect)."""
+    prompt: str
+    settings: dict
+    styles: list = field(default_factory=list)
+    ignored: list = field(default_factory=list)
+    checkpoint: Optional[str] = None  # override_settings.sd_model_checkpoint
+    restore: bool = True  # override_settings_restore_afterwards
+
+
+def prepare(server, request: Txt2ImgRequest) -> Prepared:
+    """The request's pipeline settings after the A1111 fields sd cannot honour were refused."""
+    a1111.refuse_unsupported(request)
+    taken = Settings().take(request.override_settings, "override_settings")
+    prompt, negative, applied, unknown = apply_styles(server.styles(), request.styles, request.prompt,
+                                                      request.negative_prompt)
+    settings = {**a1111.settings_of(request), "negative_prompt": negative, "limits": server.limits,
+                "embeddings": server.embeddings, "lora_dir": server.lora_dir, "clip_skip": taken.clip_skip}
+    if settings["eta"] is None:
+        settings["eta"] = taken.eta_for(settings["sampler"])
+    ignored = taken.ignored + [f"styles: {name}" for name in unknown]
+    if request.save_images and server.outdir is None:
+        ignored.append("save_images (not saved: the server has no --outdir)")
+    return Prepared(prompt, settings, applied, ignored, taken.checkpoint, request.override_settings_restore_afterwards)
+
+
+def generate(server, prepared: Prepared, job) -> tuple[list[GeneratedImage], bool]:
+    """Run a generating job on the worker, on the request's checkpoint if it names another (put back afterwards
+    unless asked not to): (images, interrupted). An interrupt returns the images finished and the partial
+    images of the running batch."""
+    target = server.resolve(prepared.checkpoint) if prepared.checkpoint else None
+
+    def on_model(pipe, progress):
+        previous = None
+        if target is not None and not server.is_loaded(target):
+            previous = (pipe.ckpt, pipe.config)
+            server.load_into(pipe, target)
+        try:
+            return job(pipe, progress)
+        finally:
+            if previous is not None and prepared.restore:
+                pipe.load_model(*previous, quiet=True)
+
     try:
-        return server.worker.run("generate", job), False
+        return server.worker.run("generate", on_model), False
     except Cancelled as stop:
         return stop.images, True
     except SDError as exc:
         raise RequestError(str(exc)) from None
 
 
-def respond(server, request: Txt2ImgRequest, images: list[GeneratedImage], interrupted: bool, task: str) -> dict:
+def respond(server, request: Txt2ImgRequest, prepared: Prepared, images: list[GeneratedImage], interrupted: bool,
+            task: str) -> dict:
     """A1111's response: base64 PNGs (the bytes sd writes), the request echoed, `info` as a JSON string."""
-    if request.save_images:
+    if request.save_images and server.outdir is not None:
         server.save(images, task)
-    title = server.current_title()
+    ran = server.resolve(prepared.checkpoint) if prepared.checkpoint else server.ckpt  # the model the images came from
+    info = a1111.info_of(request, images, metadata.model_hash(ran), server.title(ran), interrupted,
+                         prepared.ignored, prepared.styles)
     return {"images": [a1111.encode_png(image.png()) for image in images] if request.send_images else [],
-            "parameters": request.model_dump(), "info": a1111.info_of(request, images, server.current_hash(), title,
-                                                                       interrupted)}
+            "parameters": request.model_dump(), "info": info}
 
 
-def checked(server, request: Txt2ImgRequest) -> dict:
-    """The request's pipeline settings after the A1111 fields sd cannot honour were refused."""
-    a1111.refuse_unsupported(request, server.current_title())
-    if request.save_images and server.outdir is None:
-        raise RequestError("save_images needs a folder: start the server with sd serve --outdir DIR")
-    return {**a1111.settings_of(request), "limits": server.limits, "embeddings": server.embeddings,
-            "lora_dir": server.lora_dir}
+def rounded_size(request: Txt2ImgRequest, prepared: Prepared) -> tuple[Optional[int], Optional[int]]:
+    """(width, height) rounded down to multiples of 8 where they are not, as A1111's latents round them;
+    each rounding is reported in the info."""
+    sizes = []
+    for name in ("width", "height"):
+        value = getattr(request, name)
+        if value is not None and value % 8 and value > 8:
+            prepared.ignored.append(f"{name} {value} rounded down to {value - value % 8} (a multiple of 8)")
+            value -= value % 8
+        sizes.append(value)
+    return sizes[0], sizes[1]
 
 
 def txt2img(server, request: Txt2ImgRequest) -> dict:
-    settings = checked(server, request)
+    prepared = prepare(server, request)
+    width, height = rounded_size(request, prepared)
 
     def job(pipe, progress):
-        return pipe.txt2img(request.prompt, width=request.width, height=request.height, progress=progress, **settings)
+        return pipe.txt2img(prepared.prompt, width=width, height=height, progress=progress, **prepared.settings)
 
-    return respond(server, request, *generate(server, job), task="txt2img")
+    return respond(server, request, prepared, *generate(server, prepared, job), task="txt2img")
 
 
 def img2img(server, request: Img2ImgRequest) -> dict:
-    settings = checked(server, request)
+    prepared = prepare(server, request)
+    settings = prepared.settings
     if len(request.init_images) != 1:
         raise RequestError(f"init_images must hold one image (got {len(request.init_images)})")
     if request.resize_mode != 0:
@@ -72,14 +127,14 @@ def img2img(server, request: Img2ImgRequest) -> dict:
         image = image.resize(size, Image.LANCZOS) if size != image.size else image
 
         def job(pipe, progress):
-            return pipe.img2img(image, request.prompt, strength=request.denoising_strength, progress=progress,
+            return pipe.img2img(image, prepared.prompt, strength=request.denoising_strength, progress=progress,
                                 **settings)
 
-        return respond(server, request, *generate(server, job), task="img2img")
-    return respond(server, request, *inpaint(server, request, image, size, settings), task="inpaint")
+        return respond(server, request, prepared, *generate(server, prepared, job), task="img2img")
+    return respond(server, request, prepared, *inpaint(server, request, image, size, prepared), task="inpaint")
 
 
-def inpaint(server, request: Img2ImgRequest, image: Image.Image, size: tuple[int, int], settings: dict):
+def inpaint(server, request: Img2ImgRequest, image: Image.Image, size: tuple[int, int], prepared: Prepared):
     """img2img with a mask: A1111's mask options (masks.py), then the pipeline's inpaint."""
     if request.inpainting_fill not in (0, 1):
         raise RequestError(f"sd cannot honour inpainting_fill {request.inpainting_fill}; 0 (fill) or 1 (original)")
@@ -89,21 +144,21 @@ def inpaint(server, request: Img2ImgRequest, image: Image.Image, size: tuple[int
     mask = masks.shape_mask(a1111.decode_image(request.mask, "mask", server.max_pixels), image.size, blur,
                             bool(request.inpainting_mask_invert))
     start = masks.fill_masked(image, mask) if request.inpainting_fill == 0 else image
-    strength = request.denoising_strength
+    strength, settings = request.denoising_strength, prepared.settings
     if not request.inpaint_full_res:
         picture, repaint = start.resize(size, Image.LANCZOS), mask.resize(size, Image.BILINEAR)
 
         def job(pipe, progress):
-            return pipe.inpaint(picture, repaint, request.prompt, strength=strength, progress=progress, **settings)
+            return pipe.inpaint(picture, repaint, prepared.prompt, strength=strength, progress=progress, **settings)
 
-        return generate(server, job)
+        return generate(server, prepared, job)
     box = masks.crop_box(mask, max(0, request.inpaint_full_res_padding), size[0] / size[1])
     crop, crop_mask = start.crop(box).resize(size, Image.LANCZOS), mask.crop(box).resize(size, Image.BILINEAR)
 
     def job(pipe, progress):
-        return pipe.inpaint(crop, crop_mask, request.prompt, strength=strength, progress=progress, **settings)
+        return pipe.inpaint(crop, crop_mask, prepared.prompt, strength=strength, progress=progress, **settings)
 
-    images, interrupted = generate(server, job)
+    images, interrupted = generate(server, prepared, job)
     return [only_masked(image, mask, box, result, request.inpaint_full_res_padding) for result in images], interrupted
 
 
@@ -119,8 +174,12 @@ def only_masked(original: Image.Image, mask: Image.Image, box, result: Generated
 
 def png_info(server, body: dict) -> dict:
     data = body.get("image") if isinstance(body, dict) else None
+    raw = a1111.decode_base64(data, "image")
     try:
-        texts = metadata.png_text_chunks(io.BytesIO(a1111.decode_base64(data, "image")))
+        if raw.startswith(metadata.PNG_SIGNATURE):
+            texts = metadata.png_text_chunks(io.BytesIO(raw))
+        else:  # JPEG, WebP: A1111 writes the parameters into the EXIF UserComment
+            texts = metadata.exif_parameters(io.BytesIO(raw))
     except SDError as exc:
         raise RequestError(str(exc)) from None
     text = texts.get(metadata.PARAMETERS_KEY, "")
@@ -135,16 +194,40 @@ def png_info(server, body: dict) -> dict:
 def progress(server) -> dict:
     state, waiting = server.worker.progress()
     if state is None:
-        return {"progress": 0.0, "eta_relative": 0.0, "state": {"skipped": False, "interrupted": False, "job": "",
-                "job_count": waiting, "job_timestamp": "", "job_no": 0, "sampling_step": 0, "sampling_steps": 0},
+        return {"progress": 0.0, "eta_relative": 0.0, "state": {"skipped": False, "interrupted": False,
+                "stopping_generation": False, "job": "", "job_count": waiting, "job_timestamp": "", "job_no": 0,
+                "sampling_step": 0, "sampling_steps": 0},
                 "current_image": None, "textinfo": None}
     done = state.step / state.steps if state.steps else 0.0
     elapsed = time.time() - state.started
     return {"progress": done, "eta_relative": elapsed / done - elapsed if done else 0.0,
-            "state": {"skipped": False, "interrupted": state.interrupted, "job": state.job, "job_count": waiting + 1,
+            "state": {"skipped": state.skipped, "interrupted": state.interrupted, "stopping_generation": False,
+                      "job": state.job, "job_count": waiting + 1,
                       "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(state.started)),
                       "job_no": state.job_no, "sampling_step": state.step, "sampling_steps": state.steps},
             "current_image": None, "textinfo": f"step {state.step} of {state.steps}" if state.steps else None}
+
+
+def memory() -> dict:
+    """A1111's /memory: the machine's RAM (from /proc/meminfo) and this process's resident set, in bytes."""
+    info = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info[key] = int(value.split()[0]) * 1024
+        with open("/proc/self/statm") as f:
+            resident = int(f.read().split()[1]) * 4096
+    except (OSError, ValueError, IndexError):
+        return {"ram": {"error": "not on Linux"}, "cuda": {"error": "unavailable"}}
+    total, free = info.get("MemTotal", 0), info.get("MemAvailable", info.get("MemFree", 0))
+    cuda = {"error": "unavailable"}
+    import torch
+
+    if torch.cuda.is_available():
+        free_b, total_b = torch.cuda.mem_get_info()
+        cuda = {"system": {"free": free_b, "used": total_b - free_b, "total": total_b}}
+    return {"ram": {"free": free, "used": total - free, "total": total, "process": resident}, "cuda": cuda}
 
 
 def samplers() -> list[dict]:
@@ -203,8 +286,7 @@ def _bind(api: APIRouter, server) -> APIRouter:
 
     @api.post("/options")
     def post_options(body: dict) -> dict:
-        server.set_options(body)
-        return {}
+        return {"ignored": server.set_options(body)}
 
     @api.get("/samplers")
     def get_samplers() -> list[dict]:
@@ -216,10 +298,84 @@ def _bind(api: APIRouter, server) -> APIRouter:
 
     @api.get("/upscalers")
     def get_upscalers() -> list:
-        return []
+        from ldm.serve import extras
+
+        return extras.upscalers()
 
     @api.get("/scripts")
     def get_scripts() -> dict:
         return {"txt2img": [], "img2img": []}
+
+    @api.post("/skip")
+    def post_skip() -> dict:
+        server.worker.skip()
+        return {}
+
+    @api.get("/prompt-styles")
+    def get_prompt_styles() -> list[dict]:
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+                for s in server.styles().values()]
+
+    @api.get("/face-restorers")
+    def get_face_restorers() -> list:
+        return []  # sd restores no faces (restore_faces is refused unless false)
+
+    @api.get("/sd-vae")
+    def get_sd_vae() -> list:
+        return []  # the checkpoint's own VAE only: sd_vae "Automatic" or "None"
+
+    @api.get("/latent-upscale-modes")
+    def get_latent_upscale_modes() -> list:
+        return []  # sd has no hires fix (enable_hr is refused unless false)
+
+    @api.get("/cmd-flags")
+    def get_cmd_flags() -> dict:
+        return server.flags()
+
+    @api.get("/loras")
+    def get_loras() -> list[dict]:
+        return server.loras()
+
+    @api.post("/refresh-loras")
+    def post_refresh_loras() -> dict:
+        return {}
+
+    @api.get("/embeddings")
+    def get_embeddings() -> dict:
+        return server.embedding_list()
+
+    @api.get("/memory")
+    def get_memory() -> dict:
+        return memory()
+
+    @api.post("/unload-checkpoint")
+    def post_unload() -> dict:
+        server.unload()
+        return {}
+
+    @api.post("/reload-checkpoint")
+    def post_reload() -> dict:
+        server.reload()
+        return {}
+
+    @api.post("/interrogate")
+    def post_interrogate(body: dict):
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse({"error": "NotImplemented", "detail": "sd has no interrogator (CLIP or DeepBooru "
+                             "captioning): it would need weights sd does not ship or download", "body": "",
+                             "errors": ""}, status_code=501)
+
+    @api.post("/extra-single-image")
+    def post_extra_single(body: dict) -> dict:
+        from ldm.serve import extras
+
+        return extras.single(server, body)
+
+    @api.post("/extra-batch-images")
+    def post_extra_batch(body: dict) -> dict:
+        from ldm.serve import extras
+
+        return extras.batch(server, body)
 
     return api

@@ -33,76 +33,177 @@ class Server:
 
     def __init__(self, pipeline: Pipeline, *, models_dir: Optional[Path] = None, outdir: Optional[Path] = None,
                  limits: Limits = Limits(), max_pixels: int = 16_000_000, max_body: int = 64 * 2 ** 20,
-                 embeddings: Optional[Path] = None, lora_dir: Optional[Path] = None):
-        self.worker = Worker(pipeline)
+                 embeddings: Optional[Path] = None, lora_dir: Optional[Path] = None, styles: Optional[Path] = None):
+        self.worker = Worker(pipeline, before=self.ensure_loaded)
+        self._unloaded: Optional[tuple] = None  # (ckpt, config) while /unload-checkpoint has freed the model
+        # A1111's styles.csv (None: styles.csv beside the models folder)
+        self.styles_file = Path(styles) if styles is not None else None
+        self._styles: tuple = (None, {})
         # textual-inversion and LoRA folders for every request (None: beside the checkpoints folder)
         self.embeddings, self.lora_dir = embeddings, lora_dir
         self.models_dir = Path(models_dir) if models_dir is not None else Path(pipeline.ckpt).parent
+        if self.styles_file is None:
+            self.styles_file = self.models_dir.parent / "styles.csv"
         self.outdir, self.limits, self.max_pixels, self.max_body = outdir, limits, max_pixels, max_body
 
     @property
     def pipeline(self) -> Pipeline:
         return self.worker.pipeline
 
+    @property
+    def ckpt(self) -> Path:
+        """The checkpoint served (also while it is unloaded: the next job loads it again)."""
+        return Path(self._unloaded[0] if self._unloaded is not None else self.pipeline.ckpt)
+
+    def unload(self) -> None:
+        """POST /unload-checkpoint: free the model's memory; the next job loads it again."""
+        def unload(pipe: Pipeline, progress) -> None:
+            if self._unloaded is None:
+                self._unloaded = (pipe.ckpt, pipe.config)
+                pipe.close()
+        self.worker.run("unload", unload)
+
+    def reload(self) -> None:
+        """POST /reload-checkpoint: read the served checkpoint from disk again."""
+        def reload(pipe: Pipeline, progress) -> None:
+            ckpt, config = self._unloaded if self._unloaded is not None else (pipe.ckpt, pipe.config)
+            pipe.load_model(ckpt, config, quiet=True)
+            self._unloaded = None
+        self.worker.run("reload", reload)
+
+    def ensure_loaded(self, pipe: Pipeline) -> None:
+        """Before a job: the model back in memory if /unload-checkpoint freed it (as A1111 reloads it)."""
+        if self._unloaded is not None:
+            pipe.load_model(*self._unloaded, quiet=True)
+            self._unloaded = None
+
+    def lora_folder(self) -> Optional[Path]:
+        from ldm.adapters.lora import default_folder
+
+        return self.lora_dir if self.lora_dir is not None else default_folder(self.ckpt)
+
+    def loras(self) -> list[dict]:
+        """A1111's /loras: the LoRA files tags can name, with their safetensors metadata."""
+        from ldm.adapters.lora import list_loras, lora_metadata
+
+        return [{"name": name, "alias": name, "path": str(path), "metadata": lora_metadata(path)}
+                for name, path in list_loras(self.lora_folder()).items()]
+
+    def embedding_list(self) -> dict:
+        """A1111's /embeddings: {"loaded": {name: {...}}, "skipped": {name: {...}}} for the embeddings folder."""
+        from ldm.adapters.textual_inversion import default_folder, files_in, load_embedding
+
+        folder = self.embeddings if self.embeddings is not None else default_folder(self.ckpt)
+        width = None if self._unloaded is not None else \
+            self.pipeline.model.cond_stage_model.model.token_embedding.weight.shape[1]
+        out: dict = {"loaded": {}, "skipped": {}}
+        for path in files_in(folder) if folder is not None and Path(folder).is_dir() else []:
+            entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width, "vectors": None}
+            try:
+                embedding = load_embedding(path, width) if width is not None else None
+            except SDError:
+                embedding = None
+            if embedding is None:
+                out["skipped"][path.stem] = entry
+            else:
+                out["loaded"][path.stem] = {**entry, "vectors": int(embedding.vectors.shape[0])}
+        return out
+
+    def flags(self) -> dict:
+        """A1111's /cmd-flags, for what sd serve has of them."""
+        return {"api": True, "nowebui": False, "ckpt_dir": str(self.models_dir),
+                "lora_dir": str(self.lora_folder()) if self.lora_folder() else None,
+                "embeddings_dir": str(self.embeddings) if self.embeddings else None,
+                "styles_file": str(self.styles_file) if self.styles_file else None,
+                "outdir": str(self.outdir) if self.outdir else None, "max_pixels": self.max_pixels}
+
     # -- models ------------------------------------------------------------------------------------
     def _files(self) -> list[Path]:
         found = sorted(p for p in self.models_dir.rglob("*") if p.suffix in MODEL_SUFFIXES and p.is_file())
         return found[:MAX_LISTED_MODELS]
 
-    def _title(self, path: Path) -> str:
+    def title(self, path: Path) -> str:
         try:
             return Path(path).resolve().relative_to(self.models_dir.resolve()).as_posix()
         except ValueError:
             return Path(path).name
 
     def current_title(self) -> str:
-        return self._title(self.pipeline.ckpt)
+        return self.title(self.ckpt)
 
     def current_hash(self) -> str:
-        return metadata.model_hash(self.pipeline.ckpt)
+        return metadata.model_hash(self.ckpt)
 
     def models(self) -> list[dict]:
         """A1111's /sd-models: every checkpoint in the models folder (and the loaded one)."""
         files = self._files()
-        if Path(self.pipeline.ckpt).resolve() not in {f.resolve() for f in files}:
-            files.append(Path(self.pipeline.ckpt))
-        loaded = Path(self.pipeline.ckpt).resolve()
-        return [{"title": self._title(f), "model_name": f.stem, "filename": str(f), "config": None,
+        if Path(self.ckpt).resolve() not in {f.resolve() for f in files}:
+            files.append(Path(self.ckpt))
+        loaded = Path(self.ckpt).resolve()
+        return [{"title": self.title(f), "model_name": f.stem, "filename": str(f), "config": None,
                  "hash": self.current_hash() if f.resolve() == loaded else None, "sha256": None} for f in files]
 
-    def options(self) -> dict:
-        return {"sd_model_checkpoint": self.current_title(), "sd_checkpoint_hash": None, "samples_format": "png"}
+    def current_sha256(self) -> str:
+        return metadata.model_hash(self.ckpt, length=64)
 
-    def set_options(self, body: dict) -> None:
-        """POST /options: only sd_model_checkpoint (switching models among the listed ones) is kept."""
-        if not isinstance(body, dict):
-            raise RequestError("options must be a JSON object")
-        others = sorted(k for k in body if k != "sd_model_checkpoint")
-        if others:
-            raise RequestError(f"sd serve keeps no option but sd_model_checkpoint (got {', '.join(others)})")
-        if "sd_model_checkpoint" in body:
-            self.switch(str(body["sd_model_checkpoint"]))
+    def options(self) -> dict:
+        from ldm.serve import options
+
+        return options.current(self)
+
+    def set_options(self, body: dict) -> list[str]:
+        """POST /options (ldm.serve.options): the checkpoint switches the model; returns the keys taken without
+        effect."""
+        from ldm.serve.options import Settings
+
+        taken = Settings().take(body, "options")
+        if taken.checkpoint is not None:
+            self.switch(taken.checkpoint)
+        return taken.ignored
+
+    def resolve(self, title: str) -> Path:
+        """The listed checkpoint a client names: its title, file name or stem ("name [hash]" too), or its hash
+        (A1111's 10 digits or the full SHA-256). Only listed files can be named: a request never makes the
+        server open a path of its choosing."""
+        wanted = title.split(" [")[0].strip()
+        files = self._files()
+        listed = {key: f for f in files for key in (self.title(f), f.name, f.stem)}
+        if wanted in listed:
+            return listed[wanted]
+        if len(wanted) in (10, 64) and all(c in "0123456789abcdef" for c in wanted.lower()):
+            for f in files:
+                if metadata.model_hash(f, length=len(wanted)) == wanted.lower():
+                    return f
+        raise RequestError(f"no checkpoint '{wanted}' in the models folder (GET /sdapi/v1/sd-models lists them)")
+
+    def is_loaded(self, path: Path) -> bool:
+        return self._unloaded is None and Path(path).resolve() == Path(self.ckpt).resolve()
+
+    def load_into(self, pipe: Pipeline, path: Path) -> None:
+        """Load a listed checkpoint on the worker's pipeline; on failure keep serving the model that worked."""
+        previous = (pipe.ckpt, pipe.config)
+        try:
+            pipe.load_model(path, quiet=True)
+        except SDError as exc:
+            pipe.load_model(*previous, quiet=True)
+            raise RequestError(f"cannot load {Path(path).name}: {exc}") from None
 
     def switch(self, title: str) -> None:
-        """Load the listed checkpoint named by `title` (a title, file name or stem; " [hash]" ignored).
-        Only listed files can be named: a request never makes the server open a path of its choosing."""
-        wanted = title.split(" [")[0]
-        listed = {key: f for f in self._files() for key in (self._title(f), f.name, f.stem)}
-        if wanted not in listed:
-            raise RequestError(f"no checkpoint '{wanted}' in the models folder (GET /sdapi/v1/sd-models lists them)")
-        path = listed[wanted]
-        if Path(path).resolve() == Path(self.pipeline.ckpt).resolve():
-            return
+        """Load the listed checkpoint named by `title` (see resolve) for every request from now on."""
+        path = self.resolve(title)
+        if not self.is_loaded(path):
+            self.worker.run("load", lambda pipe, progress: self.load_into(pipe, path))
 
-        def load(pipe: Pipeline, progress) -> None:
-            previous = (pipe.ckpt, pipe.config)
-            try:
-                pipe.load_model(path, quiet=True)
-            except SDError as exc:  # keep serving the model that worked
-                pipe.load_model(*previous, quiet=True)
-                raise RequestError(f"cannot load {wanted}: {exc}") from None
+    def styles(self) -> dict:
+        """The prompt styles of --styles (A1111's styles.csv), read anew when the file changes."""
+        from ldm.serve.styles import read_styles
 
-        self.worker.run("load", load)
+        if self.styles_file is None or not Path(self.styles_file).is_file():
+            return {}
+        stamp = Path(self.styles_file).stat().st_mtime_ns
+        if self._styles[0] != stamp:
+            self._styles = (stamp, read_styles(self.styles_file))
+        return self._styles[1]
 
     def save(self, images: list, task: str) -> None:
         """Write images to OUTDIR/<task>-samples/samples/NNNNN.png, as the commands do."""
@@ -246,13 +347,13 @@ def configure_logging() -> None:
 def run(pipeline: Pipeline, *, host: str, port: int, auth: Optional[tuple[str, str]] = None,
         models_dir: Optional[Path] = None, outdir: Optional[Path] = None, limits: Limits = Limits(),
         max_pixels: int = 16_000_000, max_body: int = 64 * 2 ** 20, first_tab: str = "txt2img",
-        embeddings: Optional[Path] = None, lora_dir: Optional[Path] = None) -> None:
+        embeddings: Optional[Path] = None, lora_dir: Optional[Path] = None, styles: Optional[Path] = None) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM)."""
     import uvicorn
 
     configure_logging()
     server = Server(pipeline, models_dir=models_dir, outdir=outdir, limits=limits, max_pixels=max_pixels,
-                    max_body=max_body, embeddings=embeddings, lora_dir=lora_dir)
+                    max_body=max_body, embeddings=embeddings, lora_dir=lora_dir, styles=styles)
     app = build_app(server, auth=auth, first_tab=first_tab)
 
     class Stopping(uvicorn.Server):

@@ -27,14 +27,15 @@ class JobState:
     steps: int = 0
     started: float = 0.0
     interrupted: bool = False
+    skipped: bool = False
     denoised: Any = field(default=None, repr=False)  # the last step's x0 latents (for a preview)
 
 
 class Worker:
     """Runs jobs `fn(pipeline, progress)` one after the other on one thread."""
 
-    def __init__(self, pipeline: Pipeline):
-        self.pipeline = pipeline
+    def __init__(self, pipeline: Pipeline, before: Optional[Callable[[Pipeline], None]] = None):
+        self.pipeline, self.before = pipeline, before  # before(pipeline): run ahead of every job but "unload"
         self._jobs: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
@@ -62,6 +63,8 @@ class Worker:
                 self.state = JobState(job=name, job_no=next(self._numbers), started=time.time())
             if future.set_running_or_notify_cancel():
                 try:
+                    if self.before is not None and name not in ("unload", "reload"):
+                        self.before(self.pipeline)
                     future.set_result(fn(self.pipeline, self._on_step))
                 except BaseException as exc:  # the job's error is its caller's, never the worker's
                     future.set_exception(exc)
@@ -78,11 +81,19 @@ class Worker:
 
     def interrupt(self) -> bool:
         """Stop the running job after its current step; False when nothing runs."""
+        return self._tell("interrupted", self.pipeline.cancel)
+
+    def skip(self) -> bool:
+        """End the running job's current batch after its step (its partial images kept, the next batch runs);
+        False when nothing runs."""
+        return self._tell("skipped", self.pipeline.skip)
+
+    def _tell(self, flag: str, act: Callable[[], None]) -> bool:
         state = self.state
         if state is None:
             return False
-        state.interrupted = True
-        self.pipeline.cancel()
+        setattr(state, flag, True)
+        act()
         return True
 
     def progress(self) -> tuple[Optional[JobState], int]:

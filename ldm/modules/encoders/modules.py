@@ -10,6 +10,7 @@ architecture numbers (model_configs/<arch>.json) and the BPE vocabulary, which o
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -269,6 +270,21 @@ class FrozenOpenCLIPEmbedder(nn.Module):
     def tokenizer(self):
         """The BPE tokenizer (ldm.text.tokenizer.CLIPTokenizer) of this text tower."""
         return _tokenizer(self.max_length, self.tokenizer_kwargs)
+
+    @contextlib.contextmanager
+    def clip_skip(self, skip: int):
+        """Within the block, features come `skip - 1` resblocks earlier than the configured layer: AUTOMATIC1111's
+        "Clip skip", where 1 is the model's own layer (SD 2's penultimate). SDError past the tower's depth."""
+        blocks = len(self.model.transformer.resblocks)
+        if not isinstance(skip, int) or isinstance(skip, bool) or not 1 <= skip <= blocks - self.layer_idx:
+            raise SDError(f"clip skip must be a whole number from 1 to {blocks - self.layer_idx} for this text "
+                          f"encoder of {blocks} layers (got {skip})")
+        configured = self.layer_idx
+        self.layer_idx = configured + skip - 1
+        try:
+            yield
+        finally:
+            self.layer_idx = configured
 
     def encode_tokens(self, tokens: torch.Tensor, vectors=()) -> torch.Tensor:
         """Token ids (B, 77) -> features (B, 77, width) from the configured layer; `vectors` replace token

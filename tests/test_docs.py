@@ -5,6 +5,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 from ldm.files import metadata
 
 ROOT = Path(__file__).resolve().parent.parent
-SD = ROOT / ".venv" / "bin"  # where `make install` puts the sd command
+SD = Path(sys.executable).parent  # the environment running the tests holds the sd command (make install: .venv)
 # Lines a newcomer pastes that set the machine up or serve for ever: not run here (`make test` is this run).
 NOT_RUN = ("make ", "source ", "conda ", "sd serve")
 

@@ -130,8 +130,10 @@ def test_stop_ends_a_long_run(page):
     page.fill("#txt2img-prompt textarea", PROMPT)
     page.fill("#txt2img-steps input[type=number]", "150")
     page.fill("#txt2img-batch input[type=number]", "4")
+    assert page.is_disabled("#txt2img-stop")  # nothing runs yet
     page.click("#txt2img-generate")
     page.wait_for_selector("text=/step \\d+ of 150/", timeout=60_000)
+    assert page.is_enabled("#txt2img-stop")
     started = time.time()
     page.click("#txt2img-stop")
     page.wait_for_function("document.querySelector('#txt2img-status textarea').value.startsWith('stopped')",
@@ -140,6 +142,9 @@ def test_stop_ends_a_long_run(page):
     assert "cancelled after step" in status(page, "txt2img")
     done, total = map(int, status(page, "txt2img").split("after step ")[1].split(" of "))
     assert done < total == 150
+    page.wait_for_selector("#txt2img-gallery img", timeout=30_000)  # the partial pictures, as A1111 shows them
+    assert len(result_png(page, "txt2img")) > 1000
+    page.wait_for_function("document.querySelector('#txt2img-stop').disabled", timeout=10_000)
 
 
 def test_every_tab_renders(page, tmp_path):
@@ -167,6 +172,42 @@ def test_png_info_reads_a_png_and_sends_it_to_txt2img(page, demo, tmp_path):
     page.wait_for_function(f"document.querySelector('#txt2img-prompt textarea').value === {PROMPT!r}", timeout=20_000)
     assert page.input_value("#txt2img-seed input") == "12"
     assert page.input_value("#txt2img-steps input[type=number]") == "7"
+    assert page.input_value("#txt2img-sampler input") == "DDIM"  # A1111's name shown, sd's kept as the value
+
+
+def test_an_a1111_png_sends_its_sampler_and_schedule(page, tmp_path):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a lighthouse\nSteps: 9, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 77, "
+                                "Size: 512x512, Model hash: 0123456789")
+    Image.new("RGB", (64, 64)).save(tmp_path / "a1111.png", pnginfo=info)
+    page.get_by_role("tab", name="png-info").click()
+    page.set_input_files("#png-info-file input[type=file]", str(tmp_path / "a1111.png"))
+    page.wait_for_function("document.querySelector('#png-info-text textarea').value.length > 0", timeout=20_000)
+    page.click("#png-info-send")
+    page.wait_for_function("document.querySelector('#txt2img-prompt textarea').value === 'a lighthouse'",
+                           timeout=20_000)
+    assert page.input_value("#txt2img-sampler input") == "DPM++ 2M"
+    assert page.input_value("#txt2img-schedule input") == "Karras"
+    assert page.input_value("#txt2img-seed input") == "77"
+
+
+def test_dice_and_reuse_seed_and_the_infotext_under_the_result(page):
+    page.fill("#txt2img-prompt textarea", PROMPT)
+    page.fill("#txt2img-steps input[type=number]", "2")
+    page.click("#txt2img-generate")
+    page.wait_for_selector("#txt2img-gallery img", timeout=60_000)
+    page.wait_for_function("document.querySelector('#txt2img-infotext textarea').value.includes('Seed: ')",
+                           timeout=30_000)
+    infotext = page.input_value("#txt2img-infotext textarea")
+    seed = infotext.split("Seed: ")[1].split(",")[0]
+    assert page.input_value("#txt2img-seed input") == "-1"
+    page.click("#txt2img-reuse-seed")
+    page.wait_for_function(f"document.querySelector('#txt2img-seed input').value === '{seed}'", timeout=10_000)
+    page.click("#txt2img-random-seed")
+    page.wait_for_function("document.querySelector('#txt2img-seed input').value === '-1'", timeout=10_000)
+    assert page.is_disabled("#txt2img-stop") and page.is_enabled("#txt2img-generate")  # Stop only while running
 
 
 def test_the_depth_tab_shows_the_depth_map_used(browser, tmp_path):
@@ -216,3 +257,44 @@ def test_the_variations_tab_mixes_two_pictures_as_the_pipeline_does(browser, tmp
         page.wait_for_selector("#variations-gallery img", timeout=60_000)
         assert result_png(page, "variations") == expected
         page.close()
+
+
+def test_the_checkpoint_picker_switches_models(browser, tmp_path, tiny_ckpts, monkeypatch):
+    from ldm.loading import detect
+    from tests.tinyckpt import build_tiny, save_tiny
+
+    monkeypatch.setattr(detect, "reference_config", lambda kind: tiny_ckpts["eps"]["config"])
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(tiny_ckpts["eps"]["safetensors"], models / "first.safetensors")
+    save_tiny(build_tiny("tiny-v2-inference.yaml", 12), models / "second.safetensors")
+    server = Server(Pipeline.load(models / "first.safetensors", device="cpu", precision="full", quiet=True),
+                    models_dir=models)
+    with serving(server, page=True) as (url, port):
+        context = browser.new_context(viewport={"width": 1366, "height": 900})
+        page = context.new_page()
+        page.goto(url, wait_until="networkidle")
+        page.click("#checkpoint input")
+        page.get_by_role("option", name="second.safetensors").click()
+        page.wait_for_function("document.querySelector('#checkpoint-status').innerText.includes('loaded second')",
+                               timeout=60_000)
+        assert server.current_title() == "second.safetensors"
+        # settings left, results right at 1366x900: the gallery's top is beside the prompt, above the fold
+        prompt, gallery = page.locator("#txt2img-prompt").bounding_box(), page.locator("#txt2img-gallery").bounding_box()
+        assert gallery["x"] > prompt["x"] + prompt["width"] - 1 and gallery["y"] < 900
+        context.close()
+
+
+def test_inpaint_with_nothing_painted_says_so(page, tmp_path):
+    from tests.conftest import smooth_photo
+
+    Image.fromarray(smooth_photo()).save(tmp_path / "photo.png")
+    page.get_by_role("tab", name="inpaint").click()
+    page.wait_for_selector("#inpaint-editor", state="visible", timeout=30_000)
+    page.set_input_files("#inpaint-editor input[type=file]", str(tmp_path / "photo.png"))
+    page.wait_for_function("!document.querySelector('#inpaint-editor').innerText.includes('Upload an image')",
+                           timeout=60_000)
+    page.fill("#inpaint-prompt textarea", "a green square")
+    page.click("#inpaint-generate")
+    page.get_by_text("nothing is painted yet").first.wait_for(timeout=60_000)
+    assert not page.locator("#inpaint-gallery img").count()

@@ -65,7 +65,8 @@ class Results:
 
 def run_job(server, results: Results, make_task: Callable, prompt: str, settings: dict, progress: gr.Progress,
             save_as: Optional[str], extra: Optional[Callable] = None):
-    """Queue a task on the worker, follow its progress, and return (gallery files, status line[, extra])."""
+    """Queue a task on the worker, follow its progress, and return (gallery files, status line, the first
+    image's infotext[, extra]). Stopped, the images finished and the running batch's partial ones."""
 
     def job(pipe, on_step):
         task = make_task()
@@ -91,26 +92,35 @@ def run_job(server, results: Results, make_task: Callable, prompt: str, settings
         server.save(images, save_as)
         status += f"; saved under {Path(server.outdir) / (save_as + '-samples')}"
     files = results.write(images)
-    return (files, status) if extra is None else (files, status, side)
+    infotext = images[0].parameters if images else ""
+    return (files, status, infotext) if extra is None else (files, status, infotext, side)
 
 
 def sampling_controls(tab: str, defaults: dict, size: Optional[int]) -> dict:
     """The knobs every task shares: negative prompt, sampler, schedule, steps, scale, seed, batch, size."""
-    from ldm.models.diffusion.sampler_names import SAMPLER_INFO, SCHEDULE_INFO
+    from ldm.models.diffusion.sampler_names import SAMPLER_INFO, SCHEDULE_LABELS
 
     c = {"negative_prompt": gr.Textbox(label="Negative prompt", lines=1)}
     with gr.Row():
-        c["sampler"] = gr.Dropdown(list(SAMPLER_INFO), value="ddim", label="Sampler")
-        c["schedule"] = gr.Dropdown(["sampler's own", *SCHEDULE_INFO], value="sampler's own", label="Schedule")
+        # A1111's names shown (what its users and infotexts say), sd's names as the values
+        c["sampler"] = gr.Dropdown([(info.label, name) for name, info in SAMPLER_INFO.items()], value="ddim",
+                                   label="Sampler", elem_id=f"{tab}-sampler")
+        c["schedule"] = gr.Dropdown([("Automatic", "sampler's own"), *((label, name) for name, label in
+                                                                        SCHEDULE_LABELS.items())],
+                                    value="sampler's own", label="Schedule type", elem_id=f"{tab}-schedule")
         c["steps"] = gr.Slider(1, 150, value=defaults["steps"], step=1, label="Steps", elem_id=f"{tab}-steps")
         c["scale"] = gr.Slider(1.0, 20.0, value=defaults["scale"], step=0.5, label="Guidance scale")
     with gr.Row():
-        c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{tab}-seed")
+        c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{tab}-seed", scale=3)
+        dice = gr.Button("Random", elem_id=f"{tab}-random-seed", scale=0, min_width=80)  # A1111: the dice
+        reuse = gr.Button("Reuse", elem_id=f"{tab}-reuse-seed", scale=0, min_width=80)  # the last seed
         c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{tab}-batch")
         c["n_iter"] = gr.Slider(1, 8, value=1, step=1, label="Batches")
         if size is not None:
             c["width"] = gr.Slider(256, 1024, value=size, step=64, label="Width")
             c["height"] = gr.Slider(256, 1024, value=size, step=64, label="Height")
+    dice.click(lambda: -1, None, c["seed"], queue=False)  # random again
+    c["reuse"] = reuse  # wired to the last result's seed by task_tab
     return c
 
 
@@ -124,17 +134,19 @@ def settings_from(values: dict, defaults: dict) -> dict:
 
 
 def output_area(server, tab: str):
-    """Gallery, status line, Generate/Stop and the save checkbox of a tab."""
+    """Gallery, status line, infotext, Generate/Stop (Stop only while a job runs) and the save checkbox."""
     with gr.Row():
         generate = gr.Button("Generate", variant="primary", elem_id=f"{tab}-generate")
-        stop = gr.Button("Stop", variant="stop", elem_id=f"{tab}-stop")
+        stop = gr.Button("Stop", variant="stop", elem_id=f"{tab}-stop", interactive=False)
     save = gr.Checkbox(value=False, label=f"Also save under {server.outdir}" if server.outdir else
                        "Save to an outputs folder (start sd serve with --outdir)", interactive=server.outdir is not None)
+    # preview: the first result shown whole, the others as thumbnails under it
     gallery = gr.Gallery(label="Results (download gives the PNG with its parameters)", elem_id=f"{tab}-gallery",
-                         columns=4, height=360, object_fit="contain", preview=False, format="png")
+                         columns=4, height=512, object_fit="contain", preview=True, format="png")
     status = gr.Textbox(label="Status", interactive=False, elem_id=f"{tab}-status")
+    infotext = gr.Textbox(label="Generation parameters", interactive=False, lines=3, elem_id=f"{tab}-infotext")
     stop.click(lambda: server.worker.interrupt() and None, None, None, queue=False)
-    return generate, save, gallery, status
+    return generate, stop, save, gallery, status, infotext
 
 
 def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Callable, extra_output=None,
@@ -143,14 +155,18 @@ def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Ca
     pipe = server.pipeline
     reason = model_can_run(pipe, tab)
     if reason:
-        gr.Markdown(f"**{reason}** Load another checkpoint (POST /sdapi/v1/options) to use this tab.")
+        gr.Markdown(f"**{reason}** Choose a checkpoint that can in the Checkpoint list above.")
     defaults = pipe.defaults(tab)
-    own = inputs(defaults)
-    prompt = gr.Textbox(label="Prompt", lines=2, elem_id=f"{tab}-prompt")
     sized = tab in ("txt2img", "variations")  # the others take their input's size
-    controls = sampling_controls(tab, defaults, pipe.native_size if sized else None)
-    generate, save, gallery, status = output_area(server, tab)
-    side = extra_output() if extra_output else None
+    with gr.Row(equal_height=False):  # settings left, results right, as A1111 and Forge; stacked when narrow
+        with gr.Column(scale=1, min_width=360):
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id=f"{tab}-prompt")
+            own = inputs(defaults)
+            controls = sampling_controls(tab, defaults, pipe.native_size if sized else None)
+        with gr.Column(scale=1, min_width=360):
+            generate, stop, save, gallery, status, infotext = output_area(server, tab)
+            side = extra_output() if extra_output else None
+    reuse = controls.pop("reuse")
     names = list(own) + list(controls)
 
     def run(prompt_text, save_it, *values, progress=gr.Progress()):
@@ -167,8 +183,14 @@ def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Ca
         return run_job(server, results, lambda: make_task(given), prompt_text, settings, progress,
                        tab if save_it else None, extra)
 
-    outputs = [gallery, status] + ([side] if side is not None else [])
-    generate.click(run, [prompt, save, *own.values(), *controls.values()], outputs)
+    outputs = [gallery, status, infotext] + ([side] if side is not None else [])
+    running = generate.click(lambda: (gr.update(interactive=True), gr.update(interactive=False)), None,
+                             [stop, generate], queue=False)
+    running.then(run, [prompt, save, *own.values(), *controls.values()], outputs).then(
+        lambda: (gr.update(interactive=False), gr.update(interactive=True)), None, [stop, generate], queue=False)
+    # the seed of the result shown, read from its infotext (a gr.State would hold a heartbeat connection open)
+    reuse.click(lambda text: _number(metadata.Infotext.read(text or ""), "Seed", int, 0, 2 ** 64 - 1), infotext,
+                controls["seed"], queue=False)
     return prompt, controls
 
 
@@ -211,6 +233,8 @@ def _mask_of(edited) -> tuple[Image.Image, Image.Image]:
     alpha = np.zeros(background.size[::-1], dtype=np.uint8)
     for layer in edited.get("layers") or []:
         alpha = np.maximum(alpha, np.asarray(layer.convert("RGBA").resize(background.size))[..., 3])
+    if not alpha.any():
+        raise gr.Error("nothing is painted yet: paint the part to repaint, then Generate")
     return background, Image.fromarray(np.where(alpha > 0, 255, 0).astype(np.uint8))
 
 
@@ -222,6 +246,30 @@ def _number(info: metadata.Infotext, key: str, cast, low, high):
     except SDError:
         return gr.update()
     return value if value is not None and low <= value <= high else gr.update()
+
+
+def checkpoint_picker(server) -> None:
+    """The models folder's checkpoints; choosing one loads it on the worker (after the jobs queued before it),
+    with progress, as POST /sdapi/v1/options does."""
+    from ldm.serve.a1111 import RequestError
+
+    with gr.Row():
+        gr.Markdown("### sd: Stable Diffusion 2.x")
+        picker = gr.Dropdown([m["title"] for m in server.models()], value=server.current_title(), label="Checkpoint",
+                             elem_id="checkpoint", scale=3)
+        said = gr.Markdown("", elem_id="checkpoint-status")
+
+    def pick(title, progress=gr.Progress()):
+        if not title or title == server.current_title():
+            return gr.update()
+        progress(None, desc=f"loading {title}")
+        try:
+            server.switch(title)
+        except RequestError as exc:
+            raise gr.Error(str(exc)) from None
+        return f"loaded {server.current_title()}"
+
+    picker.change(pick, picker, said)
 
 
 def page_theme() -> gr.themes.Theme:
@@ -236,7 +284,7 @@ def build_page(server, first_tab: str = "txt2img") -> gr.Blocks:
     # delete_cache: uploads and result copies in gradio's cache older than an hour go every 10 minutes, so
     # a client uploading without end cannot keep the disk's space
     with gr.Blocks(title="sd", analytics_enabled=False, delete_cache=(600, 3600)) as page:
-        gr.Markdown(f"### sd: Stable Diffusion 2.x — {Path(server.pipeline.ckpt).name}")
+        checkpoint_picker(server)
         with gr.Tabs(selected=first_tab) as tabs:
             with gr.Tab("txt2img", id="txt2img"):
                 t2i_prompt, t2i = task_tab(server, results, "txt2img", lambda d: {},

@@ -325,11 +325,11 @@ def build_app(server: Server, *, auth: Optional[tuple[str, str]] = None, page: b
         blocks = build_page(server, first_tab)
         app = gr.mount_gradio_app(app, blocks, path="/", show_error=True, theme=page_theme(),
                                   footer_links=["api"], max_file_size=server.max_body)
-        # gradio checks the paths that a call's file arguments name (only its upload folder may be read) and
-        # trusts no client-named SVG as a static file only once its app "has launched" and "is running";
-        # mount_gradio_app sets neither, so without this a call naming /etc/passwd got it copied into the
-        # cache, from where /gradio_api/file= served it.
-        blocks.has_launched = blocks.is_running = True
+        # gradio checks the paths that a call's file arguments name (only its upload folder may be read) only
+        # once its app "has launched", which mount_gradio_app never sets: without this a call naming /etc/passwd
+        # got it copied into the cache, from where /gradio_api/file= served it. (is_running stays as gradio
+        # leaves it under a mount: set, it keeps every event stream's heartbeat alive.)
+        blocks.has_launched = True
     return Guard(app, max_body=server.max_body, auth=auth)
 
 

@@ -78,6 +78,18 @@ def test_a_page_call_cannot_make_gradio_read_a_server_file(page_server, tmp_path
     assert answer.startswith("event: complete") and SECRET in answer
 
 
+def test_an_uploaded_svg_is_never_served_to_a_browser(page_server, tmp_path):
+    """An SVG can carry script; gradio serves some files inline (an uploaded SVG that a call names becomes a
+    static file). The page's file routes refuse SVG and HTML files whatever their path."""
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>'
+    uploaded = requests.post(page_server + "/gradio_api/upload", files={"files": ("x.svg", svg)}, timeout=30).json()[0]
+    gradio_call(page_server, "read", [{"path": uploaded, "meta": {"_type": "gradio.FileData"}}])
+    for route in (f"/gradio_api/file={uploaded}", f"/file={uploaded}", f"/gradio_api/file={uploaded.upper()}",
+                  "/gradio_api/file=" + uploaded.replace(".svg", "%2Esvg")):
+        answer = requests.get(page_server + route, timeout=30)
+        assert answer.status_code == 403 and b"<script>" not in answer.content, route
+
+
 def test_the_png_info_handler_reads_only_uploads(tmp_path):
     from gradio.utils import get_upload_folder
 

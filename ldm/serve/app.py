@@ -218,7 +218,7 @@ class Server:
 def error_body(status: int, detail: str) -> tuple[int, bytes]:
     import json
 
-    names = {401: "Unauthorized", 404: "NotFound", 413: "PayloadTooLarge", 422: "Unprocessable"}
+    names = {401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 413: "PayloadTooLarge", 422: "Unprocessable"}
     return status, json.dumps({"error": names.get(status, "Error"), "detail": detail, "body": "", "errors": ""}).encode()
 
 
@@ -227,6 +227,16 @@ async def _send_json(send, status: int, body: bytes, headers: tuple = ()) -> Non
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *headers]})
     await send({"type": "http.response.body", "body": body})
+
+
+def _active_file(path: str) -> bool:
+    """A gradio file route asked for an SVG or HTML file: gradio serves some files inline (an uploaded SVG a
+    call has named becomes a "static" file), and an SVG or HTML file can carry script that would run with
+    the page's origin. sd's page shows only PNG results and uploaded pictures, so these are refused."""
+    from urllib.parse import unquote
+
+    name = unquote(path).lower()
+    return "file=" in name and name.rstrip("/").endswith((".svg", ".svgz", ".html", ".htm", ".xhtml", ".xml"))
 
 
 class _TooLarge(Exception):
@@ -262,6 +272,8 @@ class Guard:
         if self.token is not None and not self._authorised(headers.get(b"authorization", b"")):
             return await _send_json(send, *error_body(401, "credentials needed (sd serve --api-auth)"),
                                     headers=((b"www-authenticate", b'Basic realm="sd"'),))
+        if _active_file(scope.get("path", "")):
+            return await _send_json(send, *error_body(403, "the page serves no SVG or HTML files"))
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_body:
             return await _send_json(send, *error_body(413, f"request body above {self.max_body} bytes (--max-body-mb)"))

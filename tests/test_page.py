@@ -298,3 +298,15 @@ def test_inpaint_with_nothing_painted_says_so(page, tmp_path):
     page.click("#inpaint-generate")
     page.get_by_text("nothing is painted yet").first.wait_for(timeout=60_000)
     assert not page.locator("#inpaint-gallery img").count()
+
+
+def test_png_info_shows_a_jpeg_and_reads_its_exif_parameters(page, tmp_path):
+    text = "a lighthouse\nSteps: 11, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 512x512"
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")
+    Image.new("RGB", (96, 64), (200, 40, 40)).save(tmp_path / "a1111.jpg", "JPEG", exif=exif)
+    page.get_by_role("tab", name="png-info").click()
+    page.set_input_files("#png-info-file input[type=file]", str(tmp_path / "a1111.jpg"))
+    page.wait_for_function("document.querySelector('#png-info-text textarea').value.length > 0", timeout=20_000)
+    assert page.input_value("#png-info-text textarea") == text
+    page.wait_for_selector("#png-info-picture img", timeout=20_000)  # the picture is shown

@@ -17,7 +17,7 @@ def info(
 ) -> None:
     from ldm.files import metadata
 
-    text = metadata.parameters_of_png(image)
+    text = metadata.parameters_of_image(image)
     if as_json:
         info = metadata.Infotext.read(text)
         record = {"prompt": info.prompt, "negative_prompt": info.negative_prompt, "settings": info.fields}

@@ -149,11 +149,13 @@ def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
             _parse_settings(last))
 
 
-def parameters_of_png(path: str | os.PathLike) -> str:
-    """The "parameters" text of the PNG at `path`, as stored; SDError if it carries none."""
-    text = read_png_text(path).get(PARAMETERS_KEY)
+def parameters_of_image(path: str | os.PathLike) -> str:
+    """The "parameters" text of the picture at `path` (PNG text chunk, or JPEG/WebP EXIF UserComment), as
+    stored; SDError if it carries none."""
+    text = read_image_texts(path).get(PARAMETERS_KEY)
     if text is None:
-        raise SDError(f"{path} carries no generation parameters (no PNG \"{PARAMETERS_KEY}\" text chunk)")
+        raise SDError(f"{path} carries no generation parameters (no PNG \"{PARAMETERS_KEY}\" text chunk or EXIF "
+                      "UserComment)")
     return text
 
 
@@ -174,7 +176,7 @@ class Infotext:
     @classmethod
     def of_png(cls, path: str | os.PathLike) -> "Infotext":
         """The parameters of the PNG at `path`; SDError if it carries none."""
-        return cls.read(parameters_of_png(path))
+        return cls.read(parameters_of_image(path))
 
     @classmethod
     def of_run(cls, prompt: str, negative_prompt: str, *, steps: int, sampler: str, schedule: Optional[str],
@@ -259,10 +261,28 @@ def read_png_text(path: str | os.PathLike) -> dict[str, str]:
     The chunks are walked without decoding a single pixel (an image of 20000x20000 costs what a small
     one does), compressed text is inflated to at most MAX_TEXT_BYTES, and a damaged chunk is skipped.
     """
+    return _read_file(path, png_text_chunks)
+
+
+def read_image_texts(path: str | os.PathLike) -> dict[str, str]:
+    """The texts of the picture at `path`: a PNG's text chunks, or the parameters in a JPEG's or WebP's EXIF
+    UserComment (image_texts)."""
+    return _read_file(path, image_texts)
+
+
+def image_texts(f, name: str = "the image") -> dict[str, str]:
+    """A PNG's text chunks, or for any other picture Pillow reads (JPEG, WebP) the parameters A1111 keeps in
+    its EXIF UserComment; no pixel is decoded either way."""
+    head = f.read(len(PNG_SIGNATURE))
+    f.seek(0)
+    return png_text_chunks(f, name) if head == PNG_SIGNATURE else exif_parameters(f, name)
+
+
+def _read_file(path: str | os.PathLike, read) -> dict[str, str]:
     p = Path(path)
     try:
         with open(p, "rb") as f:
-            return png_text_chunks(f, str(p))
+            return read(f, str(p))
     except FileNotFoundError:
         raise SDError(f"image not found: {p}") from None
     except IsADirectoryError:

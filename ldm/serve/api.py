@@ -174,12 +174,8 @@ def only_masked(original: Image.Image, mask: Image.Image, box, result: Generated
 
 def png_info(server, body: dict) -> dict:
     data = body.get("image") if isinstance(body, dict) else None
-    raw = a1111.decode_base64(data, "image")
-    try:
-        if raw.startswith(metadata.PNG_SIGNATURE):
-            texts = metadata.png_text_chunks(io.BytesIO(raw))
-        else:  # JPEG, WebP: A1111 writes the parameters into the EXIF UserComment
-            texts = metadata.exif_parameters(io.BytesIO(raw))
+    try:  # PNG text chunks, or a JPEG's or WebP's EXIF UserComment (where A1111 writes the parameters)
+        texts = metadata.image_texts(io.BytesIO(a1111.decode_base64(data, "image")))
     except SDError as exc:
         raise RequestError(str(exc)) from None
     text = texts.get(metadata.PARAMETERS_KEY, "")

@@ -337,20 +337,25 @@ def variations_of(given: dict) -> Variations:
 
 
 def png_info_tab(tabs, prompt, controls: dict) -> None:
-    """Read the "parameters" text of a PNG (sd's or A1111's) and send it back to txt2img."""
-    upload = gr.File(label="A PNG made by sd or AUTOMATIC1111", file_types=[".png"], elem_id="png-info-file")
+    """Read the "parameters" of a picture (sd's or A1111's: PNG text, or JPEG/WebP EXIF), show the picture, and
+    send the parameters back to txt2img."""
+    with gr.Row():
+        upload = gr.File(label="A picture made by sd or AUTOMATIC1111 (PNG, JPEG, WebP): drop it here",
+                         file_types=[".png", ".jpg", ".jpeg", ".webp"], elem_id="png-info-file")
+        shown = gr.Image(label="Picture", interactive=False, type="filepath", elem_id="png-info-picture")
     text = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="png-info-text")
     send = gr.Button("Send to txt2img", elem_id="png-info-send")
 
     def read(path):
         if not path:
-            return ""
+            return "", None
         if not _uploaded(path):
             raise gr.Error("PNG info reads only a picture uploaded to this page")
         try:
-            return metadata.read_png_text(path).get(metadata.PARAMETERS_KEY, "(no generation parameters)")
+            texts = metadata.read_image_texts(path)
         except SDError as exc:
-            return str(exc)
+            return str(exc), None
+        return texts.get(metadata.PARAMETERS_KEY, "(no generation parameters)"), path
 
     def to_txt2img(parameters: str):
         from ldm.limits import SEED_MAX
@@ -367,7 +372,7 @@ def png_info_tab(tabs, prompt, controls: dict) -> None:
                 _number(info, "CFG scale", float, 1.0, 20.0), _number(info, "Seed", int, -1, SEED_MAX),
                 _number(info, "Width", int, 256, 1024), _number(info, "Height", int, 256, 1024)]
 
-    upload.change(read, upload, text)
+    upload.change(read, upload, [text, shown])
     send.click(to_txt2img, text, [tabs, prompt, controls["negative_prompt"], controls["sampler"], controls["schedule"],
                                   controls["steps"], controls["scale"], controls["seed"], controls["width"],
                                   controls["height"]])

@@ -24,10 +24,7 @@ import torch
 from PIL import Image
 
 from ldm.loading import families
-
-from ldm.files import imageio
-
-from ldm.files import metadata
+from ldm.files import imageio, metadata
 from ldm.errors import SDError
 from ldm.limits import Limits
 from ldm.plan import Batch, Job, SamplingSettings, make_plan

@@ -20,9 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from ldm.files import imageio
-
-from ldm.files import metadata
+from ldm.files import imageio, metadata
 from ldm.cli import main
 from ldm.errors import SDError
 

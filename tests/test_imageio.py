@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from ldm.files import imageio as iio
-
 from ldm.files import metadata
 from ldm.errors import SDError
 

@@ -29,9 +29,7 @@ from typing import TYPE_CHECKING, Optional
 
 from PIL import Image
 
-from ldm.files import imageio
-
-from ldm.files import metadata
+from ldm.files import imageio, metadata
 from ldm.errors import SDError, note
 from ldm.limits import is_whole
 

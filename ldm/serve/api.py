@@ -9,9 +9,7 @@ from typing import Optional
 from fastapi import APIRouter
 from PIL import Image
 
-from ldm.files import imageio
-
-from ldm.files import metadata
+from ldm.files import imageio, metadata
 from ldm.errors import SDError
 from ldm.pipeline import Cancelled, GeneratedImage
 from ldm.serve import a1111, masks

@@ -14,9 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ldm.files import imageio
-
-from ldm.files import metadata
+from ldm.files import imageio, metadata
 from ldm.errors import SDError
 from ldm.limits import Limits
 from ldm.pipeline import Pipeline

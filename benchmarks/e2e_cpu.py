@@ -47,7 +47,7 @@ def run_sd(args: dict) -> dict:
 
     from ldm.files import imageio
     from ldm.loading.build import load_model
-    from ldm.plan import SamplingSettings
+    from ldm.request import SamplingSettings
     from ldm.runtime.policy import RuntimeOptions, autocast_context
     from ldm.sampling import sample_latents, start_noise
     from ldm.text.encoder import PromptEncoder

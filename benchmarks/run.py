@@ -198,7 +198,8 @@ def worker_e2e(args: dict) -> dict:
     import torch
 
     from ldm.files import imageio
-    from ldm.plan import Item, SamplingSettings
+    from ldm.plan import Item
+    from ldm.request import SamplingSettings
     from ldm.sampling import sample_latents, start_noise
     from ldm.text.encoder import PromptEncoder
     from ldm.loading.build import load_model

@@ -32,12 +32,18 @@ class Limits:
     max_images: int = 100_000  # images one run saves
     max_chunks: int = 32  # 75-token chunks of one prompt (A1111 prompts rarely pass 4)
 
-    def check(self) -> "Limits":
-        for name, value in dataclasses.asdict(self).items():
+    def check(self, name=lambda key: f"--{key.replace('_', '-')}") -> "Limits":
+        """SDError unless every limit is a whole number of at least 1; `name` says a field as a front end does
+        (by default the flag: max_steps -> --max-steps)."""
+        for key, value in dataclasses.asdict(self).items():
             if not is_whole(value, minimum=1):
-                raise SDError(f"--{name.replace('_', '-')} must be a whole number of at least 1 (got {value})")
+                raise SDError(f"{name(key)} must be a whole number of at least 1 (got {value})")
         return self
 
+
+# How the server's front ends (the API, the page) name the limits in messages: the operator sets them.
+SERVER_LIMIT_NAMES = {key: f"the server's {key}" for key in ("max_side", "max_steps", "max_batch", "max_images",
+                                                                "max_chunks")}
 
 # Guidance scales and etas past these only overflow: A1111's sliders stop at 30 and 1.
 MAX_SCALE = 1000.0

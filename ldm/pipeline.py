@@ -6,15 +6,15 @@
     for image in pipe.txt2img("a red circle on a blue background", seed=1):
         image.image.save(f"{image.seed}.png")    # a watermarked PIL image; image.png() gives PNG bytes
 
-Every front end is a layer over this module: the commands and the batch runner (ldm.batch) call
-`Pipeline.session` for each run, the server calls the per-task methods. Each task's defaults (the
-reference's, or the demo model's own) come from ldm.loading.families, so the same few arguments make the same
-image from the command line and from Python. Nothing here reads a command line or writes a file.
+Every front end is a layer over this module and hands it one ldm.request.Request: the commands and the
+batch runner (ldm.batch) call `Pipeline.session` for each run, the server and the page `Pipeline.generate`,
+Python callers the per-task methods, which build the Request from keyword arguments. Each task's defaults
+(the reference's, or the demo model's own) are filled in by Request.resolved, so the same few arguments
+make the same image from the command line and from Python. Nothing here reads a command line or writes a file.
 """
 from __future__ import annotations
 
 import dataclasses
-import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +27,12 @@ from ldm.loading import families
 from ldm.files import imageio, metadata
 from ldm.errors import SDError
 from ldm.limits import Limits
-from ldm.plan import Batch, Job, SamplingSettings, make_plan
+from ldm.plan import Batch, make_plan
+from ldm.request import Request, SamplingSettings
 from ldm.runtime.policy import OPENVINO_INT8, RuntimeOptions, autocast_context
 from ldm.sampling import sample_latents, start_noise
 from ldm.text.encoder import PromptEncoder
-from ldm.tasks import Depth2Img, Img2Img, Inpaint, PriorTxt2Img, Task, Txt2Img, Upscale, Variations, image_job
+from ldm.tasks import Depth2Img, Img2Img, Inpaint, PriorTxt2Img, Task, Txt2Img, Upscale, Variations
 from ldm.tasks.base import ImageInput, is_unclip
 
 
@@ -106,7 +107,7 @@ class Pipeline:
     @classmethod
     def open(cls, ckpt: Optional[str | Path], config: Optional[str | Path], options: RuntimeOptions, *,
              task: str = "txt2img", quiet: bool = False) -> "Pipeline":
-        """Pipeline.load with the runtime settings as one RuntimeOptions (what a command's Job carries)."""
+        """Pipeline.load with the runtime settings as one RuntimeOptions (what a command's BatchJob carries)."""
         return cls(*cls._read(options, ckpt, config, task, quiet), options)
 
     @staticmethod
@@ -159,6 +160,11 @@ class Pipeline:
         """The settings `task` uses when none are given, for this model (ldm.loading.families)."""
         return families.task_defaults(task, self.demo)
 
+    def resolve(self, request: Request) -> Request:
+        """`request` with this model's defaults where it left settings None (Request.resolved)."""
+        return request.resolved(self.demo, self.ckpt, self.native_size, self.model.latent_channels,
+                                self.model.downsampling_factor)
+
     # -- the tasks ------------------------------------------------------------------------------------
     def txt2img(self, prompt: str, *, width: Optional[int] = None, height: Optional[int] = None,
                 **settings) -> list[GeneratedImage]:
@@ -166,15 +172,16 @@ class Pipeline:
         negative_prompt, seed (None or -1: a random one), steps, scale, sampler, schedule, eta,
         batch_size, n_iter, limits (ldm.limits.Limits), emphasis ("original", "none", "off": how
         AUTOMATIC1111's (word:1.2) weights apply), embeddings (a folder of textual-inversion files; by
-        default embeddings/ beside the checkpoints folder), progress (a callback taking a Progress)."""
+        default embeddings/ beside the checkpoints folder), progress (a callback taking a Progress), names
+        (how messages name these settings: a front end's own names, e.g. {"scale": "cfg_scale"})."""
         prior = {k: settings.pop(k) for k in ("noise_level", "prior_steps", "prior_scale") if k in settings}
         if self.prior is not None and is_unclip(self.model):  # unCLIP-L through the Karlo prior
-            task = PriorTxt2Img(height, width, prior=self.prior, **prior)
+            task = PriorTxt2Img(prior=self.prior, **prior)
         elif prior:
             raise SDError(f"{', '.join(prior)}: only for unCLIP-L with the Karlo prior (Pipeline.load_prior)")
         else:
-            task = Txt2Img(height, width)
-        return self._generate(task, prompt, settings, H=height or self.native_size, W=width or self.native_size)
+            task = Txt2Img()
+        return self._generate(task, prompt, settings, width=width, height=height)
 
     def load_prior(self, ckpt: str | Path, clip: Optional[str | Path] = None,
                    clip_stats: Optional[str | Path] = None) -> None:
@@ -183,10 +190,10 @@ class Pipeline:
         OpenAI's ViT-L-14.pt (default: beside the prior, else the checkpoint's own copy); `clip_stats`:
         ViT-L-14_stats.th (default: the reference's path, karlo_models/ beside the checkpoint or the prior)."""
         task = PriorTxt2Img(prior_ckpt=ckpt, prior_clip=clip, clip_stats=clip_stats)
-        job = self.job(task, "")
-        task.check(job)
+        request = self.resolve(Request(task=task))
+        task.check(request)
         with torch.inference_mode():
-            task.prepare(self.model, job, self.model.runtime.device)
+            task.prepare(self.model, request, self.model.runtime.device, self.choice)
         self.prior = task.prior
 
     def img2img(self, image: ImageInput, prompt: str, *, strength: Optional[float] = None,
@@ -224,44 +231,42 @@ class Pipeline:
         noise to the image embedding: higher strays further from the pictures. `clip_stats`:
         ViT-L-14_stats.th, which unCLIP-L needs above level 0."""
         noise_level = self.defaults("variations")["noise_level"] if noise_level is None else noise_level
-        task = Variations(images, weights, noise_level, height, width, clip_stats)
-        return self._generate(task, prompt, settings, H=height or self.native_size, W=width or self.native_size)
+        task = Variations(images, weights, noise_level, clip_stats)
+        return self._generate(task, prompt, settings, width=width, height=height)
 
     def _generate(self, task: Task, prompt: str, settings: dict, **size) -> list[GeneratedImage]:
-        progress = settings.pop("progress", None)
-        return self.generate(self.job(task, prompt, **settings, **size), task, progress)
+        progress, names = settings.pop("progress", None), settings.pop("names", {})
+        return self.generate(self.request(task, prompt, **settings, **size), progress, names)
 
-    def job(self, task: Task, prompt: str, *, negative_prompt: str = "", seed: Optional[int] = None,
-            steps: Optional[int] = None, scale: Optional[float] = None, sampler: str = "ddim",
-            schedule: Optional[str] = None, eta: Optional[float] = None, batch_size: Optional[int] = None,
-            n_iter: int = 1, limits: Optional[Limits] = None, H: int = 256, W: int = 256,
-            C: Optional[int] = None, f: Optional[int] = None, emphasis: str = "original", clip_skip: int = 1,
-            embeddings: Optional[str | Path] = None, loras: tuple = (), lora_dir: Optional[str | Path] = None) -> Job:
-        """The Job of one call: the task's defaults for this model where a setting is None."""
-        defaults = self.defaults(task.name)
-        sampling = SamplingSettings(steps=defaults["steps"] if steps is None else steps, sampler=sampler,
-                                    schedule=schedule, eta=eta, scale=defaults["scale"] if scale is None else scale)
-        fields = dict(prompt=prompt, negative_prompt=negative_prompt, from_file=None, repeat=1,
-                      n_samples=1 if batch_size is None else batch_size, n_iter=n_iter, n_rows=0,
-                      seed=secrets.randbelow(2 ** 32) if seed is None or seed == -1 else seed, fixed_code=False,
-                      C=C or self.model.latent_channels, f=f or self.model.downsampling_factor, outdir=Path("."),
-                      config=self.config, ckpt=self.ckpt, runtime=self.options, sampling=sampling,
-                      limits=limits or Limits(), emphasis=emphasis, clip_skip=clip_skip,
-                      embeddings=Path(embeddings) if embeddings is not None else None, loras=tuple(loras),
-                      lora_dir=Path(lora_dir) if lora_dir is not None else None)
-        if isinstance(task, Txt2Img):
-            return Job(H=H, W=W, **fields)
-        return image_job(task, **fields)
+    def request(self, task: Task, prompt: str, *, steps: Optional[int] = None, sampler: str = "ddim",
+                schedule: Optional[str] = None, eta: Optional[float] = None, scale: Optional[float] = None,
+                batch_size: int = 1, n_iter: int = 1, **fields) -> Request:
+        """The Request of one call from the per-task methods' keyword arguments (their names are the
+        Request's; the sampler's are flat); what is None is resolved for this model when it runs. One image
+        per call unless batch_size or n_iter say otherwise."""
+        known = {f.name for f in dataclasses.fields(Request)} - {"prompt", "task", "sampling", "lines", "reproduce"}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise TypeError(f"unknown setting{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
+        for key in ("embeddings", "lora_dir"):
+            if fields.get(key) is not None:
+                fields[key] = Path(fields[key])
+        if "limits" in fields and fields["limits"] is None:
+            fields["limits"] = Limits()
+        return Request(prompt=prompt, task=task, sampling=SamplingSettings(steps, sampler, schedule, eta, scale),
+                       batch_size=batch_size, n_iter=n_iter, **{**fields, "loras": tuple(fields.get("loras", ()))})
 
-    def generate(self, job: Job, task: Task, progress: Optional[ProgressCallback] = None) -> list[GeneratedImage]:
-        """Run a whole job (every batch of its plan) and return its images in order."""
+    def generate(self, request: Request, progress: Optional[ProgressCallback] = None,
+                 names: dict = {}) -> list[GeneratedImage]:
+        """Run a request (every batch of its plan) and return its images in order. The request is resolved
+        for this model and checked first; `names` says its fields as the caller's users know them."""
         self._cancel.clear()
         self._skip.clear()
-        job.check()
-        task.check(job)
-        plan = make_plan(job)
-        session = self.session(job, task)
-        counter = _StepCounter(self, progress, plan, task)
+        request = self.resolve(request)
+        request.check(names, self.model.num_timesteps)
+        plan = make_plan(request, names)
+        session = self.session(request)
+        counter = _StepCounter(self, progress, plan, request.task)
         images: list[GeneratedImage] = []
         try:
             for batch in plan:
@@ -277,18 +282,10 @@ class Pipeline:
             raise
         return images
 
-    @classmethod
-    def open_session(cls, job: Job, task: Task, device=None) -> "Session":
-        """Load the job's model (on `device`, default the job's) and prepare the task on it: a batch run's
-        start. The session's job has the model's config and, where --H/--W was left out, its native size."""
-        options = job.runtime if device is None else dataclasses.replace(job.runtime, device=str(device))
-        pipeline = cls.open(job.ckpt, job.config, options, task=task.name)
-        return pipeline.session(dataclasses.replace(job.sized(pipeline.native_size), config=pipeline.config), task)
-
-    def session(self, job: Job, task: Task) -> "Session":
-        """A run of `job` on this model: the task prepared, prompts encoded once each (the batch runner's
-        unit: it calls Session.images batch by batch)."""
-        return Session(self, job, task)
+    def session(self, request: Request) -> "Session":
+        """A run of a resolved `request` on this model: the task prepared, prompts encoded once each (the
+        batch runner's unit: it calls Session.images batch by batch)."""
+        return Session(self, request)
 
     def skip(self) -> None:
         """End the running batch after its current step, keeping its partial images, and go on with the next
@@ -337,39 +334,39 @@ class _StepCounter:
 class Session:
     """One run's task prepared on a loaded model: what all its batches share."""
 
-    def __init__(self, pipeline: Pipeline, job: Job, task: Task):
-        model = pipeline.model
-        self.pipeline, self.model, self.job, self.task = pipeline, model, job, task
+    def __init__(self, pipeline: Pipeline, request: Request):
+        model, task = pipeline.model, request.task
+        self.pipeline, self.model, self.request, self.task = pipeline, model, request, task
         self.device = model.runtime.device
-        if job.C != model.latent_channels or job.f != model.downsampling_factor:
-            raise SDError(f"--C {job.C} / --f {job.f} do not fit the model (it has {model.latent_channels} latent "
-                          f"channels and factor {model.downsampling_factor})")
-        task.prepare(model, job, self.device)
+        if request.C != model.latent_channels or request.f != model.downsampling_factor:
+            raise SDError(f"latent channels C {request.C} / factor f {request.f} do not fit the model (it has "
+                          f"{model.latent_channels} latent channels and factor {model.downsampling_factor})")
+        task.prepare(model, request, self.device, pipeline.choice)
         from ldm.adapters.textual_inversion import load_folder
 
-        folder, asked = job.embeddings_dir()
+        folder, asked = request.embeddings_dir(pipeline.ckpt)
         self.embeddings = load_folder(folder, model.cond_stage_model.model.token_embedding.weight.shape[1], asked)
-        prompts = [job.prompt] + [line.prompt for line in job.prompt_lines()]
-        for lora in job.lora_files().all_files(prompts):  # every LoRA fits before anything is sampled or written
+        prompts = [request.prompt] + [line.prompt for line in request.lines]
+        for lora in request.lora_files().all_files(prompts):  # every LoRA fits before anything is sampled or written
             pipeline.loras.check(lora)
-        self.encoder = PromptEncoder(model, emphasis=job.emphasis,
+        self.encoder = PromptEncoder(model, emphasis=request.emphasis,
                                      embeddings={name: e.vectors for name, e in self.embeddings.items()},
-                                     max_chunks=job.limits.max_chunks,
+                                     max_chunks=request.limits.max_chunks,
                                      between=lambda: pipeline.stop_if_cancelled("while encoding the prompt"))
         self.common = {"Model hash": metadata.model_hash(pipeline.ckpt), "Model": Path(pipeline.ckpt).stem,
                        "Config": Path(pipeline.config).name, "Mode": task.name,
                        "Precision": model.runtime.precision.mode, **task.settings(),
                        "Backend": _backend_field(model),
                        # A1111 writes Emphasis only when it is not its default, "Original", Clip skip above 1
-                       "Emphasis": {"none": "No norm", "off": "None"}.get(job.emphasis),
-                       "Clip skip": job.clip_skip if job.clip_skip != 1 else None}
-        with model.cond_stage_model.clip_skip(job.clip_skip):  # within this text encoder's depth
+                       "Emphasis": {"none": "No norm", "off": "None"}.get(request.emphasis),
+                       "Clip skip": request.clip_skip if request.clip_skip != 1 else None}
+        with model.cond_stage_model.clip_skip(request.clip_skip):  # within this text encoder's depth
             pass
 
     def parameters(self, batch: Batch, position: int) -> str:
         """The "parameters" text of the image at `position` of `batch` (known before sampling)."""
         item, s = batch.items[position], batch.sampling
-        width, height = self.task.image_size(self.job.for_batch(batch))
+        width, height = self.task.image_size(self.request.for_batch(batch.sampling, batch.size))
         several = len(batch.items) > 1  # A1111 writes the batch fields only for batches of several images
         from ldm.adapters.textual_inversion import used_in
 
@@ -378,7 +375,7 @@ class Session:
         loras = ", ".join(f"{lora.name}: {lora.hash}" for lora, _, _ in self.loras_of(batch.items)) or None
         return metadata.Infotext.of_run(
             item.prompt, item.negative_prompt, steps=s.steps, sampler=s.sampler, schedule=s.schedule, scale=s.scale,
-            seed=item.seed, width=width, height=height, eta=self.eta_of(s), **self.common, **{
+            seed=item.seed, width=width, height=height, eta=s.eta, **self.common, **{
                 "TI hashes": ti, "Lora hashes": loras, "Batch size": len(batch.items) if several else None,
                 "Batch pos": position if several else None}).text()
 
@@ -410,12 +407,13 @@ class Session:
 
     def loras_of(self, items) -> list:
         """The batch's LoRAs: (file, text weight, UNet weight) from --lora and its prompts' tags."""
-        return self.job.lora_files().for_prompts([it.prompt for it in items])
+        return self.request.lora_files().for_prompts([it.prompt for it in items])
 
     def merge_loras(self, items) -> None:
         """Merge exactly the batch's LoRAs into the model (undoing others); the fast paths bake weights in."""
         wanted = self.loras_of(items)
-        if wanted and (self.job.runtime.compile or self.job.runtime.torchscript or
+        options = self.pipeline.options
+        if wanted and (options.compile or options.torchscript or
                        type(self.model.model.diffusion_model).__name__ != "UNetModel"):
             raise SDError("LoRA is merged into the UNet's weights, which --compile, --torchscript and --ipex "
                           "have baked in: drop them to use LoRA")
@@ -426,7 +424,7 @@ class Session:
         """Text features of the batch's prompts (B, 77 * k, width) and, when guided, of its negative prompts,
         padded to one chunk count."""
         self.merge_loras(items)
-        with self.model.cond_stage_model.clip_skip(self.job.clip_skip):
+        with self.model.cond_stage_model.clip_skip(self.request.clip_skip):
             c = self.encoder.encode([it.prompt for it in items])
             uc = self.encoder.encode([it.negative_prompt for it in items]) if guided else []
         length = max(f.shape[0] for f in c + uc)
@@ -435,9 +433,8 @@ class Session:
 
     def sample(self, batch: Batch, on_step: Optional[Callable[[dict], None]] = None) -> list[Image.Image]:
         """Sample and decode one batch: PIL images for every position, not yet watermarked."""
-        job, items, task = self.job.for_batch(batch), batch.items, self.task
-        settings = dataclasses.replace(batch.sampling, eta=self.eta_of(batch.sampling))
-        noise, generators = start_noise([item.seed for item in items], task.latent_shape(job))
+        request, items, task, settings = self.request.for_batch(batch.sampling, batch.size), batch.items, self.task, batch.sampling
+        noise, generators = start_noise([item.seed for item in items], task.latent_shape(request))
         with torch.inference_mode(), autocast_context(self.model):
             c, uc = self.conditioning(items, guided=settings.scale != 1.0)
             inputs = task.batch(self.model, items, generators, self.device)
@@ -452,10 +449,6 @@ class Session:
         images = self.task.finish(self.task.decode(self.model, latents).float(), items)
         self.check_finite(images, "the decoded pixels", items)
         return imageio.tensor_to_pil(images.cpu())
-
-    def eta_of(self, sampling: SamplingSettings) -> float:
-        """The eta a batch runs with, and records (ldm.loading.families.resolve_eta)."""
-        return families.resolve_eta(self.task.name, self.pipeline.demo, sampling.sampler, sampling.eta)
 
     def check_finite(self, values: torch.Tensor, what: str, items) -> None:
         """The last wall against a silently black image: NaN or infinity anywhere fails the run in one line

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ldm.plan import SamplingSettings
+from ldm.request import SamplingSettings
 
 
 def start_noise(seeds: list[int], shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:

@@ -106,13 +106,16 @@ def test_bad_prompt_files_fail_up_front_in_one_line(case, content, message, tmp_
 
 # ------------------------------------------------------------------------------------------- plan
 def job(tmp_path, **kw):
-    from ldm.plan import Job, SamplingSettings
+    """A BatchJob as `sd txt2img` builds it (its request resolved for an SD checkpoint)."""
+    from ldm.batch.job import BatchJob
+    from ldm.request import Request, SamplingSettings
     from ldm.runtime.policy import RuntimeOptions
 
-    base = dict(prompt="p", negative_prompt="", from_file=None, repeat=1, n_samples=2, n_iter=1, n_rows=0, seed=10,
-                fixed_code=False, H=256, W=256, C=4, f=8, outdir=tmp_path, config=Path("c.yaml"), ckpt=None,
-                runtime=RuntimeOptions("cpu", "full"), sampling=SamplingSettings(steps=3))
-    return Job(**{**base, **kw})
+    fields = {"prompt": "p", "batch_size": 2, "n_iter": 1, "seed": 10, "width": 256, "height": 256, "C": 4, "f": 8,
+              "sampling": SamplingSettings(steps=3)}
+    fields.update({k: kw.pop(k) for k in list(kw) if k in fields or k == "fixed_seed"})
+    base = dict(ckpt=None, config=Path("c.yaml"), outdir=tmp_path, runtime=RuntimeOptions("cpu", "full"))
+    return BatchJob(Request(**fields).resolved(demo=False), **{**base, **kw}).with_prompt_file()
 
 
 def test_plan_seeds_batches_and_line_settings(tmp_path):
@@ -120,7 +123,7 @@ def test_plan_seeds_batches_and_line_settings(tmp_path):
 
     jl = write(tmp_path / "p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "seed": 100}\n'
                '{"prompt": "c", "steps": 5, "size": "256x320"}\n{"prompt": "d", "negative_prompt": "x"}\n')
-    plan = make_plan(job(tmp_path, from_file=jl, repeat=2, n_samples=3, n_iter=2))
+    plan = make_plan(job(tmp_path, from_file=jl, repeat=2, batch_size=3, n_iter=2).request)
     got = [[(it.index, it.prompt, it.seed, it.sampling.steps, it.size) for it in b.items] for b in plan]
     # Per iteration: a a b | b (cut: c has other settings) ... c c | d d; the whole set twice.
     first = [[(0, "a", 10, 3, (256, 256)), (1, "a", 11, 3, (256, 256)), (2, "b", 100, 3, (256, 256))],
@@ -132,10 +135,10 @@ def test_plan_seeds_batches_and_line_settings(tmp_path):
     assert [b.index for b in plan] == list(range(8)) and plan[1].items[0].negative_prompt == ""
     assert plan[3].items[0].negative_prompt == "x" and plan[2].sampling.steps == 5 and plan[2].size == (256, 320)
     # --fixed_code: every image of a line uses its seed without offsets.
-    fixed = make_plan(job(tmp_path, from_file=jl, n_samples=4, fixed_code=True))
+    fixed = make_plan(job(tmp_path, from_file=jl, batch_size=4, fixed_seed=True).request)
     assert [it.seed for b in fixed for it in b.items] == [10, 100, 10, 10]
     # Without a file: n_samples copies of the prompt per batch, seed + k across n_iter.
-    plain = make_plan(job(tmp_path, n_samples=3, n_iter=2))
+    plain = make_plan(job(tmp_path, batch_size=3, n_iter=2).request)
     assert [[it.seed for it in b.items] for b in plain] == [[10, 11, 12], [13, 14, 15]]
 
 
@@ -209,7 +212,7 @@ def test_from_image_rebuilds_the_batch_the_image_was_made_in(tiny_ckpts, tmp_pat
 def test_interrupted_run_resumes_to_the_same_bytes(tiny_ckpts, tmp_path, capsys, monkeypatch):
     from ldm import pipeline
     from ldm.batch.run import run_job
-    from ldm.plan import SamplingSettings
+    from ldm.request import SamplingSettings
 
     args = [*model_args(tiny_ckpts), *FAST, "--n_samples", "2", "--n_iter", "2", "--prompt", "a cube"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"

@@ -71,7 +71,7 @@ def refused(command, args, capsys, outdir: Path) -> str:
     (["--steps", "-3"], "--steps must be from 1 to 1000"),
     (["--sampler", "euler", "--steps", "1001"], "(--max-steps; got 1001)"),
     (["--seed", str(2**64)], "seeds must be whole numbers from 0 to 2**64 - 1"),
-    (["--seed", "-1"], "seeds must be whole numbers"),
+    (["--seed", "-2"], "seeds must be whole numbers"),
     (["--seed", str(2**64 - 1), "--n_samples", "2"], "past 2**64 - 1"),
     (["--n_samples", "1000"], "above --max-batch 64"),
     (["--n_iter", "1000000"], "above --max-images 100000"),

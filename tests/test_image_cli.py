@@ -220,10 +220,11 @@ def test_depth2img_uses_the_given_depth_map_and_saves_it(ckpts, images, tmp_path
 def test_depth2img_midas_conditioning_is_the_models(ckpts, images, tmp_path):
     _, _, model = ckpts["depth"]
     task = tasks.Depth2Img(images["photo"], 0.5)
-    job = tasks.image_job(task, prompt="", negative_prompt="", from_file=None, repeat=1, n_samples=1, n_iter=1,
-                          n_rows=0, seed=0, fixed_code=False, C=4, f=8, outdir=tmp_path, config=Path("x"),
-                          ckpt=None)
-    task.prepare(model, job, torch.device("cpu"))
+    from ldm.loading.detect import ModelChoice
+    from ldm.request import Request
+
+    request = Request(task=task, seed=0, batch_size=1, n_iter=1, C=4, f=8).resolved(demo=False)
+    task.prepare(model, request, torch.device("cpu"), ModelChoice(Path("x"), Path("x.ckpt"), False, "depth", 512))
     expected = model.build_conditioning(pil_to_tensor(task.image))["c_concat"]
     torch.testing.assert_close(task.c_concat, expected)
     assert float(expected.amin()) == -1.0 and float(expected.amax()) == 1.0

@@ -235,7 +235,8 @@ def test_bf16_unet_error_is_what_bf16_rounding_explains(tiny_ckpts):
 
 def test_tiny_images_of_bf16_and_fp32_runs_agree(tiny_ckpts):
     """A short txt2img run (DDIM, CFG) in bf16 and in fp32: the decoded images agree by PSNR."""
-    from ldm.plan import Item, SamplingSettings
+    from ldm.plan import Item
+    from ldm.request import SamplingSettings
     from ldm.sampling import sample_latents, start_noise
     from ldm.text.encoder import PromptEncoder
 

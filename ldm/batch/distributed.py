@@ -31,15 +31,14 @@ from typing import TYPE_CHECKING
 from ldm.errors import SDError
 
 if TYPE_CHECKING:
-    from ldm.plan import Job
-    from ldm.tasks import Task
+    from ldm.batch.job import BatchJob
 
 # How long a process waits for the others at a barrier or broadcast. Loading a large checkpoint on a
 # slow shared file system can take minutes; sampling never happens inside a collective.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
-def lightning_accelerator(job: "Job") -> str:
+def lightning_accelerator(job: "BatchJob") -> str:
     """--accelerator, or the one --device implies (cpu -> cpu, cuda -> gpu, auto -> auto)."""
     chosen = job.accelerator
     if chosen is None:
@@ -48,7 +47,7 @@ def lightning_accelerator(job: "Job") -> str:
     return "gpu" if chosen == "cuda" else chosen
 
 
-def check_relaunch(job: "Job", command: str) -> None:
+def check_relaunch(job: "BatchJob", command: str) -> None:
     """Refuse a run whose other processes Lightning would start by re-running a foreign command line.
 
     Lightning's launcher starts processes 1..N-1 by running sys.argv again; from inside another program
@@ -63,7 +62,7 @@ def check_relaunch(job: "Job", command: str) -> None:
                       "or start the processes with torchrun")
 
 
-def run_distributed(job: "Job", task: "Task") -> list[Path]:
+def run_distributed(job: "BatchJob") -> list[Path]:
     """Run `job` with `job.devices` processes on each of `job.num_nodes` nodes; returns this process's files.
     Each process plans the job after loading its model (the plan may need the model's native size)."""
     import pytorch_lightning as pl
@@ -71,11 +70,11 @@ def run_distributed(job: "Job", task: "Task") -> list[Path]:
 
     from ldm.lightning import quiet_lightning
 
-    check_relaunch(job, task.name)
+    check_relaunch(job, job.request.task.name)
     # Lightning's hints about workers and predict's return value are noise here: the files are the output.
     quiet_lightning(".*does not have many workers.*", ".*predict_dataloader.*", ".*predict returned None.*")
     accelerator = lightning_accelerator(job)
-    module = _plan_module(pl)(job, task)
+    module = _plan_module(pl)(job)
     strategy = DDPStrategy(process_group_backend="gloo" if accelerator == "cpu" else None, timeout=COLLECTIVE_TIMEOUT)
     trainer = pl.Trainer(
         accelerator=accelerator, devices=job.devices or ("auto" if accelerator != "cpu" else 1),
@@ -103,7 +102,7 @@ def _plan_module(pl):
     from torch.utils.data import DataLoader
 
     from ldm.batch import outputs
-    from ldm.pipeline import Pipeline
+    from ldm.batch.run import open_session
     from ldm.plan import make_plan
 
     class PlanModule(pl.LightningModule):
@@ -112,9 +111,9 @@ def _plan_module(pl):
         # Some processes may have no batch left (more processes than batches, or a resumed run).
         allow_zero_length_dataloader_with_multiple_devices = True
 
-        def __init__(self, job, task):
+        def __init__(self, job):
             super().__init__()
-            self.job, self.task, self.plan = job, task, None
+            self.job, self.plan = job, None
             self.runner = None
             self.interrupted = False
 
@@ -122,19 +121,19 @@ def _plan_module(pl):
             strategy = self.trainer.strategy
             # The session holds the model outside the module's children, so Lightning neither moves nor
             # broadcasts its weights: each process loads the checkpoint itself onto its own device.
-            session = Pipeline.open_session(self.job, self.task, device=strategy.root_device)
-            self.plan = make_plan(session.job)
+            session = open_session(self.job, device=strategy.root_device)
+            self.plan = make_plan(session.request, self.job.names)
             decided = None
             if self.global_rank == 0:
                 try:
-                    outputs.write_side_outputs(session)
-                    decided = outputs.begin_run(session, self.plan, processes=self.trainer.world_size)
+                    outputs.write_side_outputs(self.job, session)
+                    decided = outputs.begin_run(self.job, session, self.plan, processes=self.trainer.world_size)
                 except SDError as exc:  # tell the other processes instead of leaving them at the broadcast
                     decided = str(exc)
             decided = strategy.broadcast(decided, src=0)
             if isinstance(decided, str):
                 raise SDError(decided)
-            self.runner = outputs.PlanRunner(session, self.plan, decided, rank=self.global_rank,
+            self.runner = outputs.PlanRunner(self.job, session, self.plan, decided, rank=self.global_rank,
                                              world=self.trainer.world_size)
 
         def predict_dataloader(self):

@@ -34,6 +34,7 @@ from ldm.errors import SDError, note
 from ldm.limits import is_whole
 
 if TYPE_CHECKING:
+    from ldm.batch.job import BatchJob
     from ldm.pipeline import Session
     from ldm.plan import Batch
 
@@ -210,9 +211,8 @@ class RunState:
     had_grid: bool = False  # a previous attempt of this run made its grid
 
 
-def begin_run(session: "Session", plan: list["Batch"], processes: int = 1) -> RunState:
+def begin_run(job: "BatchJob", session: "Session", plan: list["Batch"], processes: int = 1) -> RunState:
     """Rank 0: find or create the run's manifest, fix the base, and list what is left to do."""
-    job = session.job
     outdir = Path(job.outdir)
     samples = prepare_outdir(outdir)
     rid = run_id(session, plan)
@@ -261,12 +261,13 @@ class PlanRunner:
     the batch and at the position the plan gave it, whatever the number of processes.
     """
 
-    def __init__(self, session: "Session", plan: list["Batch"], state: RunState, rank: int = 0, world: int = 1):
+    def __init__(self, job: "BatchJob", session: "Session", plan: list["Batch"], state: RunState, rank: int = 0,
+                 world: int = 1):
         from tqdm import tqdm
 
-        self.session, self.plan, self.state, self.rank = session, plan, state, rank
+        self.job, self.session, self.plan, self.state, self.rank = job, session, plan, state, rank
         self.share = state.todo[rank::world]
-        self.outdir = Path(session.job.outdir)
+        self.outdir = Path(job.outdir)
         self.samples = self.outdir / "samples"
         self.manifest = Path(state.manifest)
         self.lines = part_path(self.manifest, rank)
@@ -343,7 +344,7 @@ class PlanRunner:
         return grid
 
     def _grid(self) -> Optional[Path]:
-        job = self.session.job
+        job = self.job
         if self.state.indexed:
             if self.state.had_grid and not self.state.todo:
                 return None  # a finished run re-run with --skip-existing: its grid exists
@@ -364,24 +365,24 @@ class PlanRunner:
         if len({im.size for im in images}) > 1:
             note("no grid: the images of this run differ in size")
             return None
-        grid = imageio.make_grid(images, job.n_rows or job.n_samples)
+        grid = imageio.make_grid(images, job.n_rows or self.session.request.batch_size)
         return imageio.save_numbered(grid, self.outdir, imageio.GRID_DIGITS, prefix=imageio.GRID_PREFIX,
                                      watermark=False)  # its tiles carry the watermark
 
 
-def run_plan(session: "Session", plan: list["Batch"]) -> list[Path]:
+def run_plan(job: "BatchJob", session: "Session", plan: list["Batch"]) -> list[Path]:
     """Run the whole plan in this process; returns the sample paths written."""
-    runner = PlanRunner(session, plan, begin_run(session, plan))
+    runner = PlanRunner(job, session, plan, begin_run(job, session, plan))
     written = runner.run_share()
     runner.finish()
     return written
 
 
-def write_side_outputs(session) -> None:
+def write_side_outputs(job: "BatchJob", session: "Session") -> None:
     """What a run writes besides its samples: depth2img's --save-depth map (OUTDIR/depth-NNNN.png)."""
     from ldm.files import imageio
 
-    task, job = session.task, session.job
+    task = session.task
     if getattr(task, "save_depth", False) and getattr(task, "depth", None) is not None:
         path = imageio.save_numbered(task.depth, job.outdir, digits=imageio.GRID_DIGITS, prefix="depth-",
                                      watermark=False)

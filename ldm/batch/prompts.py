@@ -8,12 +8,12 @@ and line number, before any model is loaded.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Optional
 
 from ldm.errors import SDError
+from ldm.request import PromptLine
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -29,21 +29,6 @@ FIELDS = {
     "schedule": "--schedule",
     "eta": "--ddim_eta",
 }
-
-
-@dataclass(frozen=True)
-class PromptLine:
-    """One prompt of a file and the settings it sets itself (None: the command's flag)."""
-    prompt: str
-    negative_prompt: Optional[str] = None
-    seed: Optional[int] = None
-    steps: Optional[int] = None
-    scale: Optional[float] = None
-    size: Optional[tuple[int, int]] = None  # (W, H)
-    sampler: Optional[str] = None
-    schedule: Optional[str] = None
-    eta: Optional[float] = None
-    where: str = ""  # "FILE:LINE", for messages
 
 
 def is_jsonl(path: str | Path) -> bool:
@@ -109,7 +94,7 @@ def parse_size(value, where: str, key: str = "size") -> tuple[int, int]:
         size = None
     if size is None:
         raise SDError(f"{where}: \"{key}\" must be \"WIDTHxHEIGHT\" or [WIDTH, HEIGHT], got {json.dumps(value)}")
-    return size  # type: ignore[return-value]  (multiples of 8 etc.: plan.check_size)
+    return size  # type: ignore[return-value]  (multiples of 8 etc.: ldm.tasks.check_size)
 
 
 def parse_json_line(text: str, where: str) -> PromptLine:

@@ -1,4 +1,4 @@
-"""`--from-image IMAGE`: rebuild a job from the "parameters" text of a PNG we wrote.
+"""`--from-image IMAGE`: rebuild a job's request from the "parameters" text of a PNG we wrote.
 
 The text gives prompt, negative prompt, seed, steps, sampler, schedule, scale, size, eta and precision;
 checkpoint and config stay the command's (a different model hash is noted). To give the same pixels,
@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from ldm.files import metadata
 from ldm.errors import SDError, note
 
 if TYPE_CHECKING:
-    from ldm.plan import Job
+    from ldm.batch.job import BatchJob
 
 
 def _note_flag_loras(prompt: str, recorded: str, path: Path) -> None:
@@ -30,9 +30,9 @@ def _note_flag_loras(prompt: str, recorded: str, path: Path) -> None:
             note(f"{path} was made with LoRA {entry} from --lora: pass the same --lora to reproduce it")
 
 
-def _note_missing_embeddings(job: "Job", recorded: str, path: Path) -> None:
+def _note_missing_embeddings(job: "BatchJob", recorded: str, path: Path) -> None:
     """Say which textual-inversion files the image used that are missing here or differ (by hash)."""
-    folder = job.embeddings_dir()[0]
+    folder = job.request.embeddings_dir(job.ckpt)[0]
     for entry in filter(None, (e.strip() for e in recorded.split(","))):
         name, _, digest = entry.partition(":")
         files = [folder / f"{name.strip()}{suffix}" for suffix in (".pt", ".bin", ".safetensors")] if folder else []
@@ -43,36 +43,37 @@ def _note_missing_embeddings(job: "Job", recorded: str, path: Path) -> None:
             note(f"{path} used the embedding {name.strip()} with hash {digest.strip()}; {found} differs: the image will differ")
 
 
-def job_from_image(job: "Job", mode_name: str = "txt2img", sized: bool = True,
-                   mode_fields: Callable[[dict], None] = lambda fields: None) -> "Job":
-    """`job` with everything the image records; checkpoint, config, outdir and device stay the job's.
-
-    sized=False for modes whose input image gives the size: the recorded Size is then not applied.
-    `mode_fields` gets the recorded fields, for the mode's own settings (img2img's denoising strength).
-    """
+def job_from_image(job: "BatchJob") -> "BatchJob":
+    """`job` with everything the image records in its request; checkpoint, config, outdir and device stay
+    the job's. A task whose input image gives the size keeps it (the recorded Size is not applied); the
+    task's own settings (img2img's denoising strength) come from the recorded fields (Task.reproduce)."""
     path = Path(job.from_image)
     if job.from_file is not None:
         raise SDError("--from-image and --from-file both give the prompts; use one of them")
     info = metadata.Infotext.of_png(path)
     try:
-        return _job_from(job, info, path, mode_name, sized, mode_fields)
+        return _job_from(job, info, path)
     except SDError as exc:
         message = str(exc)
         raise SDError(message if message.startswith(str(path)) else f"{path}: {message}") from None
 
 
-def _job_from(job: "Job", info: metadata.Infotext, path: Path, mode_name: str, sized: bool,
-              mode_fields: Callable[[dict], None]) -> "Job":
+def _job_from(job: "BatchJob", info: metadata.Infotext, path: Path) -> "BatchJob":
+    from ldm.tasks import task_sets_size
+
+    request, task = job.request, job.request.task
     prompt, negative, fields = info.prompt, info.negative_prompt, info.fields
     made_by = fields.get("Mode", "txt2img")
-    if made_by != mode_name:
+    if made_by != task.name:
         raise SDError(f"{path} was made by `sd {made_by}`; reproduce it with that command")
-    mode_fields(fields)
-    width, height = (info.size() if sized and "Size" in fields else (job.W, job.H))
-    sampler, schedule = info.sampler(job.sampling.sampler)
+    task.reproduce(fields)
+    sized = not task_sets_size(task) and "Size" in fields
+    width, height = info.size() if sized else (request.width, request.height)
+    sampler, schedule = info.sampler(request.sampling.sampler)
+    s = request.sampling
     sampling = dataclasses.replace(
-        job.sampling, steps=info.number("Steps", int, job.sampling.steps), sampler=sampler, schedule=schedule,
-        eta=info.number("Eta", float, job.sampling.eta), scale=info.number("CFG scale", float, job.sampling.scale))
+        s, steps=info.number("Steps", int, s.steps), sampler=sampler, schedule=schedule,
+        eta=info.number("Eta", float, s.eta), scale=info.number("CFG scale", float, s.scale))
     _note_missing_embeddings(job, fields.get("TI hashes", ""), path)
     _note_flag_loras(prompt, fields.get("Lora hashes", ""), path)
     batch_size, position = info.number("Batch size", int, 1), info.number("Batch pos", int, 0)
@@ -83,10 +84,10 @@ def _job_from(job: "Job", info: metadata.Infotext, path: Path, mode_name: str, s
         if ours != fields["Model hash"]:
             note(f"{path} was made with model hash {fields['Model hash']} ({fields.get('Model', '?')}), "
                  f"--ckpt has {ours}: the image will differ")
-    return dataclasses.replace(
-        job, prompt=prompt, negative_prompt=negative, seed=info.number("Seed", int, job.seed),
-        W=width, H=height, sampling=sampling,
-        runtime=dataclasses.replace(job.runtime, precision=fields.get("Precision", job.runtime.precision)),
+    request = dataclasses.replace(
+        request, prompt=prompt, negative_prompt=negative, seed=info.number("Seed", int, request.seed),
+        width=width, height=height, sampling=sampling, lines=(), batch_size=1, n_iter=1, fixed_seed=False,
         emphasis={"No norm": "none", "None": "off"}.get(fields.get("Emphasis", ""), "original"),
-        clip_skip=info.number("Clip skip", int, 1),
-        from_file=None, n_samples=1, n_iter=1, repeat=1, fixed_code=False, reproduce=(batch_size, position))
+        clip_skip=info.number("Clip skip", int, 1), reproduce=(batch_size, position))
+    runtime = dataclasses.replace(job.runtime, precision=fields.get("Precision", job.runtime.precision))
+    return dataclasses.replace(job, request=request, runtime=runtime, from_file=None, repeat=1)

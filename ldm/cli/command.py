@@ -1,8 +1,9 @@
 """What the generating commands (txt2img, img2img, inpaint, depth2img, upscale) share.
 
 Their common flags are declared once here (`shared_flags`), and `generating_command` registers a command
-from a function that takes only the command's own flags and returns its Mode (ldm.modes); each command
-sets its own defaults.
+from a function that takes only the command's own flags and returns its Task (ldm.tasks); each command
+sets its own defaults. `run_command` turns the flags into a Request (ldm.request) inside a BatchJob
+(ldm.batch.job) and runs it.
 """
 from __future__ import annotations
 
@@ -66,60 +67,59 @@ def shared_flags(
     """The flags every generating command takes (the signature is what counts)."""
 
 
-# Flags whose default depends on the task and the model (ldm.loading.families), resolved once the model is chosen.
-MODEL_DEPENDENT = ("steps", "n_iter", "n_samples", "scale")
 # The shared flags that are ldm.limits.Limits fields, passed on as one Limits.
 LIMIT_FLAGS = ("max_side", "max_steps", "max_batch", "max_images", "max_chunks")
 # The shared flags that are ldm.runtime.policy.RuntimeOptions fields, passed on as one RuntimeOptions.
 RUNTIME_FLAGS = ("device", "precision", "compile", "torchscript", "ipex", "threads", "trust_config", "backend")
+# The shared flags that are the batch layer's own options (ldm.batch.job.BatchJob).
+BATCH_FLAGS = ("outdir", "from_file", "repeat", "n_rows", "skip_existing", "devices", "num_nodes", "accelerator",
+               "from_image")
 
 
-def run_command(task, *, plms: bool, dpm: bool, sampler: Optional[str], schedule: Optional[str], **fields) -> None:
+def run_command(task, *, plms: bool, dpm: bool, sampler: Optional[str], schedule: Optional[str],
+                H: Optional[int] = None, W: Optional[int] = None, **flags) -> None:
     """Run a generating command's task with the shared flags (prompt, seeds, batching, outdir, model...).
 
-    A MODEL_DEPENDENT flag the user left out (None) takes the task's default for the chosen model
-    (ldm.loading.families: the reference's for SD checkpoints, the demo model's own). An image task's size is its
-    input's; plain txt2img takes --H/--W, by default the model's native size (known once it is loaded)."""
-    from ldm.loading import families
+    Flags left out (None) take the task's default for the chosen model (Request.resolved: the reference's
+    for SD checkpoints, the demo model's own); --H/--W left out, the model's native size once it is loaded."""
+    from ldm.batch.job import BatchJob
     from ldm.batch.run import run_job
     from ldm.loading.detect import choose_files
-    from ldm.plan import Job, SamplingSettings
+    from ldm.request import Request, SamplingSettings
     from ldm.runtime.policy import RuntimeOptions
-    from ldm.tasks import ImageTask, image_job
 
-    config, ckpt, demo = choose_files(fields.pop("config"), fields.pop("ckpt"), task.name)
-    fields.update(config=config, ckpt=ckpt)
-    sampler_name = opt.pick_sampler(sampler, plms=plms, dpm=dpm)
-    defaults = families.task_defaults(task.name, demo)
-    for name in MODEL_DEPENDENT:
-        if fields[name] is None:
-            fields[name] = defaults[name]
-    sampling = SamplingSettings(steps=fields.pop("steps"), sampler=sampler_name, schedule=schedule,
-                                eta=fields.pop("ddim_eta"), scale=fields.pop("scale"))
-    fields["precision"] = opt.pick_precision(fields["precision"], fields.pop("bf16"))
-    fields["runtime"] = RuntimeOptions(**{name: fields.pop(name) for name in RUNTIME_FLAGS})
-    fields["loras"] = tuple(fields.pop("lora") or ())
-    fields["limits"] = Limits(**{name: fields.pop(name) for name in LIMIT_FLAGS})
-    if isinstance(task, ImageTask):
-        job = image_job(task, sampling=sampling, **fields)
-    else:
-        job = Job(H=task.H, W=task.W, sampling=sampling, **fields)
+    config, ckpt, demo = choose_files(flags.pop("config"), flags.pop("ckpt"), task.name)
+    flags["precision"] = opt.pick_precision(flags["precision"], flags.pop("bf16"))
+    runtime = RuntimeOptions(**{name: flags.pop(name) for name in RUNTIME_FLAGS})
+    batch = {name: flags.pop(name) for name in BATCH_FLAGS}
+    sampling = SamplingSettings(steps=flags.pop("steps"), sampler=opt.pick_sampler(sampler, plms=plms, dpm=dpm),
+                                schedule=schedule, eta=flags.pop("ddim_eta"), scale=flags.pop("scale"))
+    request = Request(
+        prompt=flags.pop("prompt"), negative_prompt=flags.pop("negative_prompt"), task=task, seed=flags.pop("seed"),
+        fixed_seed=flags.pop("fixed_code"), width=W, height=H, sampling=sampling, batch_size=flags.pop("n_samples"),
+        n_iter=flags.pop("n_iter"), emphasis=flags.pop("emphasis"), clip_skip=flags.pop("clip_skip"),
+        loras=tuple(flags.pop("lora") or ()), lora_dir=flags.pop("lora_dir"), embeddings=flags.pop("embeddings"),
+        C=flags.pop("C"), f=flags.pop("f"), limits=Limits(**{name: flags.pop(name) for name in LIMIT_FLAGS}))
+    if flags:
+        raise TypeError(f"flags not passed on: {sorted(flags)}")
+    job = BatchJob(request.resolved(demo, ckpt), ckpt, config, runtime, names=opt.FLAG_NAMES, **batch)
     ready_for_interrupts()  # every module is imported: Ctrl-C from now on stops the run cleanly
-    run_job(job, task)
+    run_job(job)
 
 
-def generating_command(name: str, help: str, fixed: Optional[dict] = None, **defaults) -> Callable:
+def generating_command(name: str, help: str, fixed: Optional[dict] = None, sized: bool = False, **defaults) -> Callable:
     """Register `sd NAME` from a function of the command's own flags that returns its Task (ldm.tasks).
 
-    The command takes those flags first, then the shared ones with `defaults` replacing theirs; flags in
-    `fixed` are not offered and take the given values (the upscaler's C and f). The MODEL_DEPENDENT flags
-    (steps, batch, scale, eta) default to None and are resolved by run_command from ldm.loading.families.
+    The command takes those flags first (with sized=True also --H/--W, the request's size), then the shared
+    ones with `defaults` replacing theirs; flags in `fixed` are not offered and take the given values (the
+    upscaler's C and f). Steps, batch, scale and eta default to None: Request.resolved fills them per model.
     """
     fixed = fixed or {}
-    defaults.update({key: None for key in MODEL_DEPENDENT})
 
     def register(make_task: Callable) -> Callable:
         own = list(inspect.signature(make_task, eval_str=True).parameters.values())
+        size = [inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+                for key, annotation in (("H", opt.Height), ("W", opt.Width))] if sized else []
         shared = [p.replace(default=defaults.pop(p.name, p.default))
                   for p in inspect.signature(shared_flags, eval_str=True).parameters.values() if p.name not in fixed]
         if defaults:
@@ -129,8 +129,9 @@ def generating_command(name: str, help: str, fixed: Optional[dict] = None, **def
             task = make_task(**{p.name: kwargs.pop(p.name) for p in own})
             run_command(task, **kwargs, **fixed)
 
-        command.__signature__ = inspect.Signature(own + shared)
-        command.__annotations__ = {p.name: p.annotation for p in own + shared}
+        params = own + size + shared
+        command.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params])
+        command.__annotations__ = {p.name: p.annotation for p in params}
         command.__name__ = command.__qualname__ = name
         app.command(name, help=help)(command)
         return make_task

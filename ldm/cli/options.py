@@ -57,7 +57,7 @@ Config = Annotated[Optional[Path], typer.Option(
 Ckpt = Annotated[Optional[Path], typer.Option(
     "--ckpt", envvar="SD_CKPT", help="Checkpoint (.ckpt or .safetensors). Without it the built-in demo model "
     "(configs/demo/) is used.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed: image k of the run uses seed + k.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed: image k of the run uses seed + k; -1 picks a random one (recorded in each PNG).")]
 Precision = Annotated[str, typer.Option(
     "--precision", help="auto (bf16 on CPUs with AVX512-BF16/AMX, fp32 on other CPUs, fp16 on CUDA), full (fp32), "
     "autocast (the reference's: fp32 weights under torch.autocast), bf16 or fp16 (weights cast once); with --backend "
@@ -130,3 +130,15 @@ Accelerator = Annotated[Optional[str], typer.Option(
 FromImage = Annotated[Optional[Path], typer.Option(
     "--from-image", "--from_image", help="Reproduce a PNG written by sd from its stored parameters (same pixels).")]
 
+Height = Annotated[Optional[int], typer.Option("--H", help="Image height in pixels [default: the model's native size: 512 "
+                                               "for v2 base, 768 for v and unCLIP, 256 for the demo model].")]
+Width = Annotated[Optional[int], typer.Option("--W", help="Image width in pixels [default: the model's native size].")]
+
+# How the commands name the fields of ldm.request.Request (and its Limits) in messages: by their flags.
+FLAG_NAMES = {
+    "prompt": "--prompt", "negative_prompt": "--negative-prompt", "seed": "--seed", "width": "--W", "height": "--H",
+    "steps": "--steps", "scale": "--scale", "eta": "--ddim_eta", "sampler": "--sampler", "schedule": "--schedule",
+    "batch_size": "--n_samples", "n_iter": "--n_iter", "emphasis": "--emphasis", "clip_skip": "--clip-skip",
+    "embeddings": "--embeddings", "C": "--C", "f": "--f", "max_side": "--max-side", "max_steps": "--max-steps",
+    "max_batch": "--max-batch", "max_images": "--max-images", "max_chunks": "--max-chunks",
+}

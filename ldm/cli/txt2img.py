@@ -8,7 +8,6 @@ import typer
 
 from ldm.cli.command import generating_command
 
-Height = Annotated[Optional[int], typer.Option("--H", help="Image height in pixels [default: 512; 256 with the demo model].")]
 PriorCkpt = Annotated[Optional[Path], typer.Option(
     "--prior-ckpt", "--prior_ckpt", help="unCLIP-L only: Karlo v1 alpha's prior (prior-ckpt-step=01000000-of-01000000.ckpt) "
     "turns the prompt into the image embedding unCLIP-L takes (the reference demo's \"Use KARLO prior\").")]
@@ -23,13 +22,12 @@ NoiseLevel = Annotated[Optional[int], typer.Option(
 PriorSteps = Annotated[Optional[int], typer.Option("--prior-steps", help="With --prior-ckpt: the prior's steps [default: 25].")]
 PriorScale = Annotated[Optional[float], typer.Option(
     "--prior-scale", help="With --prior-ckpt: the prior's guidance scale [default: 4.0].")]
-Width = Annotated[Optional[int], typer.Option("--W", help="Image width in pixels [default: 512; 256 with the demo model].")]
 
 
 @generating_command("txt2img", help="Generate images from a text prompt (the reference's scripts/txt2img.py).",
                     prompt="a professional photograph of an astronaut riding a triceratops",
-                    outdir=Path("outputs/txt2img-samples"))
-def txt2img(H: Height = None, W: Width = None, prior_ckpt: PriorCkpt = None, prior_clip: PriorClip = None,
+                    outdir=Path("outputs/txt2img-samples"), sized=True)
+def txt2img(prior_ckpt: PriorCkpt = None, prior_clip: PriorClip = None,
             clip_stats: ClipStats = None, noise_level: NoiseLevel = None, prior_steps: PriorSteps = None,
             prior_scale: PriorScale = None):
     from ldm.errors import SDError
@@ -41,6 +39,6 @@ def txt2img(H: Height = None, W: Width = None, prior_ckpt: PriorCkpt = None, pri
                                           ("--prior-scale", prior_scale)) if value is not None]
         if given:
             raise SDError(f"{', '.join(given)} only apply with --prior-ckpt (unCLIP-L text-to-image through the Karlo prior)")
-        return Txt2Img(H, W)
-    return PriorTxt2Img(H, W, prior_ckpt=prior_ckpt, prior_clip=prior_clip, clip_stats=clip_stats,
+        return Txt2Img()
+    return PriorTxt2Img(prior_ckpt=prior_ckpt, prior_clip=prior_clip, clip_stats=clip_stats,
                         noise_level=noise_level or 0, prior_steps=prior_steps, prior_scale=prior_scale)

@@ -19,16 +19,13 @@ NoiseLevel = Annotated[int, typer.Option(
 ClipStats = Annotated[Optional[Path], typer.Option(
     "--clip-stats", "--clip_stats", help="ViT-L-14_stats.th (Karlo v1 alpha's CLIP statistics): unCLIP-L needs it above "
     "noise level 0 [default: checkpoints/karlo_models/ViT-L-14_stats.th, else karlo_models/ beside --ckpt].")]
-Height = Annotated[Optional[int], typer.Option("--H", help="Image height in pixels [default: 768].")]
-Width = Annotated[Optional[int], typer.Option("--W", help="Image width in pixels [default: 768].")]
 
 
 @generating_command("variations", help="Variations of a picture, or a weighted mix of several, with a Stable unCLIP "
                     "checkpoint (sd21-unclip-h.ckpt / sd21-unclip-l.ckpt); the prompt is optional.",
-                    outdir=Path("outputs/variations-samples"))
+                    outdir=Path("outputs/variations-samples"), sized=True)
 def variations(image: Images, weight: Weights = None,
-               noise_level: NoiseLevel = SD_DEFAULTS["variations"]["noise_level"], clip_stats: ClipStats = None,
-               H: Height = None, W: Width = None):
+               noise_level: NoiseLevel = SD_DEFAULTS["variations"]["noise_level"], clip_stats: ClipStats = None):
     from ldm.tasks import Variations
 
-    return Variations(image, weight, noise_level, H, W, clip_stats)
+    return Variations(image, weight, noise_level, clip_stats)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ldm.files import metadata
 from ldm.errors import SDError
+from ldm.limits import SERVER_LIMIT_NAMES
 
 # A1111's older aliases of its sampler names (what GET /samplers lists beside sd's own name).
 SAMPLER_ALIASES = {"Euler": ["k_euler"], "Euler a": ["k_euler_a"], "Heun": ["k_heun"], "DPM2": ["k_dpm_2"],
@@ -26,6 +27,11 @@ SAMPLER_ALIASES = {"Euler": ["k_euler"], "Euler a": ["k_euler_a"], "Heun": ["k_h
 
 
 SD_VERSION = "sd 0.1.0"  # the `version` A1111 clients read from info (A1111 writes its git tag there)
+
+
+# How the API names the fields of ldm.request.Request in its 422 texts: by A1111's field names.
+API_NAMES = {"scale": "cfg_scale", "sampler": "sampler_name", "schedule": "scheduler",
+             "clip_skip": "override_settings.CLIP_stop_at_last_layers", **SERVER_LIMIT_NAMES}
 
 
 class RequestError(ValueError):
@@ -137,7 +143,7 @@ def settings_of(request: Txt2ImgRequest) -> dict:
     eta = request.eta if SAMPLER_INFO[sampler].eta is not None else None
     return dict(negative_prompt=request.negative_prompt, seed=request.seed, steps=request.steps,
                 scale=request.cfg_scale, sampler=sampler, schedule=schedule, eta=eta,
-                batch_size=request.batch_size, n_iter=request.n_iter)
+                batch_size=request.batch_size, n_iter=request.n_iter, names=API_NAMES)
 
 
 def decode_base64(data: Any, what: str) -> bytes:

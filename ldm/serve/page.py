@@ -21,6 +21,7 @@ from PIL import Image  # noqa: E402
 
 from ldm.files import metadata  # noqa: E402
 from ldm.errors import SDError  # noqa: E402
+from ldm.limits import SERVER_LIMIT_NAMES  # noqa: E402
 from ldm.pipeline import Cancelled  # noqa: E402
 from ldm.tasks import Depth2Img, Img2Img, Inpaint, Txt2Img, Upscale, Variations  # noqa: E402
 
@@ -70,7 +71,7 @@ def run_job(server, results: Results, make_task: Callable, prompt: str, settings
 
     def job(pipe, on_step):
         task = make_task()
-        images = pipe.generate(pipe.job(task, prompt, **settings), task, on_step)
+        images = pipe.generate(pipe.request(task, prompt, **settings), on_step, PAGE_NAMES)
         return images, (extra(task) if extra else None)
 
     future = server.worker.submit("page", job)
@@ -124,8 +125,15 @@ def sampling_controls(tab: str, defaults: dict, size: Optional[int]) -> dict:
     return c
 
 
+# How the page names the fields of ldm.request.Request in messages: by its controls' labels.
+PAGE_NAMES = {"prompt": "the prompt", "negative_prompt": "the negative prompt", "steps": "Steps",
+              "scale": "Guidance scale", "seed": "Seed", "batch_size": "Batch size", "n_iter": "Batches",
+              "width": "Width", "height": "Height", "sampler": "Sampler", "schedule": "Schedule type",
+              **SERVER_LIMIT_NAMES}
+
+
 def settings_from(values: dict, defaults: dict) -> dict:
-    """Pipeline.job settings from the shared controls' values."""
+    """Pipeline.request settings from the shared controls' values."""
     schedule = values["schedule"]
     return dict(negative_prompt=values["negative_prompt"] or "", sampler=values["sampler"],
                 schedule=None if schedule == "sampler's own" else schedule, steps=int(values["steps"]),
@@ -179,7 +187,7 @@ def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Ca
         settings = {**settings_from(given, defaults), "limits": server.limits, "embeddings": server.embeddings,
                     "lora_dir": server.lora_dir}
         if sized:
-            settings.update(H=int(given["height"]), W=int(given["width"]))
+            settings.update(height=int(given["height"]), width=int(given["width"]))
         return run_job(server, results, lambda: make_task(given), prompt_text, settings, progress,
                        tab if save_it else None, extra)
 
@@ -288,7 +296,7 @@ def build_page(server, first_tab: str = "txt2img") -> gr.Blocks:
         with gr.Tabs(selected=first_tab) as tabs:
             with gr.Tab("txt2img", id="txt2img"):
                 t2i_prompt, t2i = task_tab(server, results, "txt2img", lambda d: {},
-                                           lambda g: Txt2Img(int(g["height"]), int(g["width"])))
+                                           lambda g: Txt2Img())
             with gr.Tab("img2img", id="img2img"):
                 task_tab(server, results, "img2img", lambda d: {
                     "image": gr.Image(type="pil", label="Image", elem_id="img2img-image"),
@@ -333,7 +341,7 @@ def variations_of(given: dict) -> Variations:
     pictures = [_need(given["image"], "a picture")] + ([given["image2"]] if given["image2"] is not None else [])
     share = float(given["mix"])
     weights = [1.0 - share, share] if len(pictures) == 2 else [1.0]
-    return Variations(pictures, weights, int(given["noise_level"]), int(given["height"]), int(given["width"]))
+    return Variations(pictures, weights, int(given["noise_level"]))
 
 
 def png_info_tab(tabs, prompt, controls: dict) -> None:

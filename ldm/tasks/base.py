@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass
 import os
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -36,7 +36,11 @@ from PIL import Image
 
 from ldm.files import imageio
 from ldm.errors import SDError, note
-from ldm.plan import Item, Job
+
+if TYPE_CHECKING:
+    from ldm.loading.detect import ModelChoice
+    from ldm.plan import Item
+    from ldm.request import Request
 
 # An input picture: a file's path or a PIL image (the Python API's and the server's inputs).
 ImageInput = Union[str, os.PathLike, Image.Image]
@@ -55,23 +59,24 @@ class Task:
 
     The hooks are called in this order: check (before any model is loaded), prepare (after), then for
     every batch `batch` before sampling, `apply_model` for the denoiser's model call, `decode` and `finish`
-    on the decoded images. The `job` the per-batch hooks (latent_shape, image_size) see carries that
-    batch's own settings and size (Job.for_batch).
+    on the decoded images. The request the per-batch hooks (latent_shape, image_size) see carries that
+    batch's own settings and size (Request.for_batch).
     """
     name = "txt2img"
 
-    def check(self, job: "Job") -> None:
-        """Validate the task's own inputs (image files, strengths...) before loading the model."""
+    def check(self, request: "Request", name: Callable[[str], str] = lambda key: key) -> None:
+        """Validate the task's own inputs (image files, strengths...) and the size, before loading the model;
+        `name` says a request field as the front end calls it."""
 
-    def prepare(self, model, job: "Job", device: torch.device) -> None:
-        """Check the model suits the task and load what every batch shares."""
+    def prepare(self, model, request: "Request", device: torch.device, choice: "ModelChoice") -> None:
+        """Check the model (built from `choice`'s files) suits the task and load what every batch shares."""
 
-    def latent_shape(self, job: "Job") -> tuple[int, int, int]:
-        return (job.C, job.H // job.f, job.W // job.f)
+    def latent_shape(self, request: "Request") -> tuple[int, int, int]:
+        return (request.C, request.height // request.f, request.width // request.f)
 
-    def image_size(self, job: "Job") -> tuple[int, int]:
-        """(W, H) of the saved images."""
-        return (job.W, job.H)
+    def image_size(self, request: "Request") -> tuple[int, int]:
+        """(width, height) of the saved images."""
+        return (request.width, request.height)
 
     def steps_run(self, steps: int) -> int:
         return steps
@@ -79,7 +84,7 @@ class Task:
     def reproduce(self, fields: dict) -> None:
         """--from-image: take the task's own settings (e.g. the denoising strength) from the image's fields."""
 
-    def batch(self, model, items: list[Item], generators: list[torch.Generator], device: torch.device) -> BatchInputs:
+    def batch(self, model, items: list["Item"], generators: list[torch.Generator], device: torch.device) -> BatchInputs:
         return BatchInputs()
 
     def apply_model(self, model) -> Callable:
@@ -90,7 +95,7 @@ class Task:
         """Latents (B, C, h, w) -> images (B, 3, H, W) about [-1, 1]."""
         return model.decode_first_stage(latents)
 
-    def finish(self, images: torch.Tensor, items: list[Item]) -> torch.Tensor:
+    def finish(self, images: torch.Tensor, items: list["Item"]) -> torch.Tensor:
         """Post-process decoded images (B, 3, H, W) in [-1, 1], e.g. paste unmasked pixels back."""
         return images
 
@@ -100,20 +105,40 @@ class Task:
 
 
 class Txt2Img(Task):
-    """Plain txt2img: no image conditioning; the size is --H/--W (None: the model's native size)."""
+    """Plain txt2img: no image conditioning; the size is the request's (None: the model's native size)."""
 
-    def __init__(self, H: Optional[int] = None, W: Optional[int] = None):
-        self.H, self.W = H, W
+    def check(self, request: "Request", name: Callable[[str], str] = lambda key: key) -> None:
+        # a side left None becomes the model's native size, which passes every rule
+        check_size(request.height, request.width, request.f or 8, name, request.limits.max_side)
 
-    def prepare(self, model, job: "Job", device: torch.device) -> None:
+    def prepare(self, model, request: "Request", device: torch.device, choice: "ModelChoice") -> None:
         hint = "a txt2img checkpoint (v2 base or v)"
         if is_unclip(model):
             hint += "; an unCLIP checkpoint makes images from pictures (sd variations)"
-        require_model(model, None, self.name, hint, job.config)
+        require_model(model, None, self.name, hint, choice.config)
+
+
+def check_size(height: Optional[int], width: Optional[int], f: int, name: Callable[[str], str] = lambda key: key,
+               max_side: Optional[int] = None) -> None:
+    """The size rule of images sized by the request: positive multiples of 8 and of the factor f, at least 256
+    (the invisible watermark's need), at most max_side; a None side is not checked."""
+    for key, value in (("height", height), ("width", width)):
+        if value is None:
+            continue
+        if max_side is not None and value > max_side:
+            raise SDError(f"{name(key)} {value} is above {name('max_side')} {max_side}")
+        if value <= 0 or value % 8:
+            raise SDError(f"{name(key)} {value} is not a positive multiple of 8")
+        if value < 256:
+            raise SDError(f"{name(key)} {value} is below 256: every image carries the invisible watermark, "
+                          "which needs at least 256x256 pixels")
+        if value % f:
+            raise SDError(f"{name(key)} {value} is not a multiple of the first stage's factor {name('f')} {f}")
 
 
 def task_sets_size(task: Task) -> bool:
-    """True for tasks whose input image, not --H/--W, gives the size (they override Task.image_size)."""
+    """True for tasks whose input image, not the request's width and height, gives the size (they override
+    Task.image_size)."""
     return type(task).image_size is not Task.image_size
 
 
@@ -124,28 +149,6 @@ MULTIPLE = 8  # image sides are made multiples of this (the f = 8 first stage's 
 # and decoder's full-resolution activations and their mid-block attention (quadratic in pixels) grow past
 # several GiB above this (a 3000x3000 photo took 8 GB and failed). Larger inputs are shrunk, aspect kept.
 MAX_WORK_PIXELS = 1024 * 1024
-
-
-@dataclasses.dataclass
-class ImageJob(Job):
-    """A Job whose size comes from the input image rather than --H/--W.
-
-    Job.check applies txt2img's size rule (each side at least 256); an input image only has to give a
-    saved image the watermark can carry (256 * 256 pixels in total, imageio's own rule), which
-    Task.check tests. The generic checks therefore run on a stand-in size.
-    """
-
-    def check(self) -> list[str]:
-        for name, value in (("height", self.H), ("width", self.W)):
-            if value <= 0 or value % self.f:
-                raise SDError(f"image {name} {value} is not a positive multiple of the first stage's factor {self.f}")
-        return Job.check(dataclasses.replace(self, H=256, W=256))
-
-
-def image_job(task: "ImageTask", **fields) -> ImageJob:
-    """The Job of an image command: H and W are the size the task's model works at."""
-    width, height = task.work_size
-    return ImageJob(H=height, W=width, **fields)
 
 
 # -- input images -------------------------------------------------------------------------------------
@@ -231,16 +234,23 @@ def steps_for_strength(steps: int, strength: float) -> int:
 
 
 class ImageTask(Task):
-    """What the image modes share: the input image, the size the model works at and the saved size."""
+    """What the image modes share: the input image, the size the model works at and the saved size.
+
+    The request's width and height are the size the model works at (work_size, set by Request.resolved);
+    the saved image only has to carry the watermark (256 * 256 pixels in total, imageio's own rule)."""
     image: Image.Image
 
     @property
     def work_size(self) -> tuple[int, int]:
-        """(W, H) of the model's pixel grid."""
+        """(width, height) of the model's pixel grid."""
         return self.image.size
 
-    def image_size(self, job: Job) -> tuple[int, int]:
+    def image_size(self, request: "Request") -> tuple[int, int]:
         return self.image.size
 
-    def check(self, job: Job) -> None:
-        imageio.check_watermark_size(*self.image_size(job))
+    def check(self, request: "Request", name: Callable[[str], str] = lambda key: key) -> None:
+        f = request.f or 8
+        for key, value in zip(("width", "height"), self.work_size):
+            if value <= 0 or value % f:
+                raise SDError(f"image {key} {value} is not a positive multiple of the first stage's factor {f}")
+        imageio.check_watermark_size(*self.image_size(request))

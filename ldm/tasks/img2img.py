@@ -2,7 +2,7 @@
 also conditions on the image's depth)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -11,9 +11,14 @@ from PIL import Image
 
 from ldm.files import imageio
 from ldm.errors import SDError
-from ldm.plan import Item, Job
 from ldm.tasks.base import (BatchInputs, ImageInput, ImageTask, check_strength, exact_tensor, extra_cond, fit_to_multiple,
                             is_unclip, repeat_batch, require_model, steps_for_strength)
+
+if TYPE_CHECKING:
+    from ldm.loading.detect import ModelChoice
+    from ldm.plan import Item
+    from ldm.request import Request
+
 
 class Img2Img(ImageTask):
     """Text-guided image-to-image with a txt2img checkpoint (the reference's scripts/img2img.py), or with a Stable
@@ -26,15 +31,15 @@ class Img2Img(ImageTask):
         self.z0: Optional[torch.Tensor] = None
         self.embedding: Optional[torch.Tensor] = None  # unCLIP models: the input's CLIP image embedding (1, D)
 
-    def check(self, job: Job) -> None:
+    def check(self, request: "Request", name: Callable[[str], str] = lambda key: key) -> None:
         check_strength(self.strength)
-        super().check(job)
+        super().check(request, name)
 
     def check_model(self, model) -> None:
         if not is_unclip(model):
             require_model(model, None, "img2img", "a txt2img checkpoint (v2 base or v) or a Stable unCLIP one")
 
-    def prepare(self, model, job: Job, device: torch.device) -> None:
+    def prepare(self, model, request: "Request", device: torch.device, choice: "ModelChoice") -> None:
         self.check_model(model)
         image = imageio.pil_to_tensor(self.image).to(device)  # (1, 3, H, W)
         self.z0 = model.encode_mean(image)  # (1, 4, h, w)
@@ -42,7 +47,7 @@ class Img2Img(ImageTask):
         if is_unclip(model):  # as AUTOMATIC1111: the input's own CLIP embedding (level 0) conditions too
             from ldm.tasks.unclip import clip_stats_file
 
-            clip_stats_file(model, job.ckpt, None)
+            clip_stats_file(model, choice.ckpt, None)
             self.embedding = model.embed_images(image)  # (1, D)
 
     def steps_run(self, steps: int) -> int:
@@ -92,8 +97,8 @@ class Depth2Img(Img2Img):
         require_model(model, LatentDepth2ImageDiffusion, "depth2img",
                       "a depth checkpoint (512-depth-ema.ckpt with configs/stable-diffusion/v2-midas-inference.yaml)")
 
-    def prepare(self, model, job: Job, device: torch.device) -> None:
-        super().prepare(model, job, device)
+    def prepare(self, model, request: "Request", device: torch.device, choice: "ModelChoice") -> None:
+        super().prepare(model, request, device, choice)
         image = imageio.pil_to_tensor(self.image).to(device)  # (1, 3, H, W)
         if self.user_depth is None:
             depth = model.depth_from_image(image)  # (1, 1, H', W') raw MiDaS (inverse) depth

@@ -3,7 +3,7 @@ blending with any txt2img model; the unmasked pixels are kept exactly."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,9 +12,13 @@ from PIL import Image
 
 from ldm.files import imageio
 from ldm.errors import SDError, note
-from ldm.plan import Item, Job
 from ldm.tasks.base import (BatchInputs, ImageInput, ImageTask, check_strength, exact_tensor, extra_cond, pad_to_multiple,
                             repeat_batch, require_model, shrink_to_work_size, steps_for_strength)
+
+if TYPE_CHECKING:
+    from ldm.loading.detect import ModelChoice
+    from ldm.plan import Item
+    from ldm.request import Request
 
 MASK_ASPECT_TOLERANCE = 0.01  # a mask whose aspect ratio differs more from the image's is refused
 
@@ -97,17 +101,17 @@ class Inpaint(ImageTask):
         self.c_concat: Optional[torch.Tensor] = None
         self.z0: Optional[torch.Tensor] = None
 
-    def image_size(self, job: Job) -> tuple[int, int]:
+    def image_size(self, request: "Request") -> tuple[int, int]:
         return self.original.size
 
-    def check(self, job: Job) -> None:
+    def check(self, request: "Request", name: Callable[[str], str] = lambda key: key) -> None:
         check_strength(self.strength)
-        super().check(job)
+        super().check(request, name)
 
     def steps_run(self, steps: int) -> int:
         return steps_for_strength(steps, self.strength)
 
-    def prepare(self, model, job: Job, device: torch.device) -> None:
+    def prepare(self, model, request: "Request", device: torch.device, choice: "ModelChoice") -> None:
         from ldm.models.diffusion.conditioned import LatentInpaintDiffusion
         from ldm.models.diffusion.schedules import sigmas_from_alphas_cumprod
 

@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from ldm.files import imageio
 from ldm.errors import SDError, note
-from ldm.plan import Item, Job
 from ldm.tasks.base import BatchInputs, ImageInput, Txt2Img, extra_cond, repeat_batch, require_model, shrink_to_work_size
+
+if TYPE_CHECKING:
+    from ldm.loading.detect import ModelChoice
+    from ldm.plan import Item
+    from ldm.request import Request
 
 CLIP_STATS_NAME = "ViT-L-14_stats.th"
 MAX_LEVEL = 999  # the embedding noise's schedule has 1000 levels
@@ -67,8 +71,7 @@ class Variations(Txt2Img):
     name = "variations"
 
     def __init__(self, images: Sequence[ImageInput], weights: Optional[Sequence[float]] = None, noise_level: int = 0,
-                 H: Optional[int] = None, W: Optional[int] = None, clip_stats: Optional[str | Path] = None):
-        super().__init__(H, W)
+                 clip_stats: Optional[str | Path] = None):
         if not isinstance(images, (list, tuple)):  # one picture: a path or a PIL image
             images = [images]
         if not images:
@@ -81,18 +84,19 @@ class Variations(Txt2Img):
         self.hashes = [pixel_hash(p) for p in self.pictures]
         self.embedding: Optional[torch.Tensor] = None
 
-    def check(self, job: Job) -> None:
+    def check(self, request: "Request", name: Callable[[str], str] = lambda key: key) -> None:
         from ldm.models.diffusion.conditioned import check_mix_weights
 
+        super().check(request, name)
         check_mix_weights(self.weights, len(self.pictures))
         _check_level_and_files(self.noise_level, {"--clip-stats": self.clip_stats})
 
-    def prepare(self, model, job: Job, device: torch.device) -> None:
+    def prepare(self, model, request: "Request", device: torch.device, choice: "ModelChoice") -> None:
         from ldm.models.diffusion.conditioned import ImageEmbeddingConditionedLatentDiffusion as Unclip
 
         require_model(model, Unclip, "variations", "a Stable unCLIP checkpoint (sd21-unclip-h.ckpt or sd21-unclip-l.ckpt)",
-                      job.config)
-        used = clip_stats_file(model, job.ckpt, self.clip_stats)
+                      choice.config)
+        used = clip_stats_file(model, choice.ckpt, self.clip_stats)
         model.check_noise_level(self.noise_level)  # above 0 without the statistics: says where the file comes from
         if used is None and model.noise_augmentor is not None and model.noise_augmentor.clip_stats_path is not None:
             note(f"no CLIP statistics ({CLIP_STATS_NAME}; --clip-stats FILE): noise level 0 runs with mean 0 / std 1, "
@@ -149,13 +153,11 @@ class PriorTxt2Img(Txt2Img):
     prepare() from `prior_ckpt` (+ `prior_clip`, the statistics as for variations, then beside the prior)."""
     name = "txt2img"
 
-    def __init__(self, H: Optional[int] = None, W: Optional[int] = None, prior=None,
-                 prior_ckpt: Optional[str | Path] = None, prior_clip: Optional[str | Path] = None,
+    def __init__(self, prior=None, prior_ckpt: Optional[str | Path] = None, prior_clip: Optional[str | Path] = None,
                  clip_stats: Optional[str | Path] = None, noise_level: int = 0, prior_steps: Optional[int] = None,
                  prior_scale: Optional[float] = None):
         from ldm.karlo import PRIOR_SCALE, PRIOR_STEPS
 
-        super().__init__(H, W)
         if prior is None and prior_ckpt is None:
             raise SDError("text-to-image with unCLIP-L needs the Karlo prior: --prior-ckpt FILE")
         self.prior, self.prior_ckpt = prior, Path(prior_ckpt) if prior_ckpt is not None else None
@@ -165,25 +167,26 @@ class PriorTxt2Img(Txt2Img):
         self.prior_steps = PRIOR_STEPS if prior_steps is None else int(prior_steps)
         self.prior_scale = PRIOR_SCALE if prior_scale is None else float(prior_scale)
 
-    def check(self, job: Job) -> None:
+    def check(self, request: "Request", name: Callable[[str], str] = lambda key: key) -> None:
         from ldm.karlo import spaced_steps
 
+        super().check(request, name)
         _check_level_and_files(self.noise_level, {"--prior-ckpt": self.prior_ckpt, "--prior-clip": self.prior_clip,
                                                   "--clip-stats": self.clip_stats})
         spaced_steps(self.prior_steps)
         if self.prior_scale != self.prior_scale or abs(self.prior_scale) > 100:
             raise SDError(f"--prior-scale must be a number in -100..100 (got {self.prior_scale})")
 
-    def prepare(self, model, job: Job, device: torch.device) -> None:
+    def prepare(self, model, request: "Request", device: torch.device, choice: "ModelChoice") -> None:
         from ldm.models.diffusion.conditioned import ImageEmbeddingConditionedLatentDiffusion as Unclip
 
         require_model(model, Unclip, "text-to-image through the Karlo prior", "Stable unCLIP-L (sd21-unclip-l.ckpt)",
-                      job.config)
+                      choice.config)
         if model.noise_augmentor is None or model.noise_augmentor.clip_stats_path is None:
             raise SDError("the Karlo prior makes CLIP ViT-L embeddings, which only unCLIP-L takes; "
-                          f"this checkpoint fits {Path(job.config).name}")
+                          f"this checkpoint fits {Path(choice.config).name}")
         beside = (self.prior_ckpt.parent / CLIP_STATS_NAME,) if self.prior_ckpt is not None else ()
-        if clip_stats_file(model, job.ckpt, self.clip_stats, also=beside) is None:
+        if clip_stats_file(model, choice.ckpt, self.clip_stats, also=beside) is None:
             raise SDError(f"the Karlo prior needs the CLIP statistics {CLIP_STATS_NAME} (Karlo v1 alpha's, in no "
                           "checkpoint): put it beside the prior or pass --clip-stats FILE")
         model.check_noise_level(self.noise_level)

@@ -1,14 +1,19 @@
 """The x4 upscaler: the latent has the low-res image's size; the f = 4 VAE makes it 4x per side."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, TYPE_CHECKING
 
 import torch
 
 from ldm.files import imageio
 from ldm.errors import SDError, note
-from ldm.plan import Item, Job
 from ldm.tasks.base import BatchInputs, ImageInput, ImageTask, extra_cond, repeat_batch, require_model
+
+if TYPE_CHECKING:
+    from ldm.loading.detect import ModelChoice
+    from ldm.plan import Item
+    from ldm.request import Request
+
 
 class Upscale(ImageTask):
     """The x4 upscaler: the latent has the low-res image's size; the f = 4 VAE makes it 4x per side.
@@ -32,23 +37,23 @@ class Upscale(ImageTask):
     def work_size(self) -> tuple[int, int]:
         return self.image_size(None)
 
-    def image_size(self, job) -> tuple[int, int]:
+    def image_size(self, request: "Request") -> tuple[int, int]:
         width, height = self.image.size
         return 4 * width, 4 * height
 
-    def check(self, job: Job) -> None:
-        width, height = self.image_size(job)
-        if max(width, height) > job.limits.max_side:
+    def check(self, request: "Request", name: Callable[[str], str] = lambda key: key) -> None:
+        width, height = self.image_size(request)
+        if max(width, height) > request.limits.max_side:
             raise SDError(f"upscaling {self.image.size[0]}x{self.image.size[1]} would give {width}x{height}, above "
-                          f"--max-side {job.limits.max_side}: give a smaller image or raise --max-side")
+                          f"{name('max_side')} {request.limits.max_side}: give a smaller image or raise it")
         if not 0 <= self.noise_level <= 350:
             raise SDError(f"--noise-level must be between 0 and 350 (got {self.noise_level})")
         if self.tile_size < 8 or not 0 <= self.overlap < self.tile_size:
             raise SDError(f"--tile-size must be at least 8 and the overlap in [0, tile size) "
                           f"(got {self.tile_size} and {self.overlap})")
-        super().check(job)
+        super().check(request, name)
 
-    def prepare(self, model, job: Job, device: torch.device) -> None:
+    def prepare(self, model, request: "Request", device: torch.device, choice: "ModelChoice") -> None:
         from ldm.tasks import tiling
         from ldm.models.diffusion.conditioned import LatentUpscaleDiffusion
 
@@ -58,7 +63,7 @@ class Upscale(ImageTask):
         width, height = self.image.size
         self.tiled = self.tile
         if self.tiled is None:
-            need = tiling.untiled_peak_bytes(model, height, width, job.n_samples, guided=job.sampling.scale != 1.0)
+            need = tiling.untiled_peak_bytes(model, height, width, request.batch_size, guided=request.sampling.scale != 1.0)
             have = tiling.available_memory()
             self.tiled = need > 0.8 * have
             if self.tiled:

@@ -31,7 +31,7 @@ def generate(model, prompts: list[str], *, steps: int = 20, scale: float = 5.0, 
              strength: float = 1.0, apply_model=None, latents_only: bool = False):
     """Images (B, size, size, 3) uint8 for the prompts, sampled in one batch (or the VP latents), through
     the pipeline's own sampling path (ldm.sampling); `apply_model` wraps the model's call as a task's does."""
-    from ldm.plan import SamplingSettings
+    from ldm.request import SamplingSettings
     from ldm.sampling import sample_latents, start_noise
 
     f = model.downsampling_factor

@@ -265,7 +265,7 @@ class Pipeline:
         request = self.resolve(request)
         request.check(names, self.model.num_timesteps)
         plan = make_plan(request, names)
-        session = self.session(request)
+        session = self.session(request, names)
         counter = _StepCounter(self, progress, plan, request.task)
         images: list[GeneratedImage] = []
         try:
@@ -282,10 +282,10 @@ class Pipeline:
             raise
         return images
 
-    def session(self, request: Request) -> "Session":
+    def session(self, request: Request, names: dict = {}) -> "Session":
         """A run of a resolved `request` on this model: the task prepared, prompts encoded once each (the
-        batch runner's unit: it calls Session.images batch by batch)."""
-        return Session(self, request)
+        batch runner's unit: it calls Session.images batch by batch). `names`: as for generate."""
+        return Session(self, request, names)
 
     def skip(self) -> None:
         """End the running batch after its current step, keeping its partial images, and go on with the next
@@ -334,7 +334,7 @@ class _StepCounter:
 class Session:
     """One run's task prepared on a loaded model: what all its batches share."""
 
-    def __init__(self, pipeline: Pipeline, request: Request):
+    def __init__(self, pipeline: Pipeline, request: Request, names: dict = {}):
         model, task = pipeline.model, request.task
         self.pipeline, self.model, self.request, self.task = pipeline, model, request, task
         self.device = model.runtime.device
@@ -351,7 +351,7 @@ class Session:
             pipeline.loras.check(lora)
         self.encoder = PromptEncoder(model, emphasis=request.emphasis,
                                      embeddings={name: e.vectors for name, e in self.embeddings.items()},
-                                     max_chunks=request.limits.max_chunks,
+                                     max_chunks=request.limits.max_chunks, limit=names.get("max_chunks", "max_chunks"),
                                      between=lambda: pipeline.stop_if_cancelled("while encoding the prompt"))
         self.common = {"Model hash": metadata.model_hash(pipeline.ckpt), "Model": Path(pipeline.ckpt).stem,
                        "Config": Path(pipeline.config).name, "Mode": task.name,

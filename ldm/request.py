@@ -165,8 +165,8 @@ class Request:
             check_number(name("eta"), self.sampling.eta, minimum=0, maximum=MAX_ETA)
         if self.seed is not None:
             check_seed(self.seed, name("seed"))
-        check_prompt(name("prompt"), self.prompt, self.limits.max_chunks)
-        check_prompt(name("negative_prompt"), self.negative_prompt, self.limits.max_chunks)
+        check_prompt(name("prompt"), self.prompt, self.limits.max_chunks, name("max_chunks"))
+        check_prompt(name("negative_prompt"), self.negative_prompt, self.limits.max_chunks, name("max_chunks"))
         if not is_whole(self.clip_skip, 1, MAX_CLIP_SKIP):
             raise SDError(f"{name('clip_skip')} must be a whole number from 1 to {MAX_CLIP_SKIP} (got {self.clip_skip})")
         if self.emphasis not in EMPHASIS:
@@ -189,8 +189,8 @@ class Request:
         from ldm.models.diffusion.sampler_names import check_sampler
         from ldm.text.chunks import check_prompt
         if line.prompt != self.prompt:
-            check_prompt(name("prompt"), line.prompt, self.limits.max_chunks)
-        check_prompt(name("negative_prompt"), line.negative_prompt or "", self.limits.max_chunks)
+            check_prompt(name("prompt"), line.prompt, self.limits.max_chunks, name("max_chunks"))
+        check_prompt(name("negative_prompt"), line.negative_prompt or "", self.limits.max_chunks, name("max_chunks"))
         if line.size is not None:
             from ldm.tasks.base import check_size
 

@@ -73,14 +73,17 @@ def test_the_readmes_python_example_runs_as_written(tmp_path, monkeypatch):
 def test_the_python_page_runs_as_written(tmp_path, monkeypatch, capsys):
     """Every Python block of docs/python.md, in order, in an empty folder."""
     blocks = python_examples((ROOT / "docs" / "python.md").read_text())
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     for block in blocks:
         exec(compile(block, "docs/python.md", "exec"), scope)
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("2 Steps: 20, Sampler: DDIM, CFG scale: 5.0")
-    assert out[1:] == [f"step {k}/20" for k in range(1, 6)] + ["cancelled after step 5 of 20"]
+    assert out[1:7] == [f"step {k}/20" for k in range(1, 6)] + ["cancelled after step 5 of 20"]
+    assert out[7:] == ["1.0", "[3, 4, 5]"]
+    batches = [(image.batch_size, image.position) for image in scope["request_images"]]
+    assert batches == [(2, 0), (2, 1), (1, 0)] and "Steps: 12" in scope["request_images"][2].parameters
     assert len(scope["previews"]) == 1 and scope["previews"][0].size == (256, 256)
     assert Image.open("circle.png").size == (256, 256) and (tmp_path / "circle-with-settings.png").read_bytes() == \
         scope["images"][0].png()

@@ -1,6 +1,8 @@
 """What a run is asked and what it records: eta resolved in one place (0 stays 0, the PNG says what ran),
 and the notes that say which config and model a command chose."""
+import base64
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,3 +103,72 @@ def test_unreadable_fields_are_one_line(text, says):
     info = Infotext.read(text)
     with pytest.raises(SDError, match=re.escape(says)):
         info.number("Steps", int), info.number("CFG scale", float), info.size(), info.sampler()
+
+
+# -------------------------------------------------------------------------------- one request, many front ends
+def test_a_request_resolves_its_defaults_in_one_function():
+    from ldm.request import PromptLine, Request, SamplingSettings
+
+    plain = Request("a cube").resolved(demo=False, native_size=768, channels=4, factor=8)
+    assert (plain.sampling.steps, plain.sampling.scale, plain.sampling.eta) == (50, 9.0, 0.0)
+    assert (plain.batch_size, plain.n_iter, plain.width, plain.height, plain.C, plain.f) == (3, 3, 768, 768, 4, 8)
+    assert 0 <= plain.seed < 2 ** 32
+    demo = Request("a cube", seed=-1, sampling=SamplingSettings(sampler="euler_a")).resolved(demo=True)
+    assert (demo.sampling.steps, demo.sampling.scale, demo.sampling.eta, demo.batch_size) == (20, 5.0, 1.0, 4)
+    assert demo.seed != -1 and demo.width is None  # the size waits for the model
+    # a prompt line naming its own sampler gets that sampler's eta; given ones stay (0 included)
+    lines = (PromptLine("x", sampler="euler_a"), PromptLine("y", sampler="euler_a", eta=0.0), PromptLine("z"))
+    resolved = Request("", lines=lines, sampling=SamplingSettings(sampler="ddim")).resolved(demo=False)
+    assert [line.eta for line in resolved.lines] == [1.0, 0.0, None] and resolved.sampling.eta == 0.0
+    assert resolved.resolved(demo=False) == resolved  # resolving twice changes nothing
+
+
+def test_a_request_names_its_fields_as_each_front_end_does():
+    from ldm.cli.options import FLAG_NAMES
+    from ldm.errors import SDError
+    from ldm.request import Request, SamplingSettings
+    from ldm.serve.a1111 import API_NAMES
+    from ldm.serve.page import PAGE_NAMES
+
+    def says(names, **fields):
+        request = Request("a cube", seed=1, **fields).resolved(demo=False)
+        with pytest.raises(SDError) as caught:
+            request.check(names)
+        return str(caught.value)
+
+    steps = {"sampling": SamplingSettings(steps=5000)}
+    assert says({}, **steps) == "steps must be from 1 to 1000 (max_steps; got 5000)"
+    assert says(FLAG_NAMES, **steps) == "--steps must be from 1 to 1000 (--max-steps; got 5000)"
+    assert says(API_NAMES, **steps) == "steps must be from 1 to 1000 (the server's max_steps; got 5000)"
+    assert says(PAGE_NAMES, **steps) == "Steps must be from 1 to 1000 (the server's max_steps; got 5000)"
+    scale = {"sampling": SamplingSettings(scale=float("inf"))}
+    assert says(API_NAMES, **scale).startswith("cfg_scale must be a finite number")
+    assert says(FLAG_NAMES, **scale).startswith("--scale must be a finite number")
+    assert says(FLAG_NAMES, batch_size=100) == "--n_samples 100 is above --max-batch 64"
+    assert says(API_NAMES, batch_size=100) == "batch_size 100 is above the server's max_batch 64"
+    assert says(FLAG_NAMES, width=100) == "--W 100 is not a positive multiple of 8"
+    assert says(API_NAMES, height=4104) == "height 4104 is above the server's max_side 4096"
+
+
+def test_the_api_answers_in_its_own_field_names(tiny_ckpts):
+    from fastapi.testclient import TestClient
+
+    from ldm.limits import Limits
+    from ldm.serve.app import Server, build_app
+
+    entry = tiny_ckpts["eps"]
+    pipe = Pipeline.load(entry["safetensors"], entry["config"], device="cpu", precision="full", quiet=True)
+    client = TestClient(build_app(Server(pipe, limits=Limits(max_steps=60)), page=False))
+    cases = [({"steps": 61}, "steps must be from 1 to 60 (the server's max_steps; got 61)"),
+             ({"cfg_scale": 1e9}, "cfg_scale must be at most 1000 in size"),
+             ({"width": 100, "height": 256, "steps": 2}, "width 96 is below 256"),
+             ({"sampler_name": "Euler", "eta": 0.5, "steps": 2}, None)]
+    for body, says in cases:
+        reply = client.post("/sdapi/v1/txt2img", json={"prompt": "a cube", "seed": 1, **body})
+        if says is None:
+            assert reply.status_code == 200, reply.text  # A1111 ignores eta for samplers that take none
+            continue
+        assert reply.status_code == 422 and says in reply.json()["detail"] and "--" not in reply.json()["detail"], reply.text
+    photo = base64.b64encode((Path(__file__).resolve().parents[1] / "docs/images/quickstart.png").read_bytes()).decode()
+    reply = client.post("/sdapi/v1/img2img", json={"prompt": "a", "denoising_strength": 1.5, "init_images": [photo]})
+    assert reply.status_code == 422 and reply.json()["detail"].startswith("denoising_strength must be between 0 and 1")

@@ -328,7 +328,7 @@ class LoraPlan:
         if self.listed is None:
             self.listed = list_loras(self.folder)
         if name not in self.listed:
-            raise SDError(f"<lora:{name}>: not among the LoRAs of the LoRA folder (--lora-dir); a name is a LoRA "
+            raise SDError(f"<lora:{name}>: not among the LoRAs of the LoRA folder; a name is a LoRA "
                           "file's name without extension")
         return self.listed[name]
 

@@ -102,7 +102,6 @@ def _plan_module(pl):
     from torch.utils.data import DataLoader
 
     from ldm.batch import outputs
-    from ldm.batch.run import open_session
     from ldm.plan import make_plan
 
     class PlanModule(pl.LightningModule):
@@ -121,7 +120,7 @@ def _plan_module(pl):
             strategy = self.trainer.strategy
             # The session holds the model outside the module's children, so Lightning neither moves nor
             # broadcasts its weights: each process loads the checkpoint itself onto its own device.
-            session = open_session(self.job, device=strategy.root_device)
+            session = self.job.open_session(device=strategy.root_device)
             self.plan = make_plan(session.request, self.job.names)
             decided = None
             if self.global_rank == 0:

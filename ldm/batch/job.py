@@ -9,11 +9,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 from ldm.errors import SDError
 from ldm.request import Request
 from ldm.runtime.policy import RuntimeOptions
+
+if TYPE_CHECKING:
+    from ldm.pipeline import Session
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
 
@@ -76,6 +79,16 @@ class BatchJob:
             raise SDError(f"checkpoint not found: {self.ckpt} (see checkpoints/README.md)")
         if self.config is not None and not Path(self.config).is_file():
             raise SDError(f"config file not found: {self.config}")
+
+    def open_session(self, device=None) -> "Session":
+        """Load the job's model (on `device`, default the job's) and prepare its request on it: a batch run's
+        start, in each process. The session's request is resolved for the model (its native size where none
+        was given)."""
+        from ldm.pipeline import Pipeline
+
+        options = self.runtime if device is None else dataclasses.replace(self.runtime, device=str(device))
+        pipeline = Pipeline.open(self.ckpt, self.config, options, task=self.request.task.name)
+        return pipeline.session(pipeline.resolve(self.request), self.names)
 
     def timesteps(self) -> int:
         """The model's number of diffusion timesteps, read from the config (no model is built)."""

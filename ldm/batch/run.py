@@ -8,18 +8,13 @@ everything a user can get wrong is checked before it is.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ldm.batch.job import BatchJob
 from ldm.errors import SDError
 from ldm.plan import make_plan
 from ldm.tasks import task_sets_size
-
-if TYPE_CHECKING:
-    from ldm.pipeline import Session
 
 
 def check_launch(job: BatchJob) -> None:
@@ -51,16 +46,7 @@ def run_job(job: BatchJob) -> list[Path]:
 
         return run_distributed(job)
     outputs.prepare_outdir(job.outdir)
-    session = open_session(job)
+    session = job.open_session()
     outputs.write_side_outputs(job, session)
     return outputs.run_plan(job, session, make_plan(session.request, job.names))
 
-
-def open_session(job: BatchJob, device=None) -> "Session":
-    """Load the job's model (on `device`, default the job's) and prepare its request on it: a batch run's
-    start. The session's request is resolved for the model (its native size where none was given)."""
-    from ldm.pipeline import Pipeline
-
-    options = job.runtime if device is None else dataclasses.replace(job.runtime, device=str(device))
-    pipeline = Pipeline.open(job.ckpt, job.config, options, task=job.request.task.name)
-    return pipeline.session(pipeline.resolve(job.request))

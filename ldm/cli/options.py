@@ -141,4 +141,5 @@ FLAG_NAMES = {
     "batch_size": "--n_samples", "n_iter": "--n_iter", "emphasis": "--emphasis", "clip_skip": "--clip-skip",
     "embeddings": "--embeddings", "C": "--C", "f": "--f", "max_side": "--max-side", "max_steps": "--max-steps",
     "max_batch": "--max-batch", "max_images": "--max-images", "max_chunks": "--max-chunks",
+    "strength": "--strength", "noise_level": "--noise-level",
 }

@@ -1,6 +1,6 @@
 """The UNet's fast paths, applied after loading: torch.compile (oneDNN fusions, cached on disk),
 TorchScript trace-and-freeze, and Intel Extension for PyTorch. None changes the model's results beyond
-float rounding; each is asked for by a flag (IPEX also by default on the bf16 CPU path when installed).
+float rounding; each is asked for by its flag (--compile, --torchscript, --ipex), never by default.
 """
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ SD_VERSION = "sd 0.1.0"  # the `version` A1111 clients read from info (A1111 wri
 
 # How the API names the fields of ldm.request.Request in its 422 texts: by A1111's field names.
 API_NAMES = {"scale": "cfg_scale", "sampler": "sampler_name", "schedule": "scheduler",
-             "clip_skip": "override_settings.CLIP_stop_at_last_layers", **SERVER_LIMIT_NAMES}
+             "clip_skip": "override_settings.CLIP_stop_at_last_layers", "strength": "denoising_strength",
+             **SERVER_LIMIT_NAMES}
 
 
 class RequestError(ValueError):
@@ -167,7 +168,7 @@ def decode_image(data: Any, what: str, max_pixels: int) -> Image.Image:
             width, height = im.size  # the header only: nothing decoded yet
             if width * height > max_pixels:
                 raise RequestError(f"{what} is {width}x{height} pixels, above the server's {max_pixels} "
-                                   "(sd serve --max-pixels)")
+                                   "(the server's max_pixels)")
             im.load()
             return im.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

@@ -47,7 +47,7 @@ def _target_size(body: dict, size: tuple[int, int], max_side: int) -> tuple[int,
                            f"got {mode!r}")
     if max(width, height) > max_side:
         raise RequestError(f"the result would be {width}x{height}, above the server's {max_side} pixels a side "
-                           "(sd serve --max-side)")
+                           "(the server's max_side)")
     return width, height
 
 

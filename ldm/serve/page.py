@@ -129,6 +129,7 @@ def sampling_controls(tab: str, defaults: dict, size: Optional[int]) -> dict:
 PAGE_NAMES = {"prompt": "the prompt", "negative_prompt": "the negative prompt", "steps": "Steps",
               "scale": "Guidance scale", "seed": "Seed", "batch_size": "Batch size", "n_iter": "Batches",
               "width": "Width", "height": "Height", "sampler": "Sampler", "schedule": "Schedule type",
+              "strength": "Strength", "noise_level": "Noise level",
               **SERVER_LIMIT_NAMES}
 
 
@@ -212,7 +213,7 @@ def _check_pixels(values, limit: int) -> None:
                 continue
             if picture.width * picture.height > limit:
                 raise gr.Error(f"the picture is {picture.width}x{picture.height} pixels, above the server's {limit} "
-                               "(sd serve --max-pixels)")
+                               "(the server's max_pixels)")
 
 
 def _uploaded(path) -> bool:

@@ -193,9 +193,9 @@ def exact_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None]))
 
 
-def check_strength(strength: float) -> None:
+def check_strength(strength: float, name: Callable[[str], str] = lambda key: f"--{key}") -> None:
     if not 0.0 <= strength <= 1.0 or math.isnan(strength):
-        raise SDError(f"--strength must be between 0 and 1 (got {strength})")
+        raise SDError(f"{name('strength')} must be between 0 and 1 (got {strength})")
 
 
 def extra_cond(model, cond: dict) -> dict:

@@ -32,7 +32,7 @@ class Img2Img(ImageTask):
         self.embedding: Optional[torch.Tensor] = None  # unCLIP models: the input's CLIP image embedding (1, D)
 
     def check(self, request: "Request", name: Callable[[str], str] = lambda key: key) -> None:
-        check_strength(self.strength)
+        check_strength(self.strength, name)
         super().check(request, name)
 
     def check_model(self, model) -> None:

@@ -105,7 +105,7 @@ class Inpaint(ImageTask):
         return self.original.size
 
     def check(self, request: "Request", name: Callable[[str], str] = lambda key: key) -> None:
-        check_strength(self.strength)
+        check_strength(self.strength, name)
         super().check(request, name)
 
     def steps_run(self, steps: int) -> int:

@@ -89,7 +89,7 @@ class Variations(Txt2Img):
 
         super().check(request, name)
         check_mix_weights(self.weights, len(self.pictures))
-        _check_level_and_files(self.noise_level, {"--clip-stats": self.clip_stats})
+        _check_level_and_files(self.noise_level, {"--clip-stats": self.clip_stats}, name)
 
     def prepare(self, model, request: "Request", device: torch.device, choice: "ModelChoice") -> None:
         from ldm.models.diffusion.conditioned import ImageEmbeddingConditionedLatentDiffusion as Unclip
@@ -128,10 +128,10 @@ class Variations(Txt2Img):
                 "Image weights": ", ".join(repr(float(w)) for w in self.weights)}  # repr: reads back exactly
 
 
-def _check_level_and_files(noise_level: int, files: dict[str, Optional[Path]]) -> None:
+def _check_level_and_files(noise_level: int, files: dict[str, Optional[Path]], name=lambda key: key) -> None:
     """The checks both unCLIP tasks make before the model loads: the noise level's range, the files named."""
     if not 0 <= noise_level <= MAX_LEVEL:
-        raise SDError(f"--noise-level must be in 0..{MAX_LEVEL} (got {noise_level})")
+        raise SDError(f"{name('noise_level')} must be in 0..{MAX_LEVEL} (got {noise_level})")
     for flag, path in files.items():
         if path is not None and not path.is_file():
             raise SDError(f"{flag}: file not found: {path}")
@@ -172,7 +172,7 @@ class PriorTxt2Img(Txt2Img):
 
         super().check(request, name)
         _check_level_and_files(self.noise_level, {"--prior-ckpt": self.prior_ckpt, "--prior-clip": self.prior_clip,
-                                                  "--clip-stats": self.clip_stats})
+                                                  "--clip-stats": self.clip_stats}, name)
         spaced_steps(self.prior_steps)
         if self.prior_scale != self.prior_scale or abs(self.prior_scale) > 100:
             raise SDError(f"--prior-scale must be a number in -100..100 (got {self.prior_scale})")

@@ -47,7 +47,7 @@ class Upscale(ImageTask):
             raise SDError(f"upscaling {self.image.size[0]}x{self.image.size[1]} would give {width}x{height}, above "
                           f"{name('max_side')} {request.limits.max_side}: give a smaller image or raise it")
         if not 0 <= self.noise_level <= 350:
-            raise SDError(f"--noise-level must be between 0 and 350 (got {self.noise_level})")
+            raise SDError(f"{name('noise_level')} must be between 0 and 350 (got {self.noise_level})")
         if self.tile_size < 8 or not 0 <= self.overlap < self.tile_size:
             raise SDError(f"--tile-size must be at least 8 and the overlap in [0, tile size) "
                           f"(got {self.tile_size} and {self.overlap})")

@@ -49,22 +49,23 @@ def _pieces(text: str, names: list[str]):
 
 
 def prompt_chunks(tokenizer, prompt: str, embeddings: Optional[Mapping[str, torch.Tensor]] = None,
-                  max_chunks: Optional[int] = None) -> list[Chunk]:
+                  max_chunks: Optional[int] = None, limit: str = "--max-chunks") -> list[Chunk]:
     """The prompt's chunks: token ids or vectors, with their weights (before start/end wrapping).
     SDError as soon as the prompt needs more than `max_chunks` (each chunk is one pass of the text tower,
-    and the UNet attends to all of them at every step: 10,000 BREAKs must not cost minutes)."""
+    and the UNet attends to all of them at every step: 10,000 BREAKs must not cost minutes); `limit` is
+    how the front end names that bound."""
     embeddings = embeddings or {}
     comma = tokenizer.encode(",")[0]
     chunks: list[Chunk] = []
     chunk, last_comma = Chunk(), -1
     if max_chunks is not None and len(prompt) > max_chunks * CHUNK * MAX_CHARS_PER_TOKEN:
         raise SDError(f"the prompt is {len(prompt)} characters, more than {max_chunks} chunks of {CHUNK} tokens "
-                      f"can hold (--max-chunks {max_chunks})")
+                      f"can hold ({limit} {max_chunks})")
 
     def close() -> None:
         nonlocal chunk, last_comma
         if max_chunks is not None and len(chunks) >= max_chunks:
-            raise SDError(f"the prompt needs more than {max_chunks} chunks of {CHUNK} tokens (--max-chunks; "
+            raise SDError(f"the prompt needs more than {max_chunks} chunks of {CHUNK} tokens ({limit}; "
                           "BREAK starts a chunk)")
         chunks.append(chunk)
         chunk, last_comma = Chunk(), -1
@@ -92,7 +93,7 @@ def prompt_chunks(tokenizer, prompt: str, embeddings: Optional[Mapping[str, torc
     return chunks
 
 
-def check_prompt(what: str, text: str, max_chunks: int) -> None:
+def check_prompt(what: str, text: str, max_chunks: int, limit: str = "--max-chunks") -> None:
     """SDError for a prompt no model should be given: not UTF-8 text, bad emphasis or LoRA weights, or more
     than `max_chunks` chunks (textual-inversion names are counted as words here; their vectors are
     counted again when the prompt is encoded). Checked before any model loads."""
@@ -106,7 +107,7 @@ def check_prompt(what: str, text: str, max_chunks: int) -> None:
         parse_weights(words)
         # a chunk holds at least CHUNK - COMMA_BACKTRACK tokens, and a token at least one UTF-8 byte
         if len(words.encode()) > (max_chunks - 1) * (CHUNK - COMMA_BACKTRACK) or BREAK in words:
-            prompt_chunks(get_tokenizer(), words, max_chunks=max_chunks)
+            prompt_chunks(get_tokenizer(), words, max_chunks=max_chunks, limit=limit)
     except SDError as exc:
         raise SDError(f"{what}: {exc}" if not str(exc).startswith(what) else str(exc)) from None
 
@@ -125,7 +126,7 @@ def chunk_inputs(tokenizer, chunk: Chunk) -> tuple[torch.Tensor, list[tuple[int,
 
 def encode_prompt(embedder, prompt: str, emphasis: str = "original",
                   embeddings: Optional[Mapping[str, torch.Tensor]] = None, max_chunks: Optional[int] = None,
-                  between: Optional[Callable[[], None]] = None) -> torch.Tensor:
+                  between: Optional[Callable[[], None]] = None, limit: str = "--max-chunks") -> torch.Tensor:
     """Features (77 * chunks, width) of one prompt; `embedder` is a FrozenOpenCLIPEmbedder. `between` is
     called before each chunk's pass (where an interrupt stops a long prompt)."""
     if emphasis not in EMPHASIS:
@@ -134,7 +135,7 @@ def encode_prompt(embedder, prompt: str, emphasis: str = "original",
         return embedder.encode([prompt])[0]
     tokenizer = embedder.tokenizer()
     out = []
-    for chunk in prompt_chunks(tokenizer, prompt, embeddings, max_chunks):
+    for chunk in prompt_chunks(tokenizer, prompt, embeddings, max_chunks, limit):
         if between is not None:
             between()
         ids, vectors, weights = chunk_inputs(tokenizer, chunk)

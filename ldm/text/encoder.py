@@ -17,9 +17,11 @@ class PromptEncoder:
     """
 
     def __init__(self, model, capacity: int = 256, emphasis: str = "original", embeddings=None,
-                 max_chunks: Optional[int] = None, between: Optional[Callable[[], None]] = None):
+                 max_chunks: Optional[int] = None, between: Optional[Callable[[], None]] = None,
+                 limit: str = "--max-chunks"):
         self.model, self.capacity, self.emphasis = model, capacity, emphasis
-        self.max_chunks, self.between = max_chunks, between  # the chunk bound; called before each chunk
+        # the chunk bound and its name for the front end; called before each chunk
+        self.max_chunks, self.limit, self.between = max_chunks, limit, between
         self.embeddings = embeddings or {}
         self.state: tuple = ()  # the merged LoRAs: the text tower's weights, so part of every cache key
         self.cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -49,7 +51,8 @@ class PromptEncoder:
         for text in todo:
             if (self.state, text) not in self.cache:
                 self.cache[(self.state, text)] = encode_prompt(self.model.cond_stage_model, text, self.emphasis,
-                                                               self.embeddings, self.max_chunks, self.between)
+                                                               self.embeddings, self.max_chunks, self.between,
+                                                               self.limit)
         out = [self.cache[k] for k in keys]
         for k in dict.fromkeys(keys):
             self.cache.move_to_end(k)

@@ -114,8 +114,12 @@ def test_an_interrupted_generate_answers_with_the_partial_image(served):
     thread = threading.Thread(target=generate)
     thread.start()
     deadline = time.time() + 120
-    while get(url, "/sdapi/v1/progress")["state"]["sampling_step"] < 3 and time.time() < deadline:
+    while get(url, "/sdapi/v1/progress")["state"]["sampling_step"] < 6 and time.time() < deadline:
         time.sleep(0.05)
+    # the live preview (step 5's x0, decoded) is A1111's current_image; skip_current_image leaves it out
+    preview = Image.open(io.BytesIO(base64.b64decode(get(url, "/sdapi/v1/progress")["current_image"])))
+    assert preview.size == (256, 256) and np.asarray(preview).std() > 1
+    assert get(url, "/sdapi/v1/progress?skip_current_image=true")["current_image"] is None
     post(url, "/sdapi/v1/interrupt", {})
     thread.join(120)
     info = json.loads(answer["info"])

@@ -68,11 +68,27 @@ def status(page, tab: str) -> str:
     return page.input_value(f"#{tab}-status textarea")
 
 
+def finished(page, tab: str, timeout: int = 120_000) -> None:
+    """Wait for the run's result (live previews come first and fill the gallery too)."""
+    page.wait_for_function(f"/image\\(s\\)|^stopped/.test(document.querySelector('#{tab}-status textarea').value)",
+                           timeout=timeout)
+    page.wait_for_selector(f"#{tab}-gallery img", timeout=30_000)
+
+
+def load_inpaint_picture(page, photo) -> dict:
+    """Upload `photo` to the inpaint tab and wait until the painter shows it; returns the strokes canvas's box."""
+    page.get_by_role("tab", name="inpaint").click()
+    page.wait_for_selector("#inpaint-image", state="visible", timeout=30_000)
+    page.set_input_files("#inpaint-image input[type=file]", str(photo))
+    page.wait_for_selector("#inpaint-mask .sd-painter[data-ready='1']", timeout=60_000)
+    return page.locator("#inpaint-mask canvas.sd-strokes").bounding_box()
+
+
 def test_the_page_works_offline_and_makes_the_commands_png(page, demo):
     page.fill("#txt2img-prompt textarea", PROMPT)
     page.fill("#txt2img-seed input", "1")
     page.click("#txt2img-generate")
-    page.wait_for_selector("#txt2img-gallery img", timeout=60_000)
+    finished(page, "txt2img")
     assert status(page, "txt2img") == "1 image(s), seeds 1"
     assert result_png(page, "txt2img") == demo.txt2img(PROMPT, seed=1)[0].png()
     assert page.outside == []
@@ -83,37 +99,18 @@ def test_a_brush_stroke_repaints_only_under_it(page, tmp_path):
 
     photo = tmp_path / "photo.png"
     Image.fromarray(smooth_photo()).save(photo)  # 260 x 300
-    shown = "!document.querySelector('#inpaint-editor').innerText.includes('Upload an image')"
-    for attempt in range(4):  # the editor's canvas is slow to start on a starved machine and may miss an upload
-        # (once, under a parallel load, a first tab click left the editor unmounted: no upload was ever sent)
-        page.get_by_role("tab", name="inpaint").click()
-        page.wait_for_selector("#inpaint-editor", state="visible", timeout=30_000)
-        page.set_input_files("#inpaint-editor input[type=file]", str(photo))
-        try:
-            page.wait_for_function(shown, timeout=30_000)
-            break
-        except sync_api.TimeoutError:
-            if attempt == 3:
-                raise
-    page.wait_for_timeout(1000)  # the editor lays the picture on its canvas
-    canvas = page.locator("#inpaint-editor canvas").first.bounding_box()
+    canvas = load_inpaint_picture(page, photo)
+    assert page.get_attribute("#inpaint-mask .sd-painter", "data-size") == "260x300"
     x, y = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2
     page.mouse.move(x - 50, y)
     page.mouse.down()
     for step in range(1, 11):  # a horizontal stroke through the middle of the picture
         page.mouse.move(x - 50 + 10 * step, y)
     page.mouse.up()
-    page.wait_for_timeout(1500)  # the editor keeps its layers a moment after the stroke
     page.fill("#inpaint-prompt textarea", "a green square on a blue background")
     page.fill("#inpaint-seed input", "3")
-    for attempt in range(3):  # on a loaded machine the editor may hand over its layers late: ask again
-        page.click("#inpaint-generate")
-        answer = page.locator("#inpaint-gallery img").or_(page.get_by_text("paint the part to repaint"))
-        answer.first.wait_for(timeout=60_000)
-        if page.locator("#inpaint-gallery img").count():
-            break
-        page.wait_for_timeout(2000)
-    page.wait_for_selector("#inpaint-gallery img", timeout=60_000)
+    page.click("#inpaint-generate")
+    finished(page, "inpaint")
     out = tmp_path / "out.png"
     out.write_bytes(result_png(page, "inpaint"))
     got = np.asarray(Image.open(out).convert("RGB"), np.int16)
@@ -145,6 +142,21 @@ def test_stop_ends_a_long_run(page):
     page.wait_for_selector("#txt2img-gallery img", timeout=30_000)  # the partial pictures, as A1111 shows them
     assert len(result_png(page, "txt2img")) > 1000
     page.wait_for_function("document.querySelector('#txt2img-stop').disabled", timeout=10_000)
+
+
+def test_a_live_preview_shows_while_it_runs(page):
+    page.fill("#txt2img-prompt textarea", PROMPT)
+    page.fill("#txt2img-steps input[type=number]", "150")
+    page.click("#txt2img-generate")
+    page.wait_for_function("document.querySelector('#txt2img-status textarea').value.includes(': preview')",
+                           timeout=60_000)
+    page.wait_for_selector("#txt2img-gallery img", timeout=10_000)  # the preview, before the result
+    said = status(page, "txt2img")
+    step = int(said.split("step ")[1].split(" of ")[0])
+    assert step % 5 == 0 and step < 150 and page.input_value("#txt2img-infotext textarea") == ""
+    page.wait_for_function("document.querySelector('#txt2img-status textarea').value.includes('image(s)')",
+                           timeout=120_000)
+    assert "Steps: 150" in page.input_value("#txt2img-infotext textarea")
 
 
 def test_every_tab_renders(page, tmp_path):
@@ -289,11 +301,7 @@ def test_inpaint_with_nothing_painted_says_so(page, tmp_path):
     from tests.conftest import smooth_photo
 
     Image.fromarray(smooth_photo()).save(tmp_path / "photo.png")
-    page.get_by_role("tab", name="inpaint").click()
-    page.wait_for_selector("#inpaint-editor", state="visible", timeout=30_000)
-    page.set_input_files("#inpaint-editor input[type=file]", str(tmp_path / "photo.png"))
-    page.wait_for_function("!document.querySelector('#inpaint-editor').innerText.includes('Upload an image')",
-                           timeout=60_000)
+    load_inpaint_picture(page, tmp_path / "photo.png")
     page.fill("#inpaint-prompt textarea", "a green square")
     page.click("#inpaint-generate")
     page.get_by_text("nothing is painted yet").first.wait_for(timeout=60_000)
@@ -310,3 +318,42 @@ def test_png_info_shows_a_jpeg_and_reads_its_exif_parameters(page, tmp_path):
     page.wait_for_function("document.querySelector('#png-info-text textarea').value.length > 0", timeout=20_000)
     assert page.input_value("#png-info-text textarea") == text
     page.wait_for_selector("#png-info-picture img", timeout=20_000)  # the picture is shown
+
+
+def test_send_to_carries_the_result_and_its_prompt_and_the_painter_makes_no_upload_loop(page, tmp_path):
+    """A txt2img result sent to inpaint: the picture, prompt and negative prompt arrive, the painter shows the
+    picture; painting and generating there, then generating in txt2img, uploads nothing in a loop (gradio's
+    ImageEditor re-uploaded its layers on every status message once it had been an input: ~15 a second)."""
+    uploads = []
+    page.on("request", lambda r: uploads.append(r.url) if "/upload" in r.url else None)
+    page.fill("#txt2img-prompt textarea", PROMPT)
+    page.fill("#txt2img-negative-prompt textarea", "blurry")
+    page.fill("#txt2img-seed input", "4")
+    page.fill("#txt2img-steps input[type=number]", "4")
+    page.click("#txt2img-generate")
+    finished(page, "txt2img")
+    page.click("#txt2img-send-inpaint")
+    page.wait_for_selector("#inpaint-mask .sd-painter[data-ready='1']", timeout=60_000)
+    assert page.input_value("#inpaint-prompt textarea") == PROMPT
+    assert page.input_value("#inpaint-negative-prompt textarea") == "blurry"
+    assert page.get_attribute("#inpaint-mask .sd-painter", "data-size") == "256x256"
+    canvas = page.locator("#inpaint-mask canvas.sd-strokes").bounding_box()
+    page.mouse.move(canvas["x"] + 20, canvas["y"] + 20)
+    page.mouse.down()
+    page.mouse.move(canvas["x"] + 60, canvas["y"] + 40)
+    page.mouse.up()
+    page.fill("#inpaint-steps input[type=number]", "4")
+    page.click("#inpaint-generate")
+    finished(page, "inpaint")
+    assert status(page, "inpaint").startswith("1 image(s)")
+    before = len(uploads)
+    page.get_by_role("tab", name="txt2img").click()
+    page.fill("#txt2img-steps input[type=number]", "40")
+    page.click("#txt2img-generate")
+    page.wait_for_timeout(500)
+    finished(page, "txt2img")
+    page.wait_for_timeout(2000)
+    assert len(uploads) - before == 0, uploads[before:]
+    page.click("#txt2img-send-img2img")  # and to img2img: the picture arrives in its input
+    page.wait_for_selector("#img2img-image img", timeout=30_000)
+    assert page.input_value("#img2img-prompt textarea") == PROMPT

@@ -1,5 +1,6 @@
 """`sd serve`'s API driven by a client no one here wrote (webuiapi), under load and under attack."""
 import base64
+import io
 import json
 import shutil
 import socket
@@ -288,13 +289,32 @@ def test_the_reference_gradio_command_lines_open_sd_serve(script, tab, monkeypat
     assert done.returncode == 2 and "CONFIG CKPT" in done.stderr
 
 
-def test_the_page_holds_uploads_to_the_pixel_bound():
+def test_the_page_holds_uploads_and_painted_masks_to_the_pixel_bound():
+    import base64
+
     import gradio as gr
 
+    from ldm.errors import SDError
     from ldm.serve.page import _check_pixels
+    from ldm.serve.painter import mask_of
 
     small = Image.new("RGB", (10, 10))
-    _check_pixels([small, {"background": small, "layers": [small]}, None, 3, "text"], 100)
-    for value in (Image.new("RGB", (11, 10)), {"background": small, "layers": [Image.new("RGBA", (20, 20))]}):
-        with pytest.raises(gr.Error, match="above the server's 100"):
-            _check_pixels([value], 100)
+    _check_pixels([small, None, 3, "text"], 100)
+    with pytest.raises(gr.Error, match="above the server's 100"):
+        _check_pixels([Image.new("RGB", (11, 10))], 100)
+
+    def data_url(image: Image.Image) -> str:
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    strokes = Image.new("RGBA", (20, 10))
+    strokes.paste((255, 255, 255, 255), (5, 0, 10, 10))
+    mask = np.asarray(mask_of(data_url(strokes), (40, 20), 1000))  # painted at another size: scaled to the picture
+    assert mask.shape == (20, 40) and mask[:, 10:20].min() == 255 and mask[:, :10].max() == 0 and mask[:, 20:].max() == 0
+    for value, says in (("", "nothing is painted yet"), (data_url(Image.new("RGBA", (20, 10))), "nothing is painted"),
+                        ("data:image/png;base64,!!!", "not a PNG"), ("javascript:alert(1)", "not a PNG"),
+                        ("data:image/png;base64," + base64.b64encode(b"GIF89a....").decode(), "not a PNG"),
+                        (data_url(Image.new("RGBA", (40, 40))), "above the server's max_pixels")):
+        with pytest.raises(SDError, match=says):
+            mask_of(value, (40, 20), 1000)

@@ -24,6 +24,9 @@ Styles = Annotated[Optional[Path], typer.Option(
     "--styles", help="AUTOMATIC1111's styles.csv (name,prompt,negative_prompt) for requests' \"styles\" "
     "[default: styles.csv beside the models folder].")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse input images with more pixels than this.")]
+PreviewEvery = Annotated[int, typer.Option(
+    "--preview-every", help="Show a live preview on the page and in /progress every this many steps (0: none); "
+    "each costs one VAE decode.")]
 
 
 @app.command("serve", help="Serve a web page for every task and AUTOMATIC1111's /sdapi/v1 API on one loaded model.")
@@ -34,7 +37,7 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
           max_side: opt.MaxSide = 2048, max_steps: opt.MaxSteps = 150, max_batch: opt.MaxBatch = 8,
           max_images: opt.MaxImages = 16, max_chunks: opt.MaxChunks = 32, max_body_mb: MaxBodyMb = 64, max_pixels: MaxPixels = 16_000_000,
           embeddings: opt.Embeddings = None, lora_dir: opt.LoraDir = None, backend: opt.Backend = "torch",
-          styles: Styles = None) -> None:
+          styles: Styles = None, preview_every: PreviewEvery = 5) -> None:
     from ldm.cli.entry import ready_for_interrupts
     from ldm.errors import SDError, note
     from ldm.limits import Limits
@@ -48,8 +51,8 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
         auth = (user, password)
     if tab not in TASKS:
         raise SDError(f"--tab must be one of {', '.join(TASKS)} (got '{tab}')")
-    if not 1 <= max_body_mb <= 4096 or max_pixels < 1 or not 1 <= port <= 65535:
-        raise SDError("--max-body-mb must be 1..4096, --max-pixels at least 1, --port 1..65535")
+    if not 1 <= max_body_mb <= 4096 or max_pixels < 1 or not 1 <= port <= 65535 or not 0 <= preview_every <= 1000:
+        raise SDError("--max-body-mb must be 1..4096, --max-pixels at least 1, --port 1..65535, --preview-every 0..1000")
     limits = Limits(max_side=max_side, max_steps=max_steps, max_batch=max_batch, max_images=max_images,
                     max_chunks=max_chunks)
     limits.check()
@@ -67,4 +70,4 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
     note(f"sd serve on http://{host}:{port}/ (page) and /sdapi/v1 (API, docs at /docs): {said}")
     run(pipeline, host=host, port=port, auth=auth, models_dir=models_dir, outdir=outdir, limits=limits,
         max_pixels=max_pixels, max_body=max_body_mb * 2 ** 20, first_tab=tab, embeddings=embeddings,
-        lora_dir=lora_dir, styles=styles)
+        lora_dir=lora_dir, styles=styles, preview_every=preview_every)

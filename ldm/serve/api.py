@@ -185,7 +185,8 @@ def png_info(server, body: dict) -> dict:
             "parameters": parameters}
 
 
-def progress(server) -> dict:
+def progress(server, skip_current_image: bool = False) -> dict:
+    """A1111's /progress; current_image is the latest live preview (the running batch's first image, PNG)."""
     state, waiting = server.worker.progress()
     if state is None:
         return {"progress": 0.0, "eta_relative": 0.0, "state": {"skipped": False, "interrupted": False,
@@ -199,7 +200,9 @@ def progress(server) -> dict:
                       "job": state.job, "job_count": waiting + 1,
                       "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(state.started)),
                       "job_no": state.job_no, "sampling_step": state.step, "sampling_steps": state.steps},
-            "current_image": None, "textinfo": f"step {state.step} of {state.steps}" if state.steps else None}
+            "current_image": None if skip_current_image or not state.preview else
+            a1111.encode_png(imageio.png_bytes(state.preview[0])),
+            "textinfo": f"step {state.step} of {state.steps}" if state.steps else None}
 
 
 def memory() -> dict:
@@ -258,8 +261,8 @@ def _bind(api: APIRouter, server) -> APIRouter:
         return png_info(server, body)
 
     @api.get("/progress")
-    def get_progress() -> dict:
-        return progress(server)
+    def get_progress(skip_current_image: bool = False) -> dict:
+        return progress(server, skip_current_image)
 
     @api.post("/interrupt")
     def post_interrupt() -> dict:

@@ -26,13 +26,19 @@ MODEL_SUFFIXES = (".safetensors", ".ckpt")
 MAX_LISTED_MODELS = 1000
 
 
+# Live previews every this many steps: one VAE decode each (about a step's time for SD at 512 on a CPU,
+# so about a fifth more; `sd serve --preview-every 0` turns them off). A1111 shows one every 10 by default.
+PREVIEW_EVERY = 5
+
+
 class Server:
     """What the routes and the page share: the worker (and its pipeline), the models folder, the bounds."""
 
     def __init__(self, pipeline: Pipeline, *, models_dir: Optional[Path] = None, outdir: Optional[Path] = None,
                  limits: Limits = Limits(), max_pixels: int = 16_000_000, max_body: int = 64 * 2 ** 20,
-                 embeddings: Optional[Path] = None, lora_dir: Optional[Path] = None, styles: Optional[Path] = None):
-        self.worker = Worker(pipeline, before=self.ensure_loaded)
+                 embeddings: Optional[Path] = None, lora_dir: Optional[Path] = None, styles: Optional[Path] = None,
+                 preview_every: int = PREVIEW_EVERY):
+        self.worker = Worker(pipeline, before=self.ensure_loaded, preview_every=preview_every)
         self._unloaded: Optional[tuple] = None  # (ckpt, config) while /unload-checkpoint has freed the model
         # A1111's styles.csv (None: styles.csv beside the models folder)
         self.styles_file = Path(styles) if styles is not None else None
@@ -355,15 +361,12 @@ def configure_logging() -> None:
 
 
 def run(pipeline: Pipeline, *, host: str, port: int, auth: Optional[tuple[str, str]] = None,
-        models_dir: Optional[Path] = None, outdir: Optional[Path] = None, limits: Limits = Limits(),
-        max_pixels: int = 16_000_000, max_body: int = 64 * 2 ** 20, first_tab: str = "txt2img",
-        embeddings: Optional[Path] = None, lora_dir: Optional[Path] = None, styles: Optional[Path] = None) -> None:
-    """Serve until interrupted (Ctrl-C or SIGTERM)."""
+        first_tab: str = "txt2img", **options) -> None:
+    """Serve until interrupted (Ctrl-C or SIGTERM); `options` are the Server's."""
     import uvicorn
 
     configure_logging()
-    server = Server(pipeline, models_dir=models_dir, outdir=outdir, limits=limits, max_pixels=max_pixels,
-                    max_body=max_body, embeddings=embeddings, lora_dir=lora_dir, styles=styles)
+    server = Server(pipeline, **options)
     app = build_app(server, auth=auth, first_tab=first_tab)
 
     class Stopping(uvicorn.Server):

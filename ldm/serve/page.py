@@ -23,6 +23,7 @@ from ldm.files import metadata  # noqa: E402
 from ldm.errors import SDError  # noqa: E402
 from ldm.limits import SERVER_LIMIT_NAMES  # noqa: E402
 from ldm.pipeline import Cancelled  # noqa: E402
+from ldm.serve import painter  # noqa: E402
 from ldm.tasks import Depth2Img, Img2Img, Inpaint, Txt2Img, Upscale, Variations  # noqa: E402
 
 TABS = ("txt2img", "img2img", "inpaint", "depth2img", "upscale", "variations", "png-info")
@@ -64,10 +65,11 @@ class Results:
         return paths
 
 
-def run_job(server, results: Results, make_task: Callable, prompt: str, settings: dict, progress: gr.Progress,
+def follow_job(server, results: Results, make_task: Callable, prompt: str, settings: dict, progress: gr.Progress,
             save_as: Optional[str], extra: Optional[Callable] = None):
-    """Queue a task on the worker, follow its progress, and return (gallery files, status line, the first
-    image's infotext[, extra]). Stopped, the images finished and the running batch's partial ones."""
+    """Queue a task on the worker and follow it: yields the live previews as they come (the gallery, the
+    status line, no infotext yet), then (gallery files, status line, the first image's infotext[, extra]).
+    Stopped, the images finished and the running batch's partial ones."""
 
     def job(pipe, on_step):
         task = make_task()
@@ -75,10 +77,15 @@ def run_job(server, results: Results, make_task: Callable, prompt: str, settings
         return images, (extra(task) if extra else None)
 
     future = server.worker.submit("page", job)
+    shown = 0  # the step of the preview on the page
     while not future.done():
         state, waiting = server.worker.progress()
         if state is not None and state.job == "page" and state.steps:
             progress((state.step, state.steps), desc=f"step {state.step} of {state.steps}")
+            if state.preview is not None and state.preview_step > shown:
+                shown = state.preview_step
+                said = f"step {shown} of {state.steps}: preview"
+                yield (list(state.preview), said, "") + ((gr.update(),) if extra else ())
         elif waiting:
             progress(None, desc=f"queued behind {waiting} job(s)")
         time.sleep(POLL_SECONDS)
@@ -94,14 +101,14 @@ def run_job(server, results: Results, make_task: Callable, prompt: str, settings
         status += f"; saved under {Path(server.outdir) / (save_as + '-samples')}"
     files = results.write(images)
     infotext = images[0].parameters if images else ""
-    return (files, status, infotext) if extra is None else (files, status, infotext, side)
+    yield (files, status, infotext) if extra is None else (files, status, infotext, side)
 
 
 def sampling_controls(tab: str, defaults: dict, size: Optional[int]) -> dict:
     """The knobs every task shares: negative prompt, sampler, schedule, steps, scale, seed, batch, size."""
     from ldm.models.diffusion.sampler_names import SAMPLER_INFO, SCHEDULE_LABELS
 
-    c = {"negative_prompt": gr.Textbox(label="Negative prompt", lines=1)}
+    c = {"negative_prompt": gr.Textbox(label="Negative prompt", lines=1, elem_id=f"{tab}-negative-prompt")}
     with gr.Row():
         # A1111's names shown (what its users and infotexts say), sd's names as the values
         c["sampler"] = gr.Dropdown([(info.label, name) for name, info in SAMPLER_INFO.items()], value="ddim",
@@ -151,11 +158,22 @@ def output_area(server, tab: str):
                        "Save to an outputs folder (start sd serve with --outdir)", interactive=server.outdir is not None)
     # preview: the first result shown whole, the others as thumbnails under it
     gallery = gr.Gallery(label="Results (download gives the PNG with its parameters)", elem_id=f"{tab}-gallery",
-                         columns=4, height=512, object_fit="contain", preview=True, format="png")
+                         columns=4, height=512, object_fit="contain", preview=True, format="png", type="pil")
     status = gr.Textbox(label="Status", interactive=False, elem_id=f"{tab}-status")
     infotext = gr.Textbox(label="Generation parameters", interactive=False, lines=3, elem_id=f"{tab}-infotext")
     stop.click(lambda: server.worker.interrupt() and None, None, None, queue=False)
     return generate, stop, save, gallery, status, infotext
+
+
+# Where a result can be sent (A1111's "Send to img2img / inpaint / extras"): the tab and its picture input.
+SEND_TARGETS = ("img2img", "inpaint", "upscale")
+
+
+def send_buttons(tab: str) -> dict:
+    """The send-to buttons under a tab's results (the tab's own target left out)."""
+    with gr.Row():
+        return {target: gr.Button(f"Send to {target}", size="sm", elem_id=f"{tab}-send-{target}")
+                for target in SEND_TARGETS if target != tab}
 
 
 def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Callable, extra_output=None,
@@ -174,6 +192,7 @@ def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Ca
             controls = sampling_controls(tab, defaults, pipe.native_size if sized else None)
         with gr.Column(scale=1, min_width=360):
             generate, stop, save, gallery, status, infotext = output_area(server, tab)
+            send = send_buttons(tab)
             side = extra_output() if extra_output else None
     reuse = controls.pop("reuse")
     names = list(own) + list(controls)
@@ -189,8 +208,8 @@ def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Ca
                     "lora_dir": server.lora_dir}
         if sized:
             settings.update(height=int(given["height"]), width=int(given["width"]))
-        return run_job(server, results, lambda: make_task(given), prompt_text, settings, progress,
-                       tab if save_it else None, extra)
+        yield from follow_job(server, results, lambda: make_task(given), prompt_text, settings, progress,
+                              tab if save_it else None, extra)
 
     outputs = [gallery, status, infotext] + ([side] if side is not None else [])
     running = generate.click(lambda: (gr.update(interactive=True), gr.update(interactive=False)), None,
@@ -200,20 +219,43 @@ def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Ca
     # the seed of the result shown, read from its infotext (a gr.State would hold a heartbeat connection open)
     reuse.click(lambda text: _number(metadata.Infotext.read(text or ""), "Seed", int, 0, 2 ** 64 - 1), infotext,
                 controls["seed"], queue=False)
-    return prompt, controls
+    return {"prompt": prompt, "controls": controls, "gallery": gallery, "infotext": infotext, "send": send,
+            "image": own.get("image")}
+
+
+def wire_send_to(tabs, parts: dict) -> None:
+    """Each tab's send-to buttons: the result shown (the gallery's selected picture, else its first) goes to the
+    target tab's picture, with the prompt and negative prompt of its parameters; the target tab opens."""
+    for name, source in parts.items():
+        selected = gr.Number(0, visible=False)
+        source["gallery"].select(_selected_index, None, selected, queue=False)
+        for target, button in source["send"].items():
+            to = parts[target]
+            button.click(_sent(target), [source["gallery"], selected, source["infotext"]],
+                         [tabs, to["image"], to["prompt"], to["controls"]["negative_prompt"]], queue=False)
+
+
+def _selected_index(event: gr.SelectData) -> int:
+    return event.index
+
+
+def _sent(target: str) -> Callable:
+    def send(gallery, index, infotext):
+        if not gallery:
+            raise gr.Error("no result to send yet: Generate first")
+        index = int(index) if index is not None and 0 <= int(index) < len(gallery) else 0
+        picture = gallery[index][0]  # (PIL image, caption): gradio read it from its own cache
+        info = metadata.Infotext.read(infotext or "")
+        return gr.Tabs(selected=target), picture.convert("RGB"), info.prompt, info.negative_prompt
+    return send
 
 
 def _check_pixels(values, limit: int) -> None:
-    """The server's --max-pixels for uploaded pictures too (the editor's background and layers included)."""
-    for value in values:
-        if isinstance(value, dict):  # the image editor's value
-            value = [*(value.get("layers") or []), value.get("background")]
-        for picture in value if isinstance(value, list) else [value]:
-            if not isinstance(picture, Image.Image):
-                continue
-            if picture.width * picture.height > limit:
-                raise gr.Error(f"the picture is {picture.width}x{picture.height} pixels, above the server's {limit} "
-                               "(the server's max_pixels)")
+    """The server's max_pixels for uploaded pictures too (the painted mask is bounded where it is read)."""
+    for picture in values:
+        if isinstance(picture, Image.Image) and picture.width * picture.height > limit:
+            raise gr.Error(f"the picture is {picture.width}x{picture.height} pixels, above the server's {limit} "
+                           "(the server's max_pixels)")
 
 
 def _uploaded(path) -> bool:
@@ -232,19 +274,6 @@ def _need(value, what: str):
     if value is None:
         raise gr.Error(f"upload {what} first")
     return value
-
-
-def _mask_of(edited) -> tuple[Image.Image, Image.Image]:
-    """(picture, mask) from the image editor: the uploaded background and the strokes painted on it."""
-    if not edited or edited.get("background") is None:
-        raise gr.Error("upload an image and paint the part to repaint")
-    background = edited["background"].convert("RGB")
-    alpha = np.zeros(background.size[::-1], dtype=np.uint8)
-    for layer in edited.get("layers") or []:
-        alpha = np.maximum(alpha, np.asarray(layer.convert("RGBA").resize(background.size))[..., 3])
-    if not alpha.any():
-        raise gr.Error("nothing is painted yet: paint the part to repaint, then Generate")
-    return background, Image.fromarray(np.where(alpha > 0, 255, 0).astype(np.uint8))
 
 
 def _number(info: metadata.Infotext, key: str, cast, low, high):
@@ -292,38 +321,42 @@ def build_page(server, first_tab: str = "txt2img") -> gr.Blocks:
     results = Results()
     # delete_cache: uploads and result copies in gradio's cache older than an hour go every 10 minutes, so
     # a client uploading without end cannot keep the disk's space
+    parts: dict = {}  # each generating tab's components that other tabs wire to
     with gr.Blocks(title="sd", analytics_enabled=False, delete_cache=(600, 3600)) as page:
         checkpoint_picker(server)
         with gr.Tabs(selected=first_tab) as tabs:
             with gr.Tab("txt2img", id="txt2img"):
-                t2i_prompt, t2i = task_tab(server, results, "txt2img", lambda d: {},
-                                           lambda g: Txt2Img())
+                parts["txt2img"] = task_tab(server, results, "txt2img", lambda d: {}, lambda g: Txt2Img())
             with gr.Tab("img2img", id="img2img"):
-                task_tab(server, results, "img2img", lambda d: {
+                parts["img2img"] = task_tab(server, results, "img2img", lambda d: {
                     "image": gr.Image(type="pil", label="Image", elem_id="img2img-image"),
                     "strength": gr.Slider(0.0, 1.0, value=d["strength"], step=0.05, label="Strength")},
                     lambda g: Img2Img(_need(g["image"], "an image"), g["strength"]))
             with gr.Tab("inpaint", id="inpaint"):
-                task_tab(server, results, "inpaint", lambda d: {
-                    "edited": gr.ImageEditor(type="pil", label="Image: paint over what to repaint", elem_id="inpaint-editor",
-                                             brush=gr.Brush(colors=["#ffffff"], default_size=24), layers=False)},
-                    lambda g: Inpaint(*_mask_of(g["edited"])))
+                parts["inpaint"] = task_tab(server, results, "inpaint", lambda d: {
+                    "image": gr.Image(type="pil", label="Image", elem_id="inpaint-image"),
+                    "mask": gr.HTML("", html_template=painter.TEMPLATE, css_template=painter.CSS,
+                                    js_on_load=painter.painter_js("inpaint-image"), elem_id="inpaint-mask",
+                                    label="Mask: paint over what to repaint")},
+                    lambda g: Inpaint(_need(g["image"], "an image"),
+                                      painter.mask_of(g["mask"], g["image"].size, server.max_pixels)))
             with gr.Tab("depth2img", id="depth2img"):
-                task_tab(server, results, "depth2img", lambda d: {
+                parts["depth2img"] = task_tab(server, results, "depth2img", lambda d: {
                     "image": gr.Image(type="pil", label="Image", elem_id="depth2img-image"),
                     "strength": gr.Slider(0.0, 1.0, value=d["strength"], step=0.05, label="Strength")},
                     lambda g: Depth2Img(_need(g["image"], "an image"), g["strength"]),
                     extra_output=lambda: gr.Image(label="Depth map used", type="pil", elem_id="depth2img-depth"),
                     extra=lambda task: task.depth)
             with gr.Tab("upscale", id="upscale"):
-                task_tab(server, results, "upscale", lambda d: {
+                parts["upscale"] = task_tab(server, results, "upscale", lambda d: {
                     "image": gr.Image(type="pil", label="Low-resolution image", elem_id="upscale-image"),
                     "noise_level": gr.Slider(0, 350, value=d["noise_level"], step=1, label="Noise level")},
                     lambda g: Upscale(_need(g["image"], "an image"), int(g["noise_level"])))
             with gr.Tab("variations", id="variations"):
-                task_tab(server, results, "variations", variation_inputs, variations_of)
+                parts["variations"] = task_tab(server, results, "variations", variation_inputs, variations_of)
             with gr.Tab("png-info", id="png-info"):
-                png_info_tab(tabs, t2i_prompt, t2i)
+                png_info_tab(tabs, parts["txt2img"]["prompt"], parts["txt2img"]["controls"])
+        wire_send_to(tabs, parts)
     return page
 
 

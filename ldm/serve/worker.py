@@ -28,14 +28,18 @@ class JobState:
     started: float = 0.0
     interrupted: bool = False
     skipped: bool = False
-    denoised: Any = field(default=None, repr=False)  # the last step's x0 latents (for a preview)
+    denoised: Any = field(default=None, repr=False)  # the last step's x0 latents
+    preview: Any = field(default=None, repr=False)  # the latest live preview: PIL images of the running batch
+    preview_step: int = 0  # the step it shows
 
 
 class Worker:
     """Runs jobs `fn(pipeline, progress)` one after the other on one thread."""
 
-    def __init__(self, pipeline: Pipeline, before: Optional[Callable[[Pipeline], None]] = None):
+    def __init__(self, pipeline: Pipeline, before: Optional[Callable[[Pipeline], None]] = None, preview_every: int = 0):
         self.pipeline, self.before = pipeline, before  # before(pipeline): run ahead of every job but "unload"
+        # decode a live preview every this many steps (0: never); its cost is one VAE decode each time
+        self.preview_every = preview_every
         self._jobs: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
@@ -78,6 +82,10 @@ class Worker:
         state.step, state.steps, state.denoised = progress.step, progress.total, progress.denoised
         if state.interrupted:  # an interrupt that came before the job's sampling started
             self.pipeline.cancel()
+        every = self.preview_every
+        if every and progress.step % every == 0 and progress.step < progress.total:
+            # the current x0 decoded as the final images are (unwatermarked): A1111's live preview
+            state.preview, state.preview_step = self.pipeline.preview(progress.denoised), progress.step
 
     def interrupt(self) -> bool:
         """Stop the running job after its current step; False when nothing runs."""

@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import shutil
+from pathlib import Path
 import threading
 import time
 
@@ -247,3 +248,33 @@ def test_unload_frees_the_model_and_the_next_job_loads_it_again(served):
     post(url, "/sdapi/v1/reload-checkpoint", {})
     again = post(url, A1111_TXT2IMG, {"prompt": "a cube", "steps": 2, "width": 256, "height": 256, "seed": 6})
     assert png_of(again) == png_of(before)
+
+
+def test_extras_run_the_x4_diffusion_upscaler_of_the_models_folder(tmp_path, tiny_ckpts, monkeypatch):
+    """An x4 checkpoint in the models folder is an upscaler of /upscalers; naming it runs the x4 model (loaded for
+    the call, the served model put back), its exact 4x result resized to the asked size."""
+    from ldm.loading import detect
+    from tests.tinyckpt import build_tiny, save_tiny
+
+    configs = Path(__file__).parent / "configs"
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(tiny_ckpts["eps"]["safetensors"], models / "base.safetensors")
+    save_tiny(build_tiny("tiny-x4-upscaling.yaml", 5), models / "x4.safetensors")
+    monkeypatch.setattr(detect, "reference_config", lambda kind: configs / (
+        "tiny-x4-upscaling.yaml" if kind == "x4" else "tiny-v2-inference.yaml"))
+    pipe = Pipeline.load(models / "base.safetensors", device="cpu", precision="full", quiet=True)
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 255, (72, 64, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    data = base64.b64encode(buffer.getvalue()).decode()
+    with serving(Server(pipe, models_dir=models)) as (url, port):
+        names = [x["name"] for x in get(url, "/sdapi/v1/upscalers")]
+        assert names == ["None", "Lanczos", "Nearest", "SD x4 (x4.safetensors)"]
+        answer = post(url, "/sdapi/v1/extra-single-image", {"image": data, "upscaler_1": "SD x4 (x4.safetensors)",
+                                                             "upscaling_resize": 2})
+        got = Image.open(io.BytesIO(base64.b64decode(answer["image"])))
+        assert get(url, "/sdapi/v1/options")["sd_model_checkpoint"] == "base.safetensors"  # put back
+    x4 = Pipeline.load(models / "x4.safetensors", device="cpu", precision="full", quiet=True)
+    expected = x4.upscale(picture, "", seed=0)[0].image  # the same call on the x4 model itself: 256x288, then to 128x144
+    assert got.size == (128, 144) and np.array_equal(np.asarray(got), np.asarray(expected.resize((128, 144), Image.LANCZOS)))

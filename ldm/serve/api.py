@@ -297,7 +297,7 @@ def _bind(api: APIRouter, server) -> APIRouter:
     def get_upscalers() -> list:
         from ldm.serve import extras
 
-        return extras.upscalers()
+        return extras.upscalers(server)
 
     @api.get("/scripts")
     def get_scripts() -> dict:

@@ -122,7 +122,8 @@ class Server:
                 "outdir": str(self.outdir) if self.outdir else None, "max_pixels": self.max_pixels}
 
     # -- models ------------------------------------------------------------------------------------
-    def _files(self) -> list[Path]:
+    def checkpoint_files(self) -> list[Path]:
+        """The checkpoints of the models folder (at most MAX_LISTED_MODELS), sorted."""
         found = sorted(p for p in self.models_dir.rglob("*") if p.suffix in MODEL_SUFFIXES and p.is_file())
         return found[:MAX_LISTED_MODELS]
 
@@ -140,7 +141,7 @@ class Server:
 
     def models(self) -> list[dict]:
         """A1111's /sd-models: every checkpoint in the models folder (and the loaded one)."""
-        files = self._files()
+        files = self.checkpoint_files()
         if Path(self.ckpt).resolve() not in {f.resolve() for f in files}:
             files.append(Path(self.ckpt))
         loaded = Path(self.ckpt).resolve()
@@ -170,7 +171,7 @@ class Server:
         (A1111's 10 digits or the full SHA-256). Only listed files can be named: a request never makes the
         server open a path of its choosing."""
         wanted = title.split(" [")[0].strip()
-        files = self._files()
+        files = self.checkpoint_files()
         listed = {key: f for f in files for key in (self.title(f), f.name, f.stem)}
         if wanted in listed:
             return listed[wanted]

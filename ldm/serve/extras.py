@@ -1,12 +1,16 @@
 """AUTOMATIC1111's "extras" routes: resizing pictures with the upscalers sd has.
 
-sd's upscalers are PIL's Lanczos and Nearest (no model: the picture is resampled), and "None" (A1111's
-"no upscaler"). The x4 diffusion upscaler is a model with its own checkpoint: /sdapi/v1/img2img on a server
-started with x4-upscaler-ema.ckpt, or `sd upscale`; naming it here is a 422 that says so. Two upscalers
-blend as in A1111 (extras_upscaler_2_visibility).
+sd's upscalers are PIL's Lanczos and Nearest (no model: the picture is resampled), "None" (A1111's "no
+upscaler"), and the x4 diffusion upscaler for every x4 checkpoint in the models folder, listed as
+"SD x4 (TITLE)": it runs on the worker like a request that names that checkpoint (loaded for the call,
+the served model put back after), with no prompt, seed 0 and the upscaler's own defaults (75 steps, noise level
+20), and its exact 4x result is then resized to the asked size with Lanczos. Two upscalers blend as in
+A1111 (extras_upscaler_2_visibility).
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -20,10 +24,38 @@ MAX_FACTOR = 8.0
 MAX_BATCH = 16
 
 
-def upscalers() -> list[dict]:
-    """GET /upscalers, A1111's shape: "None" first, then what sd can resample with."""
-    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-            for name in ("None", *RESAMPLE)]
+X4_PREFIX = "SD x4 ("
+X4_SEED = 0  # the x4 model draws noise: a fixed seed makes an extras call give the same picture every time
+_kinds: dict = {}  # (path, size, mtime) -> the checkpoint's kind, read from its keys once
+
+
+def _kind(path: Path) -> str:
+    """A checkpoint's family from its keys and shapes (memory-mapped: no weights are read), cached."""
+    from ldm.errors import SDError
+    from ldm.loading.checkpoint import read_state_dict
+    from ldm.loading.keys import checkpoint_kind
+
+    stat = os.stat(path)
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _kinds:
+        try:
+            _kinds[key] = checkpoint_kind(read_state_dict(path))
+        except SDError:
+            _kinds[key] = "unreadable"
+    return _kinds[key]
+
+
+def x4_models(server) -> dict[str, Path]:
+    """The models folder's x4 upscaler checkpoints by their upscaler names."""
+    return {f"{X4_PREFIX}{server.title(f)})": f for f in server.checkpoint_files() if _kind(f) == "x4"}
+
+
+def upscalers(server) -> list[dict]:
+    """GET /upscalers, A1111's shape: "None" first, then what sd can resample with, then the x4 models."""
+    listed = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+              for name in ("None", *RESAMPLE)]
+    return listed + [{"name": name, "model_name": path.stem, "model_path": str(path), "model_url": None, "scale": 4}
+                     for name, path in x4_models(server).items()]
 
 
 def _number(body: dict, key: str, default, low: float, high: float) -> float:
@@ -51,24 +83,45 @@ def _target_size(body: dict, size: tuple[int, int], max_side: int) -> tuple[int,
     return width, height
 
 
-def _upscaler(body: dict, key: str) -> str:
+def _upscaler(server, body: dict, key: str) -> str:
     name = body.get(key, "None")
     name = "None" if name in (None, "") else str(name)
-    if name != "None" and name not in RESAMPLE:
-        raise RequestError(f"{key} '{name}': sd's upscalers here are None, {', '.join(RESAMPLE)} (the x4 diffusion "
-                           "upscaler runs as img2img on a server started with x4-upscaler-ema.ckpt)")
+    if name != "None" and name not in RESAMPLE and name not in x4_models(server):
+        x4 = ", ".join(x4_models(server)) or "none: put x4-upscaler-ema.ckpt in the models folder"
+        raise RequestError(f"{key} '{name}': sd's upscalers here are None, {', '.join(RESAMPLE)}; x4 models: {x4}")
     return name
 
 
-def upscale(picture: Image.Image, body: dict, max_side: int) -> Image.Image:
+def _resized(server, picture: Image.Image, name: str, size: tuple[int, int]) -> Image.Image:
+    """`picture` at `size` through one upscaler (None: unchanged)."""
+    if name == "None":
+        return picture
+    if name in RESAMPLE:
+        return picture.resize(size, RESAMPLE[name])
+    return _diffusion_x4(server, picture, name).resize(size, Image.LANCZOS)
+
+
+def _diffusion_x4(server, picture: Image.Image, name: str) -> Image.Image:
+    """The x4 diffusion upscaler's result (4x per side), run on the worker with its checkpoint."""
+    from ldm.serve.api import Prepared, generate
+
+    prepared = Prepared("", {}, checkpoint=name[len(X4_PREFIX):-1])
+    images, interrupted = generate(server, prepared, lambda pipe, progress: pipe.upscale(picture, "", seed=X4_SEED,
+                                                                                 progress=progress))
+    if interrupted or not images:
+        raise RequestError("the x4 upscaler was interrupted")
+    return images[0].image
+
+
+def upscale(server, picture: Image.Image, body: dict) -> Image.Image:
     """One picture through upscaler_1 (and upscaler_2 blended in by its visibility), to the asked size."""
-    size = _target_size(body, picture.size, max_side)
-    first, second = _upscaler(body, "upscaler_1"), _upscaler(body, "upscaler_2")
+    size = _target_size(body, picture.size, server.limits.max_side)
+    first, second = _upscaler(server, body, "upscaler_1"), _upscaler(server, body, "upscaler_2")
     visibility = _number(body, "extras_upscaler_2_visibility", 0, 0, 1)
     picture = picture.convert("RGB")
-    out = picture.resize(size, RESAMPLE.get(first, Image.LANCZOS)) if first != "None" else picture
+    out = _resized(server, picture, first, size)
     if second != "None" and visibility > 0:
-        out = Image.blend(out.resize(size), picture.resize(size, RESAMPLE[second]), visibility)
+        out = Image.blend(out.resize(size), _resized(server, picture, second, size), visibility)
     return out
 
 
@@ -81,7 +134,7 @@ def single(server, body: Any) -> dict:
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
     picture = a1111.decode_image(body.get("image"), "image", server.max_pixels)
-    return {"html_info": "", "image": _answer(upscale(picture, body, server.limits.max_side))}
+    return {"html_info": "", "image": _answer(upscale(server, picture, body))}
 
 
 def batch(server, body: Any) -> dict:
@@ -95,5 +148,5 @@ def batch(server, body: Any) -> dict:
     for k, entry in enumerate(entries):
         data = entry.get("data") if isinstance(entry, dict) else None
         picture = a1111.decode_image(data, f"imageList[{k}].data", server.max_pixels)
-        out.append(_answer(upscale(picture, body, server.limits.max_side)))
+        out.append(_answer(upscale(server, picture, body)))
     return {"html_info": "", "images": out}

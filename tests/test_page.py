@@ -346,8 +346,12 @@ def test_send_to_carries_the_result_and_its_prompt_and_the_painter_makes_no_uplo
     page.click("#inpaint-generate")
     finished(page, "inpaint")
     assert status(page, "inpaint").startswith("1 image(s)")
+    seed = page.input_value("#inpaint-infotext textarea").split("Seed: ")[1].split(",")[0]
+    page.click("#inpaint-send-txt2img")  # its parameters, as from PNG info: the seed it ran with
+    page.wait_for_function(f"document.querySelector('#txt2img-seed input').value === '{seed}'", timeout=10_000)
+    assert seed != "4" and page.input_value("#txt2img-negative-prompt textarea") == "blurry"
     before = len(uploads)
-    page.get_by_role("tab", name="txt2img").click()
+    page.fill("#txt2img-seed input", "-1")
     page.fill("#txt2img-steps input[type=number]", "40")
     page.click("#txt2img-generate")
     page.wait_for_timeout(500)

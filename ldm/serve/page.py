@@ -158,15 +158,17 @@ def output_area(server, tab: str):
                        "Save to an outputs folder (start sd serve with --outdir)", interactive=server.outdir is not None)
     # preview: the first result shown whole, the others as thumbnails under it
     gallery = gr.Gallery(label="Results (download gives the PNG with its parameters)", elem_id=f"{tab}-gallery",
-                         columns=4, height=512, object_fit="contain", preview=True, format="png", type="pil")
+                         columns=4, height=512, object_fit="contain", preview=True, format="png", type="pil",
+                         interactive=False)
     status = gr.Textbox(label="Status", interactive=False, elem_id=f"{tab}-status")
     infotext = gr.Textbox(label="Generation parameters", interactive=False, lines=3, elem_id=f"{tab}-infotext")
     stop.click(lambda: server.worker.interrupt() and None, None, None, queue=False)
     return generate, stop, save, gallery, status, infotext
 
 
-# Where a result can be sent (A1111's "Send to img2img / inpaint / extras"): the tab and its picture input.
-SEND_TARGETS = ("img2img", "inpaint", "upscale")
+# Where a result can be sent (A1111's "Send to img2img / inpaint / extras"): the picture goes to the tab's input;
+# to txt2img go its parameters (prompt, sampler, steps, seed, size...), as from PNG info.
+SEND_TARGETS = ("img2img", "inpaint", "upscale", "txt2img")
 
 
 def send_buttons(tab: str) -> dict:
@@ -231,6 +233,10 @@ def wire_send_to(tabs, parts: dict) -> None:
         source["gallery"].select(_selected_index, None, selected, queue=False)
         for target, button in source["send"].items():
             to = parts[target]
+            if target == "txt2img":
+                button.click(to_txt2img, source["infotext"], txt2img_fields(tabs, to["prompt"], to["controls"]),
+                             queue=False)
+                continue
             button.click(_sent(target), [source["gallery"], selected, source["infotext"]],
                          [tabs, to["image"], to["prompt"], to["controls"]["negative_prompt"]], queue=False)
 
@@ -399,22 +405,29 @@ def png_info_tab(tabs, prompt, controls: dict) -> None:
             return str(exc), None
         return texts.get(metadata.PARAMETERS_KEY, "(no generation parameters)"), path
 
-    def to_txt2img(parameters: str):
-        from ldm.limits import SEED_MAX
-
-        info = metadata.Infotext.read(parameters or "")
-        width, height = (str(info.fields.get("Size", "x")).split("x") + [""])[:2]
-        info.fields.update(Width=width, Height=height)
-        try:
-            sampler, schedule = info.sampler() if "Sampler" in info.fields else (gr.update(), gr.update())
-        except SDError:  # a sampler sd does not have: the controls keep theirs
-            sampler, schedule = gr.update(), gr.update()
-        return [gr.Tabs(selected="txt2img"), info.prompt, info.negative_prompt, sampler,
-                "sampler's own" if schedule is None else schedule, _number(info, "Steps", int, 1, 150),
-                _number(info, "CFG scale", float, 1.0, 20.0), _number(info, "Seed", int, -1, SEED_MAX),
-                _number(info, "Width", int, 256, 1024), _number(info, "Height", int, 256, 1024)]
-
     upload.change(read, upload, [text, shown])
-    send.click(to_txt2img, text, [tabs, prompt, controls["negative_prompt"], controls["sampler"], controls["schedule"],
-                                  controls["steps"], controls["scale"], controls["seed"], controls["width"],
-                                  controls["height"]])
+    send.click(to_txt2img, text, txt2img_fields(tabs, prompt, controls))
+
+
+def txt2img_fields(tabs, prompt, controls: dict) -> list:
+    """What to_txt2img fills, in its order."""
+    return [tabs, prompt, controls["negative_prompt"], controls["sampler"], controls["schedule"], controls["steps"],
+            controls["scale"], controls["seed"], controls["width"], controls["height"]]
+
+
+def to_txt2img(parameters: str) -> list:
+    """A "parameters" text (sd's or A1111's) as the txt2img tab's values, the tab opened; a field sd cannot
+    read or that is out of a control's range leaves that control as it is."""
+    from ldm.limits import SEED_MAX
+
+    info = metadata.Infotext.read(parameters or "")
+    width, height = (str(info.fields.get("Size", "x")).split("x") + [""])[:2]
+    info.fields.update(Width=width, Height=height)
+    try:
+        sampler, schedule = info.sampler() if "Sampler" in info.fields else (gr.update(), gr.update())
+    except SDError:  # a sampler sd does not have: the controls keep theirs
+        sampler, schedule = gr.update(), gr.update()
+    return [gr.Tabs(selected="txt2img"), info.prompt, info.negative_prompt, sampler,
+            "sampler's own" if schedule is None else schedule, _number(info, "Steps", int, 1, 150),
+            _number(info, "CFG scale", float, 1.0, 20.0), _number(info, "Seed", int, -1, SEED_MAX),
+            _number(info, "Width", int, 256, 1024), _number(info, "Height", int, 256, 1024)]

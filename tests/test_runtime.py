@@ -134,6 +134,21 @@ def test_threads_option_and_omp_num_threads(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_more_threads_than_allowed_cpus_is_said_once(monkeypatch, capsys):
+    """numactl --physcpubind / taskset leave a process fewer CPUs: more threads than those is one warning."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    try:
+        assert runtime.set_threads(2) == 2 and capsys.readouterr().err == ""
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert runtime.set_threads(None) == 3
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["warning: OMP_NUM_THREADS 3 is more than the 2 CPUs this process may run on (taskset, numactl "
+                       "or its container): threads would take turns on a core and run slower; use --threads 2"]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_autocast_context_per_mode(native_bf16):
     a, b = torch.randn(4, 4), torch.randn(4, 4)
     with autocast_context(CPU, "autocast"):

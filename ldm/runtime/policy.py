@@ -238,13 +238,24 @@ def resolve_precision(precision: str, device: torch.device, config_hint: Optiona
     raise SDError(f"--precision must be one of {', '.join(PRECISIONS)} (got '{precision}')")
 
 
+def allowed_cpus() -> int:
+    """How many CPUs this process may run on: what taskset, numactl --physcpubind or a cgroup left it."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def set_threads(threads: Optional[int]) -> int:
-    """Use `threads` intra-op threads; without it, OMP_NUM_THREADS if set, else torch's default (all cores)."""
+    """Use `threads` intra-op threads; without it, OMP_NUM_THREADS if set, else torch's default (the CPUs this
+    process may run on). More threads than those CPUs is said in one line: they would take turns on a core."""
+    source = "--threads"
     if threads is None:
         env = os.environ.get("OMP_NUM_THREADS", "").strip()
         if env.isdigit() and int(env) > 0:
-            threads = int(env)
+            threads, source = int(env), "OMP_NUM_THREADS"
     if threads is not None:
+        allowed = allowed_cpus()
+        if threads > allowed:
+            warning(f"{source} {threads} is more than the {allowed} CPUs this process may run on (taskset, numactl "
+                    f"or its container): threads would take turns on a core and run slower; use --threads {allowed}")
         torch.set_num_threads(threads)
     return torch.get_num_threads()
 

@@ -111,9 +111,15 @@ def test_text_encoder_and_vae_encoder_on_openvino(tiny_ckpts, cache):
     assert len(list(cache.glob("text-*.xml"))) == 1 and len(list(cache.glob("encoder-*.xml"))) == 1
 
 
-def test_backend_auto_picks_openvino_on_a_cpu_and_torch_where_openvino_cannot_serve(capsys):
+def test_backend_auto_picks_openvino_on_a_cpu_and_torch_where_openvino_cannot_serve(capsys, monkeypatch):
+    from ldm.runtime import policy
+
+    monkeypatch.setattr(policy, "cpu_has_amx", lambda: False)
     opts = RuntimeOptions("cpu", "auto", backend="auto").check()
     assert opts.resolved().backend == "openvino" and "fastest fp32-accurate" in capsys.readouterr().err
+    monkeypatch.setattr(policy, "cpu_has_amx", lambda: True)  # AMX: PyTorch's bf16 (precision auto resolves to it)
+    assert opts.resolved().backend == "torch" and "this CPU has AMX" in capsys.readouterr().err
+    assert RuntimeOptions("cpu", "full", backend="auto").resolved(quiet=True).backend == "openvino"  # fp32 asked
     assert RuntimeOptions("cpu", "bf16", backend="auto").resolved().backend == "torch"
     assert "bf16 is PyTorch's" in capsys.readouterr().err
     assert RuntimeOptions("cpu", "full", backend="auto", torchscript=True).resolved(quiet=True).backend == "torch"
@@ -121,7 +127,10 @@ def test_backend_auto_picks_openvino_on_a_cpu_and_torch_where_openvino_cannot_se
     assert RuntimeOptions("cpu", "full", backend="torch").resolved().backend == "torch"  # explicit stays
 
 
-def test_backend_auto_runs_through_the_pipeline(tiny_ckpts, cache):
+def test_backend_auto_runs_through_the_pipeline(tiny_ckpts, cache, monkeypatch):
+    from ldm.runtime import policy
+
+    monkeypatch.setattr(policy, "cpu_has_amx", lambda: False)  # every CPU kind takes this path in the test
     entry = tiny_ckpts["eps"]
     pipe = Pipeline.load(entry["safetensors"], entry["config"], device="cpu", backend="auto", quiet=True)
     made = pipe.txt2img("a red cube", seed=5, steps=2, width=256, height=256)[0]

@@ -57,6 +57,20 @@ def test_auto_precision_follows_the_hardware(monkeypatch, native_bf16):
     assert runtime.cpu_has_fast_bf16()
 
 
+def test_amx_is_the_flag_under_any_cap_that_leaves_it(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16"})
+    assert runtime.cpu_has_amx()
+    for cap, amx in (("AVX512_CORE_AMX", True), ("AVX10_1_512_AMX", True), ("AVX512_CORE_BF16", False),
+                     ("AVX2", False)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert runtime.cpu_has_amx() is amx, cap
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # Zen 5: bf16, no AMX
+    assert not runtime.cpu_has_amx() and runtime.cpu_has_fast_bf16()
+
+
 def test_bf16_only_where_native_and_a_warning_when_asked(plain_cpu, capsys):
     """On a plain CPU the reference's autocast falls back to float32 with a note; an explicit bf16 runs,
     with a warning that names the measured factor."""

@@ -88,18 +88,20 @@ class RuntimeOptions:
         return self
 
     def resolved(self, quiet: bool = False) -> "RuntimeOptions":
-        """These options with --backend auto made concrete: the fastest backend that keeps fp32-level accuracy,
-        from the measurements recorded in docs/benchmarks.md. On a CPU that is OpenVINO in float32 (a UNet
-        step in 0.54-0.62x PyTorch fp32's time on Zen 5, 0.77x on Zen 3, relative error 4e-6; PyTorch's bf16,
-        about as fast on Zen 5, has 1.8e-2); PyTorch where OpenVINO cannot serve: CUDA, --compile /
-        --torchscript / --ipex, an explicit bf16/fp16/autocast, or no openvino package."""
+        """These options with --backend auto made concrete, from the measurements recorded in docs/benchmarks.md:
+        on a CPU with AMX, PyTorch in bf16 (a 512 guidance step of the SD 2 UNet in 3.3 s against OpenVINO
+        float32's 8.3 s on a 2-core Xeon; relative error 1.8e-2, as diffusers' bf16); on other CPUs OpenVINO in
+        float32 (0.54-0.62x PyTorch fp32's time on Zen 5, 0.77x on Zen 3, error 4e-6; PyTorch's bf16, about as
+        fast on Zen 5, has 1.8e-2); PyTorch where OpenVINO cannot serve: CUDA, --compile / --torchscript /
+        --ipex, an explicit bf16/fp16/autocast, or no openvino package."""
         if self.backend != "auto":
             return self
         device = resolve_device(self.device)
         why = ("the device is CUDA" if device.type != "cpu" else
                "--compile/--torchscript/--ipex ask for PyTorch" if self.compile or self.torchscript or self.ipex else
                f"--precision {self.precision} is PyTorch's" if self.precision not in ("auto", "full", *OPENVINO_INT8) else
-               None)
+               "this CPU has AMX, where PyTorch's bf16 is 2.5x OpenVINO float32's speed (docs/benchmarks.md)"
+               if self.precision == "auto" and cpu_has_amx() else None)
         # find_spec, not an import: openvino is imported once, by ldm.runtime.openvino, which first keeps its
         # telemetry off
         if why is None and importlib.util.find_spec("openvino") is None:
@@ -107,7 +109,7 @@ class RuntimeOptions:
         backend = "torch" if why else "openvino"
         if not quiet:
             note(f"--backend auto: {backend}" + (f" ({why})" if why else " in float32, the fastest fp32-accurate "
-                                                 "path measured on CPUs (docs/benchmarks.md)"))
+                                                 "path measured on CPUs without AMX (docs/benchmarks.md)"))
         return replace(self, backend=backend)
 
     def use_ipex(self, device: torch.device, precision: "Precision") -> bool:
@@ -174,6 +176,12 @@ def cpu_has_fast_bf16() -> bool:
         return bool(flags & {"avx512_bf16", "amx_bf16"})
     mkldnn = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(mkldnn()) if mkldnn is not None else False
+
+
+def cpu_has_amx() -> bool:
+    """True on CPUs with AMX bf16 matrix units that oneDNN may use (an ONEDNN_MAX_CPU_ISA cap below AMX hides them)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    return (cap in ("", "ALL", "DEFAULT") or "AMX" in cap) and "amx_bf16" in cpu_flags()
 
 
 def bf16_on_cpu(asked: bool, what: str) -> bool:

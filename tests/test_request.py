@@ -172,3 +172,17 @@ def test_the_api_answers_in_its_own_field_names(tiny_ckpts):
     photo = base64.b64encode((Path(__file__).resolve().parents[1] / "docs/images/quickstart.png").read_bytes()).decode()
     reply = client.post("/sdapi/v1/img2img", json={"prompt": "a", "denoising_strength": 1.5, "init_images": [photo]})
     assert reply.status_code == 422 and reply.json()["detail"].startswith("denoising_strength must be between 0 and 1")
+
+
+def test_seed_minus_one_is_a_random_seed_recorded_in_the_png(tiny_ckpts, tmp_path):
+    entry = tiny_ckpts["eps"]
+    args = ["txt2img", "--ckpt", str(entry["safetensors"]), "--config", entry["config"], "--steps", "2", "--H", "256",
+            "--W", "256", "--precision", "full", "--device", "cpu", "--n_samples", "2", "--n_iter", "1",
+            "--prompt", "a cube", "--seed", "-1"]
+    seeds = []
+    for run in ("a", "b"):
+        assert main([*args, "--outdir", str(tmp_path / run)]) == 0
+        paths = sorted((tmp_path / run / "samples").glob("*.png"))
+        seeds.append([int(metadata.parse_parameters(metadata.read_png_text(p)["parameters"])[2]["Seed"]) for p in paths])
+    assert all(0 <= s < 2 ** 32 + 1 for run in seeds for s in run)
+    assert seeds[0][1] == seeds[0][0] + 1 and seeds[0] != seeds[1]  # seed + k from one random seed per run

@@ -8,8 +8,8 @@ runs under. Nothing else decides device or dtype. The fast paths live beside thi
 Precision modes (resolved from "auto" by `resolve_precision`):
 - full:     float32 everywhere.
 - autocast: the reference's mode: float32 weights under torch.autocast (bf16 on CPU, fp16 on CUDA).
-- bf16:     UNet and text encoder weights cast once to bfloat16 (the VAE stays float32: see
-            VAE_DTYPE below); no autocast, so no per-call casts. bf16 has float32's exponent range, so
+- bf16:     UNet, text encoder and VAE weights cast once to bfloat16 (the VAE's inputs and outputs stay
+            float32: see VAE_DTYPE_IN_HALF_MODES below); no autocast, so no per-call casts. bf16 has float32's exponent range, so
             attention needs no float32 upcast (ATTN_PRECISION set explicitly still wins).
 - fp16:     as bf16 with float16 (CUDA); attention keeps the ATTN_PRECISION upcast that SD 2.1-v needs.
 "auto" is bf16 on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX), full on other CPUs, fp16 on CUDA.

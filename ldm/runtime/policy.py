@@ -89,8 +89,8 @@ class RuntimeOptions:
 
     def resolved(self, quiet: bool = False) -> "RuntimeOptions":
         """These options with --backend auto made concrete, from the measurements recorded in docs/benchmarks.md:
-        on a CPU with AMX, PyTorch in bf16 (a 512 guidance step of the SD 2 UNet in 3.3 s against OpenVINO
-        float32's 8.3 s on a 2-core Xeon; relative error 1.8e-2, as diffusers' bf16); on other CPUs OpenVINO in
+        on a CPU with AMX, PyTorch in bf16 (a 512 guidance step of the SD 2 UNet in 1.9 s against OpenVINO
+        float32's 5.8 s on a 2-core Xeon; relative error 1.8e-2, as diffusers' bf16); on other CPUs OpenVINO in
         float32 (0.54-0.62x PyTorch fp32's time on Zen 5, 0.77x on Zen 3, error 4e-6; PyTorch's bf16, about as
         fast on Zen 5, has 1.8e-2); PyTorch where OpenVINO cannot serve: CUDA, --compile / --torchscript /
         --ipex, an explicit bf16/fp16/autocast, or no openvino package."""
@@ -100,7 +100,7 @@ class RuntimeOptions:
         why = ("the device is CUDA" if device.type != "cpu" else
                "--compile/--torchscript/--ipex ask for PyTorch" if self.compile or self.torchscript or self.ipex else
                f"--precision {self.precision} is PyTorch's" if self.precision not in ("auto", "full", *OPENVINO_INT8) else
-               "this CPU has AMX, where PyTorch's bf16 is 2.5x OpenVINO float32's speed (docs/benchmarks.md)"
+               "this CPU has AMX, where PyTorch's bf16 is 3x OpenVINO float32's speed (docs/benchmarks.md)"
                if self.precision == "auto" and cpu_has_amx() else None)
         # find_spec, not an import: openvino is imported once, by ldm.runtime.openvino, which first keeps its
         # telemetry off

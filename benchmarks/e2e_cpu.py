@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 PROMPT = "a professional photograph of an astronaut riding a horse"
 VARIANTS = ("sd-torch", "sd-openvino", "diffusers", "optimum-intel")
+BF16_VARIANTS = ("sd-bf16", "diffusers-bf16")  # --only sd-bf16,diffusers-bf16: the native-bf16 CPUs' rows
 PHASES = ("load", "text", "sampling", "decode", "save")
 
 
@@ -54,7 +55,8 @@ def run_sd(args: dict) -> dict:
 
     timer = Timer()
     backend = "openvino" if args["variant"] == "sd-openvino" else "torch"
-    model = load_model(args["config"], args["ckpt"], RuntimeOptions(device="cpu", precision="full", backend=backend))
+    precision = "bf16" if args["variant"] == "sd-bf16" else "full"
+    model = load_model(args["config"], args["ckpt"], RuntimeOptions(device="cpu", precision=precision, backend=backend))
     timer("load")
     with torch.inference_mode(), autocast_context(model):
         encoder = PromptEncoder(model)
@@ -80,7 +82,8 @@ def run_diffusers(args: dict) -> dict:
     from peer import load_pretrained_peer
 
     timer = Timer()
-    unet, vae, text = load_pretrained_peer(Path(args["folder"]), torch.float32)
+    dtype = torch.bfloat16 if args["variant"] == "diffusers-bf16" else torch.float32
+    unet, vae, text = load_pretrained_peer(Path(args["folder"]), dtype)
     scheduler = DDIMScheduler.from_pretrained(Path(args["folder"]) / "scheduler")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -93,7 +96,7 @@ def run_diffusers(args: dict) -> dict:
         latents = pipe(prompt_embeds=c, negative_prompt_embeds=uc, num_inference_steps=args["steps"], guidance_scale=9.0,
                        height=args["size"], width=args["size"], generator=g, output_type="latent").images
         timer("sampling")
-        images = vae.decode(latents / vae.config.scaling_factor).sample
+        images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
         timer("decode")
     _save(images)
     timer("save")
@@ -192,7 +195,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--only", default=",".join(VARIANTS))
+    parser.add_argument("--only", default=",".join(VARIANTS), help=f"variants among {', '.join(VARIANTS + BF16_VARIANTS)}")
     ns = parser.parse_args()
     config = CONFIGS / "v2-inference.yaml"
     ckpt = checkpoint_for(config.name)
@@ -221,10 +224,12 @@ def report(results: dict, ns) -> str:
     isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
     lines = [f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores ({isa}); {ns.size}x{ns.size}, {ns.steps} steps, "
              f"one image; medians of {ns.reps} fresh processes (min in brackets)", "",
-             "| variant | " + " | ".join(PHASES) + " | total | total / diffusers |", "|" + " --- |" * (len(PHASES) + 3)]
+             "| variant | " + " | ".join(PHASES) + " | total | total / diffusers (same precision) |", "|" + " --- |" * (len(PHASES) + 3)]
     ok = {v: [r for r in runs if "error" not in r] for v, runs in results.items()}
-    base = statistics.median(r["total"] for r in ok.get("diffusers", [])) if ok.get("diffusers") else None
+    bases = {peer: statistics.median(r["total"] for r in ok[peer]) for peer in ("diffusers", "diffusers-bf16")
+             if ok.get(peer)}
     for variant, runs in ok.items():
+        base = bases.get("diffusers-bf16" if variant.endswith("bf16") else "diffusers")
         if not runs:
             lines.append(f"| {variant} | failed: {results[variant][0].get('error')} |")
             continue
@@ -238,7 +243,8 @@ def report(results: dict, ns) -> str:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         job = json.loads(sys.argv[2])
-        run = {"sd-torch": run_sd, "sd-openvino": run_sd, "diffusers": run_diffusers, "optimum-intel": run_optimum}
+        run = {"sd-torch": run_sd, "sd-openvino": run_sd, "sd-bf16": run_sd, "diffusers": run_diffusers,
+               "diffusers-bf16": run_diffusers, "optimum-intel": run_optimum}
         print(json.dumps(run[job["variant"]](job)))
     else:
         main()

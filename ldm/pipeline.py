@@ -433,7 +433,8 @@ class Session:
 
     def sample(self, batch: Batch, on_step: Optional[Callable[[dict], None]] = None) -> list[Image.Image]:
         """Sample and decode one batch: PIL images for every position, not yet watermarked."""
-        request, items, task, settings = self.request.for_batch(batch.sampling, batch.size), batch.items, self.task, batch.sampling
+        request, items, task, settings = (self.request.for_batch(batch.sampling, batch.size), batch.items,
+                                          self.task, batch.sampling)
         noise, generators = start_noise([item.seed for item in items], task.latent_shape(request))
         with torch.inference_mode(), autocast_context(self.model):
             c, uc = self.conditioning(items, guided=settings.scale != 1.0)

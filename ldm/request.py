@@ -149,8 +149,8 @@ class Request:
         def name(key: str) -> str:
             return names.get(key, key)
 
-        for key in ("steps", "scale", "eta"):  # what resolved() fills; a caller that skipped it gets one line
-            if key != "eta" and getattr(self.sampling, key) is None:
+        for key in ("steps", "scale"):  # what resolved() fills; a caller that skipped it gets one line
+            if getattr(self.sampling, key) is None:
                 raise SDError(f"the request's {name(key)} was never resolved (Request.resolved)")
         self.limits.check(name)
         for key in ("batch_size", "n_iter", "C", "f"):

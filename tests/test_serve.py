@@ -198,6 +198,25 @@ def test_interrupt_stops_the_running_job_within_a_step(tiny_server):
     assert requests.post(f"{url}/sdapi/v1/txt2img", json={"steps": 1, "width": 256, "height": 256}).status_code == 200
 
 
+def test_previews_are_decoded_only_while_someone_watches(tiny_server, monkeypatch):
+    """A live preview costs a VAE decode: a job nobody watches makes none; polling /progress (without
+    skip_current_image) makes one every 5 steps."""
+    server, url, port = tiny_server
+    decoded = []
+    real = Pipeline.preview
+    monkeypatch.setattr(Pipeline, "preview", lambda self, x: decoded.append(1) or real(self, x))
+    body = {"prompt": "a cube", "steps": 20, "width": 256, "height": 256, "seed": 1, "sampler_name": "Euler"}
+    from ldm.serve import worker
+
+    with monkeypatch.context() as unwatched:  # an earlier test's /progress polls are forgotten
+        unwatched.setattr(worker, "WATCH_SECONDS", 0.0)
+        assert requests.post(f"{url}/sdapi/v1/txt2img", json=body).status_code == 200
+    assert decoded == []
+    server.worker.want_preview()  # what the page's poll and /progress do
+    assert requests.post(f"{url}/sdapi/v1/txt2img", json=body).status_code == 200
+    assert len(decoded) == 3  # steps 5, 10 and 15 (not the last: the result itself follows)
+
+
 def test_a_vanished_client_does_not_stop_the_server(tiny_server):
     server, url, port = tiny_server
     with socket.create_connection(("127.0.0.1", port)) as s:  # half a body, then gone

@@ -26,7 +26,7 @@ Styles = Annotated[Optional[Path], typer.Option(
 MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse input images with more pixels than this.")]
 PreviewEvery = Annotated[int, typer.Option(
     "--preview-every", help="Show a live preview on the page and in /progress every this many steps (0: none); "
-    "each costs one VAE decode.")]
+    "each costs one VAE decode, made only while the page or a /progress client shows it.")]
 
 
 @app.command("serve", help="Serve a web page for every task and AUTOMATIC1111's /sdapi/v1 API on one loaded model.")

@@ -186,7 +186,10 @@ def png_info(server, body: dict) -> dict:
 
 
 def progress(server, skip_current_image: bool = False) -> dict:
-    """A1111's /progress; current_image is the latest live preview (the running batch's first image, PNG)."""
+    """A1111's /progress; current_image is the latest live preview (the running batch's first image, PNG),
+    which the worker makes while clients ask for it."""
+    if not skip_current_image:
+        server.worker.want_preview()
     state, waiting = server.worker.progress()
     if state is None:
         return {"progress": 0.0, "eta_relative": 0.0, "state": {"skipped": False, "interrupted": False,

@@ -26,8 +26,9 @@ MODEL_SUFFIXES = (".safetensors", ".ckpt")
 MAX_LISTED_MODELS = 1000
 
 
-# Live previews every this many steps: one VAE decode each (about a step's time for SD at 512 on a CPU,
-# so about a fifth more; `sd serve --preview-every 0` turns them off). A1111 shows one every 10 by default.
+# Live previews every this many steps, made only while the page or a /progress client shows them: one VAE
+# decode each (about two UNet steps' time for SD at 512 in bf16 on a CPU); `sd serve --preview-every 0` turns
+# them off, 10 is A1111's default.
 PREVIEW_EVERY = 5
 
 

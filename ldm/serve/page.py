@@ -79,6 +79,7 @@ def follow_job(server, results: Results, make_task: Callable, prompt: str, setti
     future = server.worker.submit("page", job)
     shown = 0  # the step of the preview on the page
     while not future.done():
+        server.worker.want_preview()  # this page shows them
         state, waiting = server.worker.progress()
         if state is not None and state.job == "page" and state.steps:
             progress((state.step, state.steps), desc=f"step {state.step} of {state.steps}")

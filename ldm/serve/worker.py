@@ -18,6 +18,9 @@ from typing import Any, Callable, Optional
 from ldm.pipeline import Pipeline, Progress
 
 
+WATCH_SECONDS = 3.0  # previews are made this long after the last want_preview
+
+
 @dataclass
 class JobState:
     """What /progress and the page's bar show of the running job."""
@@ -38,8 +41,10 @@ class Worker:
 
     def __init__(self, pipeline: Pipeline, before: Optional[Callable[[Pipeline], None]] = None, preview_every: int = 0):
         self.pipeline, self.before = pipeline, before  # before(pipeline): run ahead of every job but "unload"
-        # decode a live preview every this many steps (0: never); its cost is one VAE decode each time
+        # decode a live preview every this many steps (0: never), while someone watches (want_preview): each
+        # costs a VAE decode, about two UNet steps' time at 512 on a CPU, which no unwatched job should pay
         self.preview_every = preview_every
+        self._watched = float("-inf")  # time.monotonic() of the last want_preview
         self._jobs: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
@@ -83,9 +88,15 @@ class Worker:
         if state.interrupted:  # an interrupt that came before the job's sampling started
             self.pipeline.cancel()
         every = self.preview_every
-        if every and progress.step % every == 0 and progress.step < progress.total:
+        watched = time.monotonic() - self._watched < WATCH_SECONDS
+        if every and watched and progress.step % every == 0 and progress.step < progress.total:
             # the current x0 decoded as the final images are (unwatermarked): A1111's live preview
             state.preview, state.preview_step = self.pipeline.preview(progress.denoised), progress.step
+
+    def want_preview(self) -> None:
+        """Someone shows the live preview (the page's poll, /progress without skip_current_image): decode them
+        for the next WATCH_SECONDS."""
+        self._watched = time.monotonic()
 
     def interrupt(self) -> bool:
         """Stop the running job after its current step; False when nothing runs."""

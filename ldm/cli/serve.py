@@ -8,6 +8,7 @@ import typer
 
 from ldm.cli.app import app
 from ldm.cli import options as opt
+from ldm.serve import PREVIEW_EVERY
 
 Host = Annotated[str, typer.Option("--host", help="Address to listen on (other than loopback: needs --api-auth or --insecure).")]
 Port = Annotated[int, typer.Option("--port", help="Port of the page and the API.")]
@@ -37,7 +38,7 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
           max_side: opt.MaxSide = 2048, max_steps: opt.MaxSteps = 150, max_batch: opt.MaxBatch = 8,
           max_images: opt.MaxImages = 16, max_chunks: opt.MaxChunks = 32, max_body_mb: MaxBodyMb = 64, max_pixels: MaxPixels = 16_000_000,
           embeddings: opt.Embeddings = None, lora_dir: opt.LoraDir = None, backend: opt.Backend = "torch",
-          styles: Styles = None, preview_every: PreviewEvery = 5) -> None:
+          styles: Styles = None, preview_every: PreviewEvery = PREVIEW_EVERY) -> None:
     from ldm.cli.entry import ready_for_interrupts
     from ldm.errors import SDError, note
     from ldm.limits import Limits

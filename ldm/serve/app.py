@@ -18,18 +18,13 @@ from ldm.files import imageio, metadata
 from ldm.errors import SDError
 from ldm.limits import Limits
 from ldm.pipeline import Pipeline
+from ldm.serve import PREVIEW_EVERY
 from ldm.serve.a1111 import RequestError
 from ldm.serve.worker import Worker
 
 log = logging.getLogger("sd.serve")
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 MAX_LISTED_MODELS = 1000
-
-
-# Live previews every this many steps, made only while the page or a /progress client shows them: one VAE
-# decode each (about two UNet steps' time for SD at 512 in bf16 on a CPU); `sd serve --preview-every 0` turns
-# them off, 10 is A1111's default.
-PREVIEW_EVERY = 5
 
 
 class Server:

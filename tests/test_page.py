@@ -68,9 +68,11 @@ def status(page, tab: str) -> str:
     return page.input_value(f"#{tab}-status textarea")
 
 
-def finished(page, tab: str, timeout: int = 120_000) -> None:
-    """Wait for the run's result (live previews come first and fill the gallery too)."""
-    page.wait_for_function(f"/image\\(s\\)|^stopped/.test(document.querySelector('#{tab}-status textarea').value)",
+def finished(page, tab: str, before: str = "", timeout: int = 120_000) -> None:
+    """Wait for the run's result (live previews come first and fill the gallery too); `before`: the status
+    line of the tab's previous run, which must not count."""
+    page.wait_for_function("([tab, before]) => { const s = document.querySelector(`#${tab}-status textarea`).value;"
+                           " return s !== before && /image\\(s\\)|^stopped/.test(s); }", arg=[tab, before],
                            timeout=timeout)
     page.wait_for_selector(f"#{tab}-gallery img", timeout=30_000)
 
@@ -334,7 +336,8 @@ def test_send_to_carries_the_result_and_its_prompt_and_the_painter_makes_no_uplo
     finished(page, "txt2img")
     page.click("#txt2img-send-inpaint")
     page.wait_for_selector("#inpaint-mask .sd-painter[data-ready='1']", timeout=60_000)
-    assert page.input_value("#inpaint-prompt textarea") == PROMPT
+    # the picture and the texts come in one update, but the browser may paint them a moment apart
+    page.wait_for_function(f"document.querySelector('#inpaint-prompt textarea').value === '{PROMPT}'", timeout=10_000)
     assert page.input_value("#inpaint-negative-prompt textarea") == "blurry"
     assert page.get_attribute("#inpaint-mask .sd-painter", "data-size") == "256x256"
     canvas = page.locator("#inpaint-mask canvas.sd-strokes").bounding_box()
@@ -349,15 +352,17 @@ def test_send_to_carries_the_result_and_its_prompt_and_the_painter_makes_no_uplo
     seed = page.input_value("#inpaint-infotext textarea").split("Seed: ")[1].split(",")[0]
     page.click("#inpaint-send-txt2img")  # its parameters, as from PNG info: the seed it ran with
     page.wait_for_function(f"document.querySelector('#txt2img-seed input').value === '{seed}'", timeout=10_000)
-    assert seed != "4" and page.input_value("#txt2img-negative-prompt textarea") == "blurry"
+    page.wait_for_function("document.querySelector('#txt2img-negative-prompt textarea').value === 'blurry'",
+                           timeout=10_000)
+    assert seed != "4"
     before = len(uploads)
     page.fill("#txt2img-seed input", "-1")
     page.fill("#txt2img-steps input[type=number]", "40")
+    previous = status(page, "txt2img")
     page.click("#txt2img-generate")
-    page.wait_for_timeout(500)
-    finished(page, "txt2img")
+    finished(page, "txt2img", previous)
     page.wait_for_timeout(2000)
     assert len(uploads) - before == 0, uploads[before:]
     page.click("#txt2img-send-img2img")  # and to img2img: the picture arrives in its input
     page.wait_for_selector("#img2img-image img", timeout=30_000)
-    assert page.input_value("#img2img-prompt textarea") == PROMPT
+    page.wait_for_function(f"document.querySelector('#img2img-prompt textarea').value === '{PROMPT}'", timeout=10_000)

@@ -83,12 +83,13 @@ def _target_size(body: dict, size: tuple[int, int], max_side: int) -> tuple[int,
     return width, height
 
 
-def _upscaler(server, body: dict, key: str) -> str:
+def _upscaler(body: dict, key: str, x4: dict) -> str:
+    """The upscaler `key` names: None, a resampler, or one of the `x4` models (x4_models)."""
     name = body.get(key, "None")
     name = "None" if name in (None, "") else str(name)
-    if name != "None" and name not in RESAMPLE and name not in x4_models(server):
-        x4 = ", ".join(x4_models(server)) or "none: put x4-upscaler-ema.ckpt in the models folder"
-        raise RequestError(f"{key} '{name}': sd's upscalers here are None, {', '.join(RESAMPLE)}; x4 models: {x4}")
+    if name != "None" and name not in RESAMPLE and name not in x4:
+        listed = ", ".join(x4) or "none: put x4-upscaler-ema.ckpt in the models folder"
+        raise RequestError(f"{key} '{name}': sd's upscalers here are None, {', '.join(RESAMPLE)}; x4 models: {listed}")
     return name
 
 
@@ -113,10 +114,11 @@ def _diffusion_x4(server, picture: Image.Image, name: str) -> Image.Image:
     return images[0].image
 
 
-def upscale(server, picture: Image.Image, body: dict) -> Image.Image:
-    """One picture through upscaler_1 (and upscaler_2 blended in by its visibility), to the asked size."""
+def upscale(server, picture: Image.Image, body: dict, x4: dict) -> Image.Image:
+    """One picture through upscaler_1 (and upscaler_2 blended in by its visibility), to the asked size;
+    `x4`: the models folder's x4 models, listed once per request."""
     size = _target_size(body, picture.size, server.limits.max_side)
-    first, second = _upscaler(server, body, "upscaler_1"), _upscaler(server, body, "upscaler_2")
+    first, second = _upscaler(body, "upscaler_1", x4), _upscaler(body, "upscaler_2", x4)
     visibility = _number(body, "extras_upscaler_2_visibility", 0, 0, 1)
     picture = picture.convert("RGB")
     out = _resized(server, picture, first, size)
@@ -134,7 +136,7 @@ def single(server, body: Any) -> dict:
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
     picture = a1111.decode_image(body.get("image"), "image", server.max_pixels)
-    return {"html_info": "", "image": _answer(upscale(server, picture, body))}
+    return {"html_info": "", "image": _answer(upscale(server, picture, body, x4_models(server)))}
 
 
 def batch(server, body: Any) -> dict:
@@ -144,9 +146,9 @@ def batch(server, body: Any) -> dict:
     entries = body["imageList"]
     if len(entries) > MAX_BATCH:
         raise RequestError(f"imageList holds {len(entries)} images; at most {MAX_BATCH}")
-    out = []
+    out, x4 = [], x4_models(server)
     for k, entry in enumerate(entries):
         data = entry.get("data") if isinstance(entry, dict) else None
         picture = a1111.decode_image(data, f"imageList[{k}].data", server.max_pixels)
-        out.append(_answer(upscale(server, picture, body)))
+        out.append(_answer(upscale(server, picture, body, x4)))
     return {"html_info": "", "images": out}

@@ -137,8 +137,10 @@ def read_lora(path: Path) -> LoraFile:
 
 def _read(path: Path) -> tuple[dict, dict]:
     """(tensors, safetensors metadata) of a LoRA file, read without running code, its cost checked first."""
+    from ldm.files.reading import regular_size
     from ldm.loading.checkpoint import read_safetensors, read_torch_file
 
+    regular_size(path, "LoRA file")  # a FIFO or device named on the command line: one line, no hang
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 

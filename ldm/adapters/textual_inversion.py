@@ -32,9 +32,10 @@ class Embedding:
 
 def _read(path: Path) -> dict:
     """An embedding file's tensors, read without running code and only once its size is that of one."""
+    from ldm.files.reading import regular_size
     from ldm.loading.checkpoint import read_safetensors, read_torch_file
 
-    size = path.stat().st_size
+    size = regular_size(path, "embedding")
     if size > MAX_BYTES:
         raise SDError(f"embedding {path.name} is {size} bytes: too large to be an embedding")
     if path.suffix == ".safetensors":

@@ -57,7 +57,13 @@ class BatchJob:
 
         if not self.repeat >= 1:
             raise SDError(f"--repeat must be at least 1 (got {self.repeat})")
-        lines = tuple(dataclasses.replace(line, repeat=self.repeat) for line in read_prompt_lines(self.from_file))
+        # every line makes at least `repeat` images: a file of more lines than that allows is refused as it is
+        # read, before millions of lines are parsed
+        limit = self.request.limits.max_images
+        lines = tuple(dataclasses.replace(line, repeat=self.repeat) for line in read_prompt_lines(
+            self.from_file, limit // self.repeat,
+            f" (each makes at least {self.repeat} image(s) and {self.names.get('max_images', '--max-images')} is "
+            f"{limit:,})"))
         return dataclasses.replace(self, request=dataclasses.replace(self.request, lines=lines))
 
     def check(self) -> None:

@@ -98,11 +98,11 @@ def read_jsonl(path: Path) -> list[dict]:
     """The JSON objects of a JSON Lines file, whatever else it holds: a line cut short by a crash, bytes
     that are not UTF-8, a value nested too deep, or a non-object line is left out; a missing, unreadable
     or oversized file reads as empty."""
+    from ldm.files.reading import read_capped
+
     try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            return []
-        text = path.read_bytes().decode("utf-8", errors="replace")
-    except OSError:
+        text = read_capped(path, MAX_MANIFEST_BYTES, "manifest").decode("utf-8", errors="replace")
+    except SDError:  # missing, unreadable, oversized, or not a regular file (a FIFO must not hang the run)
         return []
     records = []
     for line in text.splitlines():
@@ -122,13 +122,13 @@ def manifests(outdir: Path) -> list[tuple[Path, dict]]:
     for path in sorted(Path(outdir).glob(f"{MANIFEST_PREFIX}*.jsonl")):
         records = read_jsonl(path)
         header = records[0] if records else {}
-        if (header.get("sd_manifest") and is_whole(header.get("base")) and is_whole(header.get("images"))
-                and isinstance(header.get("run"), str)):
+        if (header.get("sd_manifest") and is_whole(header.get("base"), 0, imageio.MAX_INDEX)
+                and is_whole(header.get("images"), 0, imageio.MAX_INDEX) and isinstance(header.get("run"), str)):
             found.append((path, header))
     return found
 
 
-_MANIFEST_NAME = re.compile(rf"{MANIFEST_PREFIX}(\d+)\.jsonl")
+_MANIFEST_NAME = re.compile(rf"{MANIFEST_PREFIX}(\d{{1,{imageio.MAX_INDEX_DIGITS}}})\.jsonl")
 
 
 def next_base(outdir: Path) -> int:

@@ -35,23 +35,26 @@ def is_jsonl(path: str | Path) -> bool:
     return Path(path).suffix.lower() in JSONL_SUFFIXES
 
 
-def read_prompt_lines(path: str | Path) -> list[PromptLine]:
-    """The prompts of `path` in file order; SDError (one line) for a missing, empty or invalid file."""
+MAX_PROMPT_FILE_BYTES = 64 * 2**20  # 100,000 prompts of 600 characters; a larger file is not a prompt list
+
+
+def read_prompt_lines(path: str | Path, max_prompts: Optional[int] = None,
+                      too_many: str = "") -> list[PromptLine]:
+    """The prompts of `path` in file order; SDError (one line) for a missing, empty, oversized or invalid file,
+    or one of more than `max_prompts` prompts (`too_many` says why that is the bound), found as soon as the
+    line past the bound is reached, not after the whole file is parsed."""
+    from ldm.files.reading import read_text_capped
+
     path = Path(path)
-    if not path.is_file():
-        raise SDError(f"prompt file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise SDError(f"prompt file {path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise SDError(f"cannot read prompt file {path}: {exc.strerror or exc}") from None
+    text = read_text_capped(path, MAX_PROMPT_FILE_BYTES, "prompt file")
     jsonl = is_jsonl(path)
     lines = []
     for number, raw in enumerate(text.splitlines(), start=1):
         stripped = raw.strip()
         if not stripped or stripped.startswith("#"):
             continue
+        if max_prompts is not None and len(lines) >= max_prompts:
+            raise SDError(f"prompt file {path} has more than {max_prompts:,} prompts{too_many}")
         where = f"{path}:{number}"
         lines.append(parse_json_line(stripped, where) if jsonl else PromptLine(stripped, where=where))
     if not lines:
@@ -97,10 +100,28 @@ def parse_size(value, where: str, key: str = "size") -> tuple[int, int]:
     return size  # type: ignore[return-value]  (multiples of 8 etc.: ldm.tasks.check_size)
 
 
+MAX_INT_DIGITS = 40  # a seed is at most 20 digits; Python's own bound (4300 digits) raises a traceback
+
+
+class _TooLong(ValueError):
+    pass
+
+
+def _bounded_int(text: str) -> int:
+    """json's parse_int: whole numbers of at most MAX_INT_DIGITS digits (bigger ones are junk, and past 4300
+    digits int() itself refuses them)."""
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _TooLong(len(text.lstrip("-")))
+    return int(text)
+
+
 def parse_json_line(text: str, where: str) -> PromptLine:
     """One JSON Lines record -> PromptLine; SDError "FILE:LINE: what is wrong" otherwise."""
     try:
-        record = json.loads(text)
+        record = json.loads(text, parse_int=_bounded_int)
+    except _TooLong as exc:
+        raise SDError(f"{where}: a number of {exc.args[0]} digits; sd reads whole numbers of at most "
+                      f"{MAX_INT_DIGITS} digits") from None
     except json.JSONDecodeError as exc:
         raise SDError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     except RecursionError:

@@ -32,6 +32,10 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from ldm.errors import SDError
 
 SAMPLE_DIGITS = 5  # OUTDIR/samples/00000.png
+# Numbered names of more digits than this are not sd's (a run would need 10**15 images): a file named with a
+# 300-digit number must not push every later name past the file system's length limit.
+MAX_INDEX_DIGITS = 15
+MAX_INDEX = 10 ** MAX_INDEX_DIGITS - 1
 GRID_DIGITS = 4  # OUTDIR/grid-0000.png
 GRID_PREFIX = "grid-"
 WATERMARK = b"SDV2"
@@ -79,11 +83,11 @@ def next_index(folder: str | os.PathLike, pattern_digits: int, prefix: str = "",
     """The number after the highest `prefix` + number + `suffix` file in `folder` (0 if none).
 
     Names count when the number has at least `pattern_digits` digits (the reference's f"{n:05}" grows
-    past 99999). Unlike the reference, which takes len(os.listdir(folder)) and so overwrites files
+    past 99999) and at most MAX_INDEX_DIGITS. Unlike the reference, which takes len(os.listdir(folder)) and so overwrites files
     after any deletion (or counts unrelated files), this continues after the highest number, so an
     existing image is never overwritten. A missing folder gives 0.
     """
-    pattern = re.compile(rf"{re.escape(prefix)}(\d{{{pattern_digits},}}){re.escape(suffix)}")
+    pattern = re.compile(rf"{re.escape(prefix)}(\d{{{pattern_digits},{MAX_INDEX_DIGITS}}}){re.escape(suffix)}")
     try:
         names = os.listdir(folder)
     except FileNotFoundError:
@@ -385,7 +389,7 @@ def load_image(path: str | os.PathLike | Image.Image, mode: str = "RGB", what: s
     The whole file is decoded up front (.load()), so a truncated PNG/JPEG fails here and not halfway
     through a run. EXIF orientation is applied (photos from phones), then the image is converted to
     `mode` as _convert says (transparency over white for "RGB"). A PIL image (the Python API's input) is
-    held to the same size bound and conversion; `what` names it in errors.
+    held to the same size bound and conversion; `what` names it in errors. Only regular files are read.
     """
     if isinstance(path, Image.Image):
         width, height = path.size
@@ -395,26 +399,38 @@ def load_image(path: str | os.PathLike | Image.Image, mode: str = "RGB", what: s
         if width < 1 or height < 1:
             raise SDError(f"{what} is empty ({width}x{height} pixels)")
         return _convert(path, mode, what)
+    from ldm.files.reading import open_regular
+
     p = Path(path)
-    if p.is_dir():
-        raise SDError(f"{p} is a folder, not an image")
+    with open_regular(p, "image") as f:
+        return decode_picture(f, str(p), mode)
+
+
+def decode_picture(f, name: str, mode: str = "RGB", max_pixels: int = MAX_INPUT_PIXELS,
+                   bound: str = "") -> Image.Image:
+    """The picture in the binary file `f` (a file, or an upload's io.BytesIO) decoded, oriented by its EXIF
+    tag and converted to `mode`: the one decoder of input pictures, for the commands and the server alike.
+    Its size is read from the header and held to `max_pixels` (`bound` says whose bound that is) before a
+    pixel is decoded; every failure is one SDError line naming `name`."""
+    limit = f"{bound or 'sd reads'} ({max_pixels / 10**6:g} megapixels)"
+
+    def too_large(width, height) -> SDError:
+        return SDError(f"{name} is {width}x{height} pixels, {'above' if bound else 'more than'} {limit}; shrink it first")
+
     try:
-        with Image.open(p) as im:
+        with Image.open(f) as im:
             width, height = im.size  # from the header: nothing is decoded yet
-            if width * height > MAX_INPUT_PIXELS:
-                raise SDError(f"{p} is {width}x{height} pixels, more than sd reads ({MAX_INPUT_PIXELS // 10**6} "
-                              "megapixels); shrink it first")
+            if width * height > max_pixels:
+                raise too_large(width, height)
             im.load()
             im = ImageOps.exif_transpose(im)
-    except FileNotFoundError:
-        raise SDError(f"image not found: {p}") from None
     except UnidentifiedImageError:
-        raise SDError(f"cannot read {p}: not an image file (or a format Pillow cannot decode)") from None
+        raise SDError(f"cannot read {name}: not an image file (or a format Pillow cannot decode)") from None
     except Image.DecompressionBombError:  # Pillow's own bound (above ours) met while opening
-        raise SDError(f"{p} has more pixels than sd reads ({MAX_INPUT_PIXELS // 10**6} megapixels); shrink it first") from None
+        raise SDError(f"{name} has more pixels than {limit}; shrink it first") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise SDError(f"cannot read {p}: the file is truncated or corrupt ({exc})") from None
-    return _convert(im, mode, str(p))
+        raise SDError(f"cannot read {name}: the file is truncated or corrupt ({exc})") from None
+    return _convert(im, mode, name)
 
 
 def pil_to_tensor(img: Image.Image):

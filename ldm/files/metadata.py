@@ -98,28 +98,45 @@ def format_parameters(prompt: str, negative_prompt: str, settings: Mapping[str, 
 
 
 def _parse_settings(line: str) -> dict[str, str]:
-    """Split `Key: value, Key: "quoted, value", ...` into a dict of strings (values unquoted)."""
+    """Split `Key: value, Key: "quoted, value", ...` into a dict of strings (values unquoted).
+
+    Linear in the line's length: the next ':' and ',' are looked up again only once the reading has passed
+    them (a text of a million bare keys would otherwise be searched to its end once per key)."""
     out: dict[str, str] = {}
     decoder = json.JSONDecoder()
-    i, n = 0, len(line)
+    n = len(line)
+    i, colon, comma = 0, -1, -1
+
+    def next_colon(start: int) -> int:
+        nonlocal colon
+        if colon < start and colon != n:
+            colon = line.find(":", start)
+            colon = n if colon < 0 else colon
+        return colon
+
+    def next_comma(start: int) -> int:
+        nonlocal comma
+        if comma < start:
+            comma = line.find(",", start)
+            comma = n if comma < 0 else comma
+        return comma
+
     while i < n:
         while i < n and line[i] in " ,":
             i += 1
         if i >= n:
             break
-        colon, comma = line.find(":", i), line.find(",", i)
-        comma = n if comma < 0 else comma
-        if colon < 0 or comma < colon:  # A1111 writes a bare "Key" when the value equals the key
-            key = line[i:comma].strip()
+        here_colon, here_comma = next_colon(i), next_comma(i)
+        if here_colon >= n or here_comma < here_colon:  # A1111 writes a bare "Key" when the value equals the key
+            key = line[i:here_comma].strip()
             out[key] = key
-            i = comma
+            i = here_comma
             continue
-        key = line[i:colon].strip()
-        j = colon + 1
+        key = line[i:here_colon].strip()
+        j = here_colon + 1
         while j < n and line[j] == " ":
             j += 1
-        end = line.find(",", j)
-        end = n if end < 0 else end
+        end = next_comma(j)
         value = line[j:end]
         if j < n and line[j] == '"':
             with contextlib.suppress(ValueError):
@@ -221,23 +238,29 @@ class Infotext:
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_TEXT_BYTES = 1 << 20  # a text chunk larger than this (inflated) is not generation parameters
+MAX_TOTAL_TEXT_BYTES = 4 * MAX_TEXT_BYTES  # all text chunks of one picture together (inflated)
+MAX_CHUNKS = 100_000  # a 16-megapixel PNG in 8 KB IDAT chunks has about 6,000; tiny chunks by the million are junk
 
 
-def _png_text_chunk(kind: bytes, data: bytes) -> tuple[str, str] | None:
-    """(key, value) of one tEXt / zTXt / iTXt chunk, or None when it is malformed or too large."""
+def _png_text_chunk(kind: bytes, data: bytes, budget: int) -> tuple[tuple[str, str] | None, int]:
+    """((key, value) of one tEXt / zTXt / iTXt chunk, or None when it is malformed or inflates past
+    MAX_TEXT_BYTES, the text bytes it cost): inflating stops at min(MAX_TEXT_BYTES, budget) + 1 bytes."""
     import zlib
 
     key, sep, rest = data.partition(b"\0")
     if not sep:
-        return None
+        return None, len(data)
+    bound = min(MAX_TEXT_BYTES, budget) + 1
+    cost = [len(data)]
 
     def inflate(raw: bytes) -> bytes | None:
         stream = zlib.decompressobj()
         try:
-            out = stream.decompress(raw, MAX_TEXT_BYTES)
+            out = stream.decompress(raw, bound)
         except zlib.error:
             return None
-        return None if stream.unconsumed_tail else out
+        cost[0] += len(out)
+        return None if stream.unconsumed_tail or len(out) > MAX_TEXT_BYTES else out
 
     if kind == b"tEXt":
         value = rest.decode("latin-1")
@@ -246,20 +269,21 @@ def _png_text_chunk(kind: bytes, data: bytes) -> tuple[str, str] | None:
         value = None if raw is None else raw.decode("latin-1")
     else:  # iTXt: flag, method, language\0, translated keyword\0, text (UTF-8)
         if len(rest) < 2:
-            return None
+            return None, cost[0]
         compressed, parts = rest[0], rest[2:].split(b"\0", 2)
         if len(parts) != 3:
-            return None
+            return None, cost[0]
         raw = inflate(parts[2]) if compressed else parts[2]
         value = None if raw is None else raw.decode("utf-8", errors="replace")
-    return None if value is None else (key.decode("latin-1"), value)
+    return (None if value is None else (key.decode("latin-1"), value)), cost[0]
 
 
 def read_png_text(path: str | os.PathLike) -> dict[str, str]:
     """All text chunks (tEXt, zTXt, iTXt) of the PNG at `path`; {} for images without any.
 
     The chunks are walked without decoding a single pixel (an image of 20000x20000 costs what a small
-    one does), compressed text is inflated to at most MAX_TEXT_BYTES, and a damaged chunk is skipped.
+    one does), compressed text is inflated to at most MAX_TEXT_BYTES a chunk and MAX_TOTAL_TEXT_BYTES in all
+    (more is one SDError line), and a damaged chunk is skipped.
     """
     return _read_file(path, png_text_chunks)
 
@@ -279,16 +303,14 @@ def image_texts(f, name: str = "the image") -> dict[str, str]:
 
 
 def _read_file(path: str | os.PathLike, read) -> dict[str, str]:
+    from ldm.files.reading import open_regular
+
     p = Path(path)
-    try:
-        with open(p, "rb") as f:
+    with open_regular(p, "image") as f:
+        try:
             return read(f, str(p))
-    except FileNotFoundError:
-        raise SDError(f"image not found: {p}") from None
-    except IsADirectoryError:
-        raise SDError(f"{p} is a folder, not an image") from None
-    except OSError as exc:
-        raise SDError(f"cannot read {p}: {_reason(exc)}") from None
+        except OSError as exc:
+            raise SDError(f"cannot read {p}: {_reason(exc)}") from None
 
 
 def png_text_chunks(f, name: str = "the image") -> dict[str, str]:
@@ -299,21 +321,29 @@ def png_text_chunks(f, name: str = "the image") -> dict[str, str]:
     if f.read(8) != PNG_SIGNATURE:
         raise SDError(f"cannot read {name}: not a PNG file (generation parameters are stored in PNGs)")
     texts: dict[str, str] = {}
-    while True:
+    total = 0  # text bytes (inflated) of every chunk so far: many chunks must not add up to gigabytes
+    for _ in range(MAX_CHUNKS):
         head = f.read(8)
         if len(head) < 8:
             break
         length, kind = struct.unpack(">I4s", head)
         if kind in (b"tEXt", b"zTXt", b"iTXt") and length <= 4 * MAX_TEXT_BYTES:
             data = f.read(length)
-            entry = _png_text_chunk(kind, data) if len(data) == length else None
-            if entry is not None:
-                texts.setdefault(*entry)
+            if len(data) == length:
+                entry, cost = _png_text_chunk(kind, data, MAX_TOTAL_TEXT_BYTES - total)
+                total += cost
+                if total > MAX_TOTAL_TEXT_BYTES:
+                    raise SDError(f"{name} carries more than {MAX_TOTAL_TEXT_BYTES // 2**20} MB of text chunks; sd "
+                                  "reads no more from one picture")
+                if entry is not None:
+                    texts.setdefault(*entry)
             f.seek(4, os.SEEK_CUR)  # CRC
         elif kind == b"IEND":
             break
         else:
             f.seek(length + 4, os.SEEK_CUR)
+    else:
+        raise SDError(f"{name} has more than {MAX_CHUNKS:,} PNG chunks; sd reads no further")
     return texts
 
 
@@ -375,8 +405,10 @@ def model_hash(path: str | os.PathLike, chunk_size: int = 1 << 20, length: int =
         st = os.stat(real)
         key = (real, st.st_size, st.st_mtime_ns)
         if key not in _HASH_CACHE:
+            from ldm.files.reading import open_regular
+
             digest = hashlib.sha256()
-            with open(real, "rb") as f:
+            with open_regular(real, "checkpoint") as f:
                 while chunk := f.read(chunk_size):
                     digest.update(chunk)
             _HASH_CACHE[key] = digest.hexdigest()

@@ -83,7 +83,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             raise SDError(f"{path} is not a valid safetensors file (header length {header_len} exceeds the file)")
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, UTF-8, or an int of 4300+ digits
             raise SDError(f"{path} is not a valid safetensors file (bad header: {exc})") from None
         if not isinstance(header, dict):
             raise SDError(f"{path} is not a valid safetensors file (its header is not a JSON object)")
@@ -200,11 +200,13 @@ def read_ckpt(path: Path) -> dict[str, torch.Tensor]:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint by its content (.safetensors or torch zip), whatever its file name says."""
     path = Path(path)
+    from ldm.files.reading import open_regular
+
     if not path.exists():
         raise SDError(f"checkpoint not found: {path} (put weights in checkpoints/, see checkpoints/README.md)")
     if not path.is_file():
         raise SDError(f"checkpoint path is not a file: {path}")
-    with open(path, "rb") as f:
+    with open_regular(path, "checkpoint") as f:
         head = f.read(8)
     if not head:
         raise SDError(f"{path} is empty, not a checkpoint")

@@ -12,10 +12,11 @@ import binascii
 import io
 import json
 import math
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
-from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict
+from PIL import Image
+from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
+from pydantic_core import PydanticCustomError
 
 from ldm.files import metadata
 from ldm.errors import SDError
@@ -39,9 +40,56 @@ class RequestError(ValueError):
     """A request sd cannot run as asked: the server answers 422 with this one line."""
 
 
+class ServerFileError(RuntimeError):
+    """A file the server was given (not the client) is wrong: the server answers 500 with this one line,
+    which names the file, and keeps serving the requests that do not need it."""
+
+
+MAX_JSON_DEPTH = 64  # request bodies are flat objects; option values hold a list or two at most
+
+
+def text_problem(value: Any, where: str = "the body", depth: int = 0) -> Optional[str]:
+    """What keeps the JSON value `value` from being text sd can hold and echo back, or None: a string (key or
+    value) with a lone surrogate ("\\ud800" is valid JSON but no Unicode text: no reply holding it could be
+    encoded), or nesting deeper than MAX_JSON_DEPTH. `where` names the value (fields by their JSON path)."""
+    if depth > MAX_JSON_DEPTH:
+        return f"{where} is nested more than {MAX_JSON_DEPTH} levels deep"
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"{where} holds a lone surrogate U+{ord(value[exc.start]):04X}, which is not text"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        inner = f"{key}" if depth == 0 else f"{where}.{key}" if isinstance(value, dict) else f"{where}[{key}]"
+        problem = (text_problem(key, f"a key of {where}", depth + 1) if isinstance(key, str) else None) or \
+            text_problem(item, inner, depth + 1)
+        if problem:
+            return problem
+    return None
+
+
+def _text_only(value: Any) -> Any:
+    problem = text_problem(value)
+    if problem:
+        raise PydanticCustomError("text", problem)
+    return value
+
+
+# A JSON object body of a route that takes any keys (options, png-info, extras): held to text_problem, so that
+# whatever a reply echoes of it can be sent.
+JSONObject = Annotated[dict, AfterValidator(_text_only)]
+
+
 class Txt2ImgRequest(BaseModel):
     """The fields of A1111's txt2img that sd reads (others are ignored)."""
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text(cls, values: Any) -> Any:
+        return _text_only(values)
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = -1
@@ -159,22 +207,17 @@ def decode_base64(data: Any, what: str) -> bytes:
         raise RequestError(f"{what} is not valid base64") from None
 
 
-def decode_image(data: Any, what: str, max_pixels: int) -> Image.Image:
-    """A base64 PNG/JPEG (a data: URL too) -> a decoded PIL image; RequestError for anything else. The
-    size is read from the header and checked before anything is decoded."""
+def decode_image(data: Any, what: str, max_pixels: int, mode: str = "RGB") -> Image.Image:
+    """A base64 picture (a data: URL too) decoded as the commands decode a file (ldm.files.imageio's
+    decode_picture: EXIF orientation, 16-bit and float pictures, transparency, `mode`); RequestError for
+    anything else. The size is read from the header and checked before anything is decoded."""
+    from ldm.files.imageio import decode_picture
+
     raw = decode_base64(data, what)
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            width, height = im.size  # the header only: nothing decoded yet
-            if width * height > max_pixels:
-                raise RequestError(f"{what} is {width}x{height} pixels, above the server's {max_pixels} "
-                                   "(the server's max_pixels)")
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        if isinstance(exc, RequestError):
-            raise
-        raise RequestError(f"{what} is not an image sd can read") from None
+        return decode_picture(io.BytesIO(raw), what, mode, max_pixels, bound="the server's max_pixels")
+    except SDError as exc:
+        raise RequestError(str(exc)) from None
 
 
 def encode_png(png: bytes) -> str:

@@ -36,8 +36,8 @@ def prepare(server, request: Txt2ImgRequest) -> Prepared:
     """The request's pipeline settings after the A1111 fields sd cannot honour were refused."""
     a1111.refuse_unsupported(request)
     taken = Settings().take(request.override_settings, "override_settings")
-    prompt, negative, applied, unknown = apply_styles(server.styles(), request.styles, request.prompt,
-                                                      request.negative_prompt)
+    styles = server.styles() if request.styles else {}  # a broken styles file fails only the requests naming one
+    prompt, negative, applied, unknown = apply_styles(styles, request.styles, request.prompt, request.negative_prompt)
     settings = {**a1111.settings_of(request), "negative_prompt": negative, "limits": server.limits,
                 "embeddings": server.embeddings, "lora_dir": server.lora_dir, "clip_skip": taken.clip_skip}
     if settings["eta"] is None:
@@ -139,7 +139,7 @@ def inpaint(server, request: Img2ImgRequest, image: Image.Image, size: tuple[int
     blur = A1111_MASK_BLUR if request.mask_blur is None else request.mask_blur
     if not 0 <= blur <= 64:
         raise RequestError(f"mask_blur must be from 0 to 64 (got {blur})")
-    mask = masks.shape_mask(a1111.decode_image(request.mask, "mask", server.max_pixels), image.size, blur,
+    mask = masks.shape_mask(a1111.decode_image(request.mask, "mask", server.max_pixels, "RGBA"), image.size, blur,
                             bool(request.inpainting_mask_invert))
     start = masks.fill_masked(image, mask) if request.inpainting_fill == 0 else image
     strength, settings = request.denoising_strength, prepared.settings
@@ -260,7 +260,7 @@ def _bind(api: APIRouter, server) -> APIRouter:
         return img2img(server, request)
 
     @api.post("/png-info")
-    def post_png_info(body: dict) -> dict:
+    def post_png_info(body: a1111.JSONObject) -> dict:
         return png_info(server, body)
 
     @api.get("/progress")
@@ -285,7 +285,7 @@ def _bind(api: APIRouter, server) -> APIRouter:
         return server.options()
 
     @api.post("/options")
-    def post_options(body: dict) -> dict:
+    def post_options(body: a1111.JSONObject) -> dict:
         return {"ignored": server.set_options(body)}
 
     @api.get("/samplers")
@@ -359,7 +359,7 @@ def _bind(api: APIRouter, server) -> APIRouter:
         return {}
 
     @api.post("/interrogate")
-    def post_interrogate(body: dict):
+    def post_interrogate(body: a1111.JSONObject):
         from fastapi.responses import JSONResponse
 
         return JSONResponse({"error": "NotImplemented", "detail": "sd has no interrogator (CLIP or DeepBooru "
@@ -367,13 +367,13 @@ def _bind(api: APIRouter, server) -> APIRouter:
                              "errors": ""}, status_code=501)
 
     @api.post("/extra-single-image")
-    def post_extra_single(body: dict) -> dict:
+    def post_extra_single(body: a1111.JSONObject) -> dict:
         from ldm.serve import extras
 
         return extras.single(server, body)
 
     @api.post("/extra-batch-images")
-    def post_extra_batch(body: dict) -> dict:
+    def post_extra_batch(body: a1111.JSONObject) -> dict:
         from ldm.serve import extras
 
         return extras.batch(server, body)

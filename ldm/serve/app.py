@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import secrets
 import sys
 import time
@@ -19,7 +20,7 @@ from ldm.errors import SDError
 from ldm.limits import Limits
 from ldm.pipeline import Pipeline
 from ldm.serve import PREVIEW_EVERY
-from ldm.serve.a1111 import RequestError
+from ldm.serve.a1111 import RequestError, ServerFileError
 from ldm.serve.worker import Worker
 
 log = logging.getLogger("sd.serve")
@@ -45,6 +46,10 @@ class Server:
         if self.styles_file is None:
             self.styles_file = self.models_dir.parent / "styles.csv"
         self.outdir, self.limits, self.max_pixels, self.max_body = outdir, limits, max_pixels, max_body
+        try:  # a wrong styles file is said at startup, as the server's own error
+            self.styles()
+        except ServerFileError as exc:
+            raise SDError(str(exc)) from None
 
     @property
     def pipeline(self) -> Pipeline:
@@ -196,14 +201,23 @@ class Server:
             self.worker.run("load", lambda pipe, progress: self.load_into(pipe, path))
 
     def styles(self) -> dict:
-        """The prompt styles of --styles (A1111's styles.csv), read anew when the file changes."""
+        """The prompt styles of --styles (A1111's styles.csv), read when the file changes (a wrong file too:
+        its error is kept until it changes). A wrong file is the server's fault: ServerFileError (a 500 that
+        names the file), raised only for the requests that name a style."""
         from ldm.serve.styles import read_styles
 
-        if self.styles_file is None or not Path(self.styles_file).is_file():
-            return {}
-        stamp = Path(self.styles_file).stat().st_mtime_ns
+        try:
+            st = os.stat(self.styles_file) if self.styles_file is not None else None
+        except OSError:
+            st = None
+        stamp = None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino, st.st_mode)
         if self._styles[0] != stamp:
-            self._styles = (stamp, read_styles(self.styles_file))
+            try:
+                self._styles = (stamp, {} if st is None else read_styles(self.styles_file))
+            except SDError as exc:
+                self._styles = (stamp, ServerFileError(f"the server's styles file (--styles): {exc}"))
+        if isinstance(self._styles[1], ServerFileError):
+            raise self._styles[1]
         return self._styles[1]
 
     def save(self, images: list, task: str) -> None:
@@ -219,7 +233,7 @@ class Server:
 def error_body(status: int, detail: str) -> tuple[int, bytes]:
     import json
 
-    names = {401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 413: "PayloadTooLarge", 422: "Unprocessable"}
+    names = {401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 413: "PayloadTooLarge", 422: "Unprocessable", 500: "ServerError"}
     return status, json.dumps({"error": names.get(status, "Error"), "detail": detail, "body": "", "errors": ""}).encode()
 
 
@@ -301,6 +315,25 @@ class Guard:
         return scheme.lower() == b"basic" and secrets.compare_digest(given.strip(), self.token)
 
 
+def _text_safe_json_response():
+    from fastapi.responses import JSONResponse
+
+    class TextSafeJSONResponse(JSONResponse):
+        """JSON as FastAPI sends it (UTF-8), but a reply holding a string that UTF-8 cannot encode (a lone
+        surrogate: requests holding one are refused, this is the backstop) goes out with \\u escapes
+        instead of failing after its job ran."""
+
+        def render(self, content) -> bytes:
+            try:
+                return super().render(content)
+            except UnicodeEncodeError:
+                import json
+
+                return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+    return TextSafeJSONResponse
+
+
 def build_app(server: Server, *, auth: Optional[tuple[str, str]] = None, page: bool = True,
               first_tab: str = "txt2img"):
     """The ASGI app: API routes, OpenAPI at /docs, the page at /, all behind Guard."""
@@ -310,7 +343,9 @@ def build_app(server: Server, *, auth: Optional[tuple[str, str]] = None, page: b
 
     from ldm.serve import api
 
-    app = FastAPI(title="sd", description="Stable Diffusion 2.x: AUTOMATIC1111's /sdapi/v1 on one loaded model")
+    TextSafeJSONResponse = _text_safe_json_response()
+    app = FastAPI(title="sd", description="Stable Diffusion 2.x: AUTOMATIC1111's /sdapi/v1 on one loaded model",
+                  default_response_class=TextSafeJSONResponse)
     app.include_router(api.router(server))
 
     def one_line(status: int, detail: str) -> Response:
@@ -323,6 +358,10 @@ def build_app(server: Server, *, auth: Optional[tuple[str, str]] = None, page: b
     @app.exception_handler(SDError)
     async def sd_error(request: Request, exc: SDError):
         return one_line(422, str(exc))
+
+    @app.exception_handler(ServerFileError)
+    async def server_file_error(request: Request, exc: ServerFileError):
+        return one_line(500, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -75,6 +75,7 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+PREVIEWS = ("full", "taesd", "cheap")  # Pipeline.preview's methods (A1111's Full, TAESD, Approx cheap)
 
 
 class Pipeline:
@@ -86,6 +87,7 @@ class Pipeline:
         self.model, self.choice, self.options = model, choice, options
         self.loras = Merged(model)  # the LoRAs merged into this model's weights (undone exactly when others come)
         self.prior = None  # Karlo's prior, for unCLIP-L text-to-image (load_prior)
+        self.taesd = None  # TAESD, the tiny autoencoder (load_taesd): decode / encode "taesd", cheap previews
         self._cancel = threading.Event()
         self._skip = threading.Event()
 
@@ -93,16 +95,20 @@ class Pipeline:
     def load(cls, ckpt: Optional[str | Path] = None, config: Optional[str | Path] = None, *, device: str = "auto",
              precision: str = "auto", compile: bool = False, torchscript: bool = False, ipex: Optional[bool] = None,
              threads: Optional[int] = None, trust_config: bool = False, task: str = "txt2img",
-             quiet: bool = False, backend: str = "torch") -> "Pipeline":
+             quiet: bool = False, backend: str = "torch", taesd: Optional[str | Path] = None) -> "Pipeline":
         """Load a checkpoint (no ckpt: the built-in demo model). Without `config` the checkpoint's keys (and
         for txt2img checkpoints a one-call probe of the UNet) choose the reference config. `device`
         (auto, cpu, cuda), `precision` (auto, full, autocast, bf16, fp16) and the fast paths are the
         commands' flags of the same names; `backend` "openvino" runs the UNet, VAE and text encoder with OpenVINO,
         "auto" the fastest fp32-accurate backend for the device (OpenVINO on CPUs);
-        `task` only matters without a checkpoint (depth2img and upscale need one); `quiet` drops the notes."""
+        `task` only matters without a checkpoint (depth2img and upscale need one); `quiet` drops the notes;
+        `taesd` loads TAESD too (load_taesd)."""
         options = RuntimeOptions(device=device, precision=precision, compile=compile, torchscript=torchscript,
                                  ipex=ipex, threads=threads, trust_config=trust_config, backend=backend)
-        return cls.open(ckpt, config, options, task=task, quiet=quiet)
+        pipeline = cls.open(ckpt, config, options, task=task, quiet=quiet)
+        if taesd is not None:
+            pipeline.load_taesd(taesd)
+        return pipeline
 
     @classmethod
     def open(cls, ckpt: Optional[str | Path], config: Optional[str | Path], options: RuntimeOptions, *,
@@ -117,6 +123,14 @@ class Pipeline:
         options.check()
         config, ckpt, demo = choose_files(config, ckpt, task, quiet)
         return load_chosen(config, ckpt, demo, options.resolved(quiet), quiet)
+
+    def load_taesd(self, path: str | Path) -> None:
+        """Load TAESD (ldm.models.taesd: its decoder file, the encoder beside it, or a diffusers AutoencoderTiny
+        folder) for requests that decode or encode with it, and for previews. It stays across load_model: it
+        fits every SD 1/2 checkpoint's latents."""
+        from ldm.models.taesd import load_taesd
+
+        self.taesd = load_taesd(path, self.model.runtime.device if self.model is not None else "cpu")
 
     def load_model(self, ckpt: Optional[str | Path] = None, config: Optional[str | Path] = None,
                    quiet: bool = False) -> None:
@@ -158,7 +172,12 @@ class Pipeline:
 
     def defaults(self, task: str) -> dict:
         """The settings `task` uses when none are given, for this model (ldm.loading.families)."""
-        return families.task_defaults(task, self.demo)
+        return families.task_defaults(task, self.demo, self.preset)
+
+    @property
+    def preset(self) -> str:
+        """Whose defaults this model runs with: "turbo" (a few-step model, by its file name) or "sd"."""
+        return "sd" if self.demo else families.preset_of(self.ckpt)
 
     def resolve(self, request: Request) -> Request:
         """`request` with this model's defaults where it left settings None (Request.resolved)."""
@@ -238,7 +257,7 @@ class Pipeline:
         progress, names = settings.pop("progress", None), settings.pop("names", {})
         return self.generate(self.request(task, prompt, **settings, **size), progress, names)
 
-    def request(self, task: Task, prompt: str, *, steps: Optional[int] = None, sampler: str = "ddim",
+    def request(self, task: Task, prompt: str, *, steps: Optional[int] = None, sampler: Optional[str] = None,
                 schedule: Optional[str] = None, eta: Optional[float] = None, scale: Optional[float] = None,
                 batch_size: int = 1, n_iter: int = 1, **fields) -> Request:
         """The Request of one call from the per-task methods' keyword arguments (their names are the
@@ -302,10 +321,22 @@ class Pipeline:
         if self._cancel.is_set():
             raise Cancelled(f"cancelled {where}")
 
-    def preview(self, denoised: torch.Tensor) -> list[Image.Image]:
-        """Decode a Progress's x0 latents into (unwatermarked) previews."""
+    def preview(self, denoised: torch.Tensor, method: str = "full") -> list[Image.Image]:
+        """A Progress's x0 latents as (unwatermarked) previews: decoded by the model's VAE ("full"), by TAESD
+        ("taesd"), or by A1111's "Approx cheap" linear map of the latent channels ("cheap", no weights; what
+        "taesd" falls back to without TAESD and "full" for models whose VAE is not SD's). See PREVIEWS."""
+        from ldm.models import preview as approx
+
+        if method not in PREVIEWS:
+            raise SDError(f"unknown preview method '{method}' (one of {', '.join(PREVIEWS)})")
         with torch.inference_mode(), autocast_context(self.model):
-            images = self.model.decode_first_stage(denoised.to(self.model.runtime.device)).float()
+            z = denoised.to(self.model.runtime.device)
+            if method == "taesd" and self.taesd is not None and approx.fits_sd_latents(self.model, self.demo):
+                images = self.taesd.decode(z).float()
+            elif method == "full":
+                images = self.model.decode_first_stage(z).float()
+            else:
+                images = approx.cheap(z.float(), self.model.downsampling_factor)
         return imageio.tensor_to_pil(images.cpu())
 
 
@@ -314,7 +345,7 @@ class _StepCounter:
 
     def __init__(self, pipeline: Pipeline, progress: Optional[ProgressCallback], plan: list[Batch], task: Task):
         self.pipeline, self.progress = pipeline, progress
-        self.total = sum(task.steps_run(batch.sampling.steps) for batch in plan)
+        self.total = sum(task.steps_run(batch.sampling) for batch in plan)
         self.batches, self.batch, self.done = len(plan), 0, 0
         self.denoised: Optional[torch.Tensor] = None  # the running batch's latest x0 (its partial images)
 
@@ -341,6 +372,9 @@ class Session:
         if request.C != model.latent_channels or request.f != model.downsampling_factor:
             raise SDError(f"latent channels C {request.C} / factor f {request.f} do not fit the model (it has "
                           f"{model.latent_channels} latent channels and factor {model.downsampling_factor})")
+        self.decoder = self._autoencoder(request, names)
+        if request.tome > 0:
+            self.need_plain_unet(f"token merging ({names.get('tome', 'tome')}) changes the UNet's attention, which")
         task.prepare(model, request, self.device, pipeline.choice)
         from ldm.adapters.textual_inversion import load_folder
 
@@ -359,9 +393,38 @@ class Session:
                        "Backend": _backend_field(model),
                        # A1111 writes Emphasis only when it is not its default, "Original", Clip skip above 1
                        "Emphasis": {"none": "No norm", "off": "None"}.get(request.emphasis),
-                       "Clip skip": request.clip_skip if request.clip_skip != 1 else None}
+                       "Clip skip": request.clip_skip if request.clip_skip != 1 else None,
+                       # A1111's fields, written when not "Full"; the encoder only where a picture was encoded
+                       "VAE Decoder": "TAESD" if request.decode == "taesd" else None,
+                       "VAE Encoder": "TAESD" if request.encode == "taesd" and task.encodes_input else None,
+                       "Token merging ratio": request.tome or None}
         with model.cond_stage_model.clip_skip(request.clip_skip):  # within this text encoder's depth
             pass
+
+    def _autoencoder(self, request: Request, names: dict) -> Callable:
+        """The decoder of this run's final images (latents -> [-1, 1] pictures); the task's encoder set for
+        prepare. TAESD only where it was loaded and fits the model's latents (SD 1/2's 4 channels)."""
+        from ldm.models.preview import fits_sd_latents
+
+        pipeline, task = self.pipeline, self.task
+        task.encoder = None
+        for key in ("decode", "encode"):
+            if getattr(request, key) != "taesd" or (key == "encode" and not task.encodes_input):
+                continue
+            flag = names.get(key, key)
+            if pipeline.taesd is None:
+                raise SDError(f"{flag} taesd needs TAESD's files: load them with --taesd PATH (taesd_decoder.pth "
+                              "or .safetensors, or a diffusers AutoencoderTiny folder)")
+            if not fits_sd_latents(self.model, pipeline.demo) or task.name == "upscale":
+                raise SDError(f"{flag} taesd: TAESD decodes SD 1/2 latents, and this model's "
+                              f"{'are its own' if pipeline.demo or task.name == 'upscale' else 'differ'}; use full")
+            if key == "encode":
+                if pipeline.taesd.encoder is None:
+                    pipeline.taesd.encode(None)  # says which file is missing
+                task.encoder = pipeline.taesd.encode
+        if request.decode == "taesd":
+            return lambda model, latents: pipeline.taesd.decode(latents)
+        return task.decode
 
     def parameters(self, batch: Batch, position: int) -> str:
         """The "parameters" text of the image at `position` of `batch` (known before sampling)."""
@@ -412,13 +475,18 @@ class Session:
     def merge_loras(self, items) -> None:
         """Merge exactly the batch's LoRAs into the model (undoing others); the fast paths bake weights in."""
         wanted = self.loras_of(items)
-        options = self.pipeline.options
-        if wanted and (options.compile or options.torchscript or
-                       type(self.model.model.diffusion_model).__name__ != "UNetModel"):
-            raise SDError("LoRA is merged into the UNet's weights, which --compile, --torchscript and --ipex "
-                          "have baked in: drop them to use LoRA")
+        if wanted:
+            self.need_plain_unet("LoRA is merged into the UNet's weights, which")
         self.pipeline.loras.apply(wanted)
         self.encoder.state = self.pipeline.loras.active
+
+    def need_plain_unet(self, what: str) -> None:
+        """SDError unless the UNet runs as sd's own modules in PyTorch: `what` needs them (LoRA merges into
+        their weights, token merging changes their attention), which the fast paths have baked in."""
+        options = self.pipeline.options
+        if options.compile or options.torchscript or type(self.model.model.diffusion_model).__name__ != "UNetModel":
+            backend = "--backend openvino" if _backend_field(self.model) else "--compile, --torchscript and --ipex"
+            raise SDError(f"{what} {backend} have baked in: drop them to use it")
 
     def conditioning(self, items, guided: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Text features of the batch's prompts (B, 77 * k, width) and, when guided, of its negative prompts,
@@ -436,7 +504,10 @@ class Session:
         request, items, task, settings = (self.request.for_batch(batch.sampling, batch.size), batch.items,
                                           self.task, batch.sampling)
         noise, generators = start_noise([item.seed for item in items], task.latent_shape(request))
-        with torch.inference_mode(), autocast_context(self.model):
+        from ldm.modules.tome import token_merging
+
+        with torch.inference_mode(), autocast_context(self.model), \
+                token_merging(self.model.model.diffusion_model, request.tome):
             c, uc = self.conditioning(items, guided=settings.scale != 1.0)
             inputs = task.batch(self.model, items, generators, self.device)
             latents = sample_latents(self.model, noise.to(self.device), generators, c, uc, settings, on_step,
@@ -447,7 +518,7 @@ class Session:
     def decoded(self, items, latents: torch.Tensor) -> list[Image.Image]:
         """The batch's pictures from its final latents (checked finite before and after decoding)."""
         self.check_finite(latents, "the sampled latents", items)
-        images = self.task.finish(self.task.decode(self.model, latents).float(), items)
+        images = self.task.finish(self.decoder(self.model, latents).float(), items)
         self.check_finite(images, "the decoded pixels", items)
         return imageio.tensor_to_pil(images.cpu())
 

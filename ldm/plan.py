@@ -16,17 +16,9 @@ from typing import Mapping, Optional
 
 from ldm.errors import SDError
 from ldm.limits import SEED_MAX
-from ldm.request import PromptLine, Request, SamplingSettings
+from ldm.request import Item, PromptLine, Request, SamplingSettings
 
-
-@dataclass(frozen=True)
-class Item:
-    index: int  # global image index k within the run
-    prompt: str
-    negative_prompt: str
-    seed: int  # the seed of this image's generators (seed + k, or seed when it is fixed)
-    sampling: Optional[SamplingSettings] = None  # this item's settings when a prompt-file line set them
-    size: Optional[tuple[int, int]] = None  # (width, height) of this item when a prompt-file line set it
+__all__ = ["Batch", "Item", "make_plan"]
 
 
 @dataclass

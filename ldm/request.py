@@ -28,14 +28,16 @@ if TYPE_CHECKING:
 
 MAX_CLIP_SKIP = 12  # A1111's slider; a text encoder's own depth may bound it lower (checked once loaded)
 EMPHASIS = ("original", "none", "off")  # how (word:1.2) weights apply (ldm.text.chunks)
+AUTOENCODERS = ("full", "taesd")  # decode / encode: the model's own VAE, or TAESD (--taesd)
+MAX_TOME = 0.9  # A1111's token merging sliders end here
 
 
 @dataclass
 class SamplingSettings:
     """The sampler's settings; None: the task's default for the model (Request.resolved)."""
     steps: Optional[int] = None
-    sampler: str = "ddim"
-    schedule: Optional[str] = None  # None: the sampler's own default
+    sampler: Optional[str] = None  # None: the model's default (ddim; euler_a for few-step models)
+    schedule: Optional[str] = None  # None: the model's (trailing for few-step models), else the sampler's own
     eta: Optional[float] = None
     scale: Optional[float] = None
 
@@ -59,6 +61,17 @@ class PromptLine:
     def overrides(self, keys=("steps", "sampler", "schedule", "eta", "scale")) -> dict:
         """The sampling settings this line sets."""
         return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image a request asks for, as its plan (ldm.plan) places it and the task hooks see it."""
+    index: int  # global image index k within the run
+    prompt: str
+    negative_prompt: str
+    seed: int  # the seed of this image's generators (seed + k, or seed when it is fixed)
+    sampling: Optional[SamplingSettings] = None  # this item's settings when a prompt-file line set them
+    size: Optional[tuple[int, int]] = None  # (width, height) of this item when a prompt-file line set it
 
 
 # How a prompt line's own fields are named in messages: by their JSON key.
@@ -95,6 +108,10 @@ class Request:
     C: Optional[int] = None  # latent channels and the first stage's factor (None: the model's)
     f: Optional[int] = None
     reproduce: Optional[tuple[int, int]] = None  # (batch size, position): remake the image at that place only
+    preset: Optional[str] = None  # whose defaults: "turbo", "sd"; None or "auto": by the checkpoint's file name
+    decode: str = "full"  # the final images' decoder: the model's VAE ("full") or TAESD ("taesd")
+    encode: str = "full"  # the input pictures' encoder (img2img, inpaint, depth2img): "full" or "taesd"
+    tome: float = 0.0  # token merging ratio (tomesd's, as A1111 calls it): 0 off, up to MAX_TOME
     limits: Limits = field(default_factory=Limits)
 
     # -- defaults -----------------------------------------------------------------------------------
@@ -106,8 +123,12 @@ class Request:
         from ldm.loading import families
 
         task = self.task.name
-        defaults = families.task_defaults(task, demo)
+        preset = families.preset_of(ckpt, self.preset)
+        defaults = families.task_defaults(task, demo, preset)
         s = self.sampling
+        # a few-step model's schedule (trailing) goes with any sampler not asked to use another
+        s = dataclasses.replace(s, sampler=defaults["sampler"] if s.sampler is None else s.sampler,
+                                schedule=defaults["schedule"] if s.schedule is None else s.schedule)
         sampling = dataclasses.replace(
             s, steps=defaults["steps"] if s.steps is None else s.steps,
             scale=defaults["scale"] if s.scale is None else s.scale,
@@ -124,7 +145,7 @@ class Request:
             width = native_size if self.width is None else self.width
             height = native_size if self.height is None else self.height
         return dataclasses.replace(
-            self, sampling=sampling, lines=lines, width=width, height=height,
+            self, sampling=sampling, lines=lines, width=width, height=height, preset=preset,
             seed=secrets.randbelow(2 ** 32) if self.seed is None or self.seed == -1 else self.seed,
             batch_size=defaults["n_samples"] if self.batch_size is None else self.batch_size,
             n_iter=defaults["n_iter"] if self.n_iter is None else self.n_iter,
@@ -171,6 +192,12 @@ class Request:
             raise SDError(f"{name('clip_skip')} must be a whole number from 1 to {MAX_CLIP_SKIP} (got {self.clip_skip})")
         if self.emphasis not in EMPHASIS:
             raise SDError(f"{name('emphasis')} must be one of {', '.join(EMPHASIS)} (got '{self.emphasis}')")
+        for key in ("decode", "encode"):
+            if getattr(self, key) not in AUTOENCODERS:
+                raise SDError(f"{name(key)} must be one of {', '.join(AUTOENCODERS)} (got '{getattr(self, key)}')")
+        check_number(name("tome"), self.tome, minimum=0.0)
+        if self.tome > MAX_TOME:
+            raise SDError(f"{name('tome')} must be from 0 to {MAX_TOME} (got {self.tome:g})")
         # names first: check_steps builds the schedule
         check_sampler(self.sampling.sampler, self.sampling.schedule, self.sampling.eta)
         check_steps(self.sampling, self.limits, timesteps, name)

@@ -69,8 +69,13 @@ def psnr(a, b):
 # -- helpers with exact answers -----------------------------------------------------------------------
 
 def test_steps_for_strength_is_the_references_int_strength_times_steps():
-    assert [task_base.steps_for_strength(50, s) for s in (0.0, 0.3, 0.8, 1.0)] == [0, 15, 40, 50]
-    assert task_base.steps_for_strength(3, 0.5) == 1
+    from ldm.request import SamplingSettings
+
+    ddim = SamplingSettings(steps=50, sampler="ddim")
+    assert [task_base.steps_for_strength(ddim, s) for s in (0.0, 0.3, 0.8, 1.0)] == [0, 15, 40, 50]
+    assert task_base.steps_for_strength(SamplingSettings(steps=3, sampler="ddim"), 0.5) == 1
+    # ComfyUI's turbo schedule takes its steps whatever the strength: it starts lower instead
+    assert task_base.steps_for_strength(SamplingSettings(steps=2, sampler="euler", schedule="turbo"), 0.5) == 2
 
 
 def test_mask_rule_bright_any_colour_is_repaint_transparent_is_keep():

@@ -199,22 +199,29 @@ def test_interrupt_stops_the_running_job_within_a_step(tiny_server):
 
 
 def test_previews_are_decoded_only_while_someone_watches(tiny_server, monkeypatch):
-    """A live preview costs a VAE decode: a job nobody watches makes none; polling /progress (without
-    skip_current_image) makes one every 5 steps."""
+    """A live preview made by the VAE costs a decode: a job nobody watches makes none; polling /progress
+    (without skip_current_image) makes one every 5 steps when asked for "Full" previews, and one every step
+    with the default cheap previews (A1111's "Approx cheap"), which cost next to nothing."""
     server, url, port = tiny_server
     decoded = []
     real = Pipeline.preview
-    monkeypatch.setattr(Pipeline, "preview", lambda self, x: decoded.append(1) or real(self, x))
+    monkeypatch.setattr(Pipeline, "preview", lambda self, x, method="full": decoded.append(method) or real(self, x, method))
     body = {"prompt": "a cube", "steps": 20, "width": 256, "height": 256, "seed": 1, "sampler_name": "Euler"}
+    full = {**body, "override_settings": {"show_progress_type": "Full"}}
     from ldm.serve import worker
 
     with monkeypatch.context() as unwatched:  # an earlier test's /progress polls are forgotten
         unwatched.setattr(worker, "WATCH_SECONDS", 0.0)
+        assert requests.post(f"{url}/sdapi/v1/txt2img", json=full).status_code == 200
         assert requests.post(f"{url}/sdapi/v1/txt2img", json=body).status_code == 200
     assert decoded == []
     server.worker.want_preview()  # what the page's poll and /progress do
+    assert requests.post(f"{url}/sdapi/v1/txt2img", json=full).status_code == 200
+    assert decoded == ["full"] * 3  # steps 5, 10 and 15 (not the last: the result itself follows)
+    decoded.clear()
+    server.worker.want_preview()
     assert requests.post(f"{url}/sdapi/v1/txt2img", json=body).status_code == 200
-    assert len(decoded) == 3  # steps 5, 10 and 15 (not the last: the result itself follows)
+    assert decoded == ["cheap"] * 19
 
 
 def test_a_vanished_client_does_not_stop_the_server(tiny_server):

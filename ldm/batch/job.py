@@ -37,6 +37,7 @@ class BatchJob:
     num_nodes: int = 1
     accelerator: Optional[str] = None  # cpu | gpu | auto; None: from --device
     from_image: Optional[Path] = None  # rebuild the request from this PNG's parameters (ldm.batch.reproduce)
+    taesd: Optional[Path] = None  # TAESD's files (--taesd), for decode / encode "taesd"
     names: Mapping[str, str] = field(default_factory=dict)  # the front end's names of request fields (flags)
 
     @property
@@ -79,6 +80,14 @@ class BatchJob:
         if self.n_rows < 0:
             raise SDError("--n_rows must be 0 (= the batch size) or more")
         self.request.check(self.names, self.timesteps())
+        wanted = [key for key in ("decode", "encode") if getattr(self.request, key) == "taesd"]
+        if wanted and self.taesd is None:
+            raise SDError(f"{self.names.get(wanted[0], wanted[0])} taesd needs TAESD's files: --taesd PATH "
+                          "(taesd_decoder.pth or .safetensors, or a diffusers AutoencoderTiny folder)")
+        if self.taesd is not None:
+            from ldm.models.taesd import find_files
+
+            find_files(self.taesd)  # a missing file is one line before the model loads
         if self.ckpt is None:
             raise SDError("no checkpoint given: pass --ckpt FILE (.ckpt or .safetensors; see checkpoints/README.md)")
         if not Path(self.ckpt).exists():
@@ -94,6 +103,8 @@ class BatchJob:
 
         options = self.runtime if device is None else dataclasses.replace(self.runtime, device=str(device))
         pipeline = Pipeline.open(self.ckpt, self.config, options, task=self.request.task.name)
+        if self.taesd is not None:
+            pipeline.load_taesd(self.taesd)
         return pipeline.session(pipeline.resolve(self.request), self.names)
 
     def timesteps(self) -> int:

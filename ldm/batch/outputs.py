@@ -276,7 +276,7 @@ class PlanRunner:
         self.written: list[Path] = []
         self.grid_images: list = []  # sequential runs make the grid from memory, as the reference
         self.started = time.perf_counter()
-        steps = sum(session.task.steps_run(plan[b].sampling.steps) for b in self.share)
+        steps = sum(session.task.steps_run(plan[b].sampling) for b in self.share)
         self.bar = tqdm(total=steps, desc="sampling", unit="step", dynamic_ncols=True, disable=rank != 0)
 
     def run_batch(self, b: int) -> list[Path]:

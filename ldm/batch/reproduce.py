@@ -88,6 +88,9 @@ def _job_from(job: "BatchJob", info: metadata.Infotext, path: Path) -> "BatchJob
         request, prompt=prompt, negative_prompt=negative, seed=info.number("Seed", int, request.seed),
         width=width, height=height, sampling=sampling, lines=(), batch_size=1, n_iter=1, fixed_seed=False,
         emphasis={"No norm": "none", "None": "off"}.get(fields.get("Emphasis", ""), "original"),
-        clip_skip=info.number("Clip skip", int, 1), reproduce=(batch_size, position))
+        clip_skip=info.number("Clip skip", int, 1), reproduce=(batch_size, position),
+        decode="taesd" if fields.get("VAE Decoder") == "TAESD" else "full",
+        encode="taesd" if fields.get("VAE Encoder") == "TAESD" else "full",
+        tome=info.number("Token merging ratio", float, 0.0))
     runtime = dataclasses.replace(job.runtime, precision=fields.get("Precision", job.runtime.precision))
     return dataclasses.replace(job, request=request, runtime=runtime, from_file=None, repeat=1)

@@ -58,6 +58,11 @@ def shared_flags(
     num_nodes: opt.NumNodes = 1,
     accelerator: opt.Accelerator = None,
     from_image: opt.FromImage = None,
+    preset: opt.Preset = None,
+    taesd: opt.Taesd = None,
+    decode: opt.Decode = "full",
+    encode: opt.Encode = "full",
+    tome: opt.Tome = 0.0,
     max_side: opt.MaxSide = Limits.max_side,
     max_steps: opt.MaxSteps = Limits.max_steps,
     max_batch: opt.MaxBatch = Limits.max_batch,
@@ -73,7 +78,7 @@ LIMIT_FLAGS = ("max_side", "max_steps", "max_batch", "max_images", "max_chunks")
 RUNTIME_FLAGS = ("device", "precision", "compile", "torchscript", "ipex", "threads", "trust_config", "backend")
 # The shared flags that are the batch layer's own options (ldm.batch.job.BatchJob).
 BATCH_FLAGS = ("outdir", "from_file", "repeat", "n_rows", "skip_existing", "devices", "num_nodes", "accelerator",
-               "from_image")
+               "from_image", "taesd")
 
 
 def run_command(task, *, plms: bool, dpm: bool, sampler: Optional[str], schedule: Optional[str],
@@ -99,10 +104,19 @@ def run_command(task, *, plms: bool, dpm: bool, sampler: Optional[str], schedule
         fixed_seed=flags.pop("fixed_code"), width=W, height=H, sampling=sampling, batch_size=flags.pop("n_samples"),
         n_iter=flags.pop("n_iter"), emphasis=flags.pop("emphasis"), clip_skip=flags.pop("clip_skip"),
         loras=tuple(flags.pop("lora") or ()), lora_dir=flags.pop("lora_dir"), embeddings=flags.pop("embeddings"),
-        C=flags.pop("C"), f=flags.pop("f"), limits=Limits(**{name: flags.pop(name) for name in LIMIT_FLAGS}))
+        C=flags.pop("C"), f=flags.pop("f"), preset=flags.pop("preset"), decode=flags.pop("decode"),
+        encode=flags.pop("encode"), tome=flags.pop("tome"),
+        limits=Limits(**{name: flags.pop(name) for name in LIMIT_FLAGS}))
     if flags:
         raise TypeError(f"flags not passed on: {sorted(flags)}")
-    job = BatchJob(request.resolved(demo, ckpt), ckpt, config, runtime, names=opt.FLAG_NAMES, **batch)
+    resolved = request.resolved(demo, ckpt)
+    if not demo and resolved.preset == "turbo" and request.preset in (None, "auto"):
+        from ldm.errors import note
+
+        s = resolved.sampling
+        note(f"{Path(ckpt).name}: its name says turbo, so what you left out takes SD-Turbo's defaults ({s.steps} "
+             f"step(s), scale {s.scale:g}, {s.sampler}, {s.schedule} schedule); --preset sd for SD 2's")
+    job = BatchJob(resolved, ckpt, config, runtime, names=opt.FLAG_NAMES, **batch)
     ready_for_interrupts()  # every module is imported: Ctrl-C from now on stops the run cleanly
     run_job(job)
 

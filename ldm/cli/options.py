@@ -99,14 +99,14 @@ Backend = Annotated[str, typer.Option(
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: OMP_NUM_THREADS, else all cores).")]
 
 
-def pick_sampler(sampler: Optional[str], *, plms: bool, dpm: bool) -> str:
+def pick_sampler(sampler: Optional[str], *, plms: bool, dpm: bool) -> Optional[str]:
     """--plms and --dpm are the reference's spellings of --sampler plms / dpm."""
     chosen = [name for name, on in (("plms", plms), ("dpm", dpm)) if on]
     if sampler is not None:
         chosen.append(sampler)
     if len(set(chosen)) > 1:
         raise SDError(f"choose one sampler: {' and '.join('--' + c if c in ('plms', 'dpm') else c for c in chosen)} were given")
-    return chosen[0] if chosen else "ddim"
+    return chosen[0] if chosen else None  # None: the model's default (Request.resolved)
 
 
 def pick_precision(precision: str, bf16: bool) -> str:
@@ -130,6 +130,23 @@ Accelerator = Annotated[Optional[str], typer.Option(
 FromImage = Annotated[Optional[Path], typer.Option(
     "--from-image", "--from_image", help="Reproduce a PNG written by sd from its stored parameters (same pixels).")]
 
+Preset = Annotated[Optional[str], typer.Option(
+    "--preset", help="Whose defaults fill the settings you leave out: turbo (few-step models such as SD-Turbo: 1 step, "
+    "scale 1, euler_a, trailing timesteps), sd (SD 2's: the reference's), auto [default]: turbo when the "
+    "checkpoint's file name says turbo.", show_default=False)]
+
+Taesd = Annotated[Optional[Path], typer.Option(
+    "--taesd", help="TAESD, the tiny autoencoder: taesd_decoder.pth or .safetensors (taesd_encoder.* beside it is "
+    "read too) or a diffusers AutoencoderTiny folder; used by --decode/--encode taesd.")]
+Decode = Annotated[str, typer.Option(
+    "--decode", help="Decoder of the final images: full (the checkpoint's VAE) or taesd (about 40x less work; "
+    "needs --taesd).")]
+Encode = Annotated[str, typer.Option(
+    "--encode", help="Encoder of img2img/inpaint/depth2img inputs: full or taesd (needs --taesd with its encoder).")]
+Tome = Annotated[float, typer.Option(
+    "--tome", help="Token merging ratio (tomesd, as A1111 applies it): merge this share of the tokens before each "
+    "self-attention of the full-resolution blocks; 0 off, up to 0.9. Faster at large sizes; the image changes a little.")]
+
 Height = Annotated[Optional[int], typer.Option("--H", help="Image height in pixels [default: the model's native size: 512 "
                                                "for v2 base, 768 for v and unCLIP, 256 for the demo model].")]
 Width = Annotated[Optional[int], typer.Option("--W", help="Image width in pixels [default: the model's native size].")]
@@ -141,5 +158,6 @@ FLAG_NAMES = {
     "batch_size": "--n_samples", "n_iter": "--n_iter", "emphasis": "--emphasis", "clip_skip": "--clip-skip",
     "embeddings": "--embeddings", "C": "--C", "f": "--f", "max_side": "--max-side", "max_steps": "--max-steps",
     "max_batch": "--max-batch", "max_images": "--max-images", "max_chunks": "--max-chunks",
-    "strength": "--strength", "noise_level": "--noise-level",
+    "strength": "--strength", "noise_level": "--noise-level", "preset": "--preset", "decode": "--decode",
+    "encode": "--encode", "tome": "--tome",
 }

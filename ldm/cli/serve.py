@@ -26,8 +26,9 @@ Styles = Annotated[Optional[Path], typer.Option(
     "[default: styles.csv beside the models folder].")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse input images with more pixels than this.")]
 PreviewEvery = Annotated[int, typer.Option(
-    "--preview-every", help="Show a live preview on the page and in /progress every this many steps (0: none); "
-    "each costs one VAE decode, made only while the page or a /progress client shows it.")]
+    "--preview-every", help="Show a live preview on the page and in /progress every this many steps (0: none), made "
+    "only while the page or a /progress client shows it; the cheap previews (A1111's \"Approx cheap\", the default "
+    "without --taesd) cost next to nothing and come every step.")]
 
 
 @app.command("serve", help="Serve a web page for every task and AUTOMATIC1111's /sdapi/v1 API on one loaded model.")
@@ -38,7 +39,7 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
           max_side: opt.MaxSide = 2048, max_steps: opt.MaxSteps = 150, max_batch: opt.MaxBatch = 8,
           max_images: opt.MaxImages = 16, max_chunks: opt.MaxChunks = 32, max_body_mb: MaxBodyMb = 64, max_pixels: MaxPixels = 16_000_000,
           embeddings: opt.Embeddings = None, lora_dir: opt.LoraDir = None, backend: opt.Backend = "torch",
-          styles: Styles = None, preview_every: PreviewEvery = PREVIEW_EVERY) -> None:
+          styles: Styles = None, preview_every: PreviewEvery = PREVIEW_EVERY, taesd: opt.Taesd = None) -> None:
     from ldm.cli.entry import ready_for_interrupts
     from ldm.errors import SDError, note
     from ldm.limits import Limits
@@ -67,7 +68,7 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
     from ldm.serve.app import run
 
     pipeline = Pipeline.load(ckpt, config, device=device, precision=precision, threads=threads,
-                             trust_config=trust_config, task=tab, backend=backend)
+                             trust_config=trust_config, task=tab, backend=backend, taesd=taesd)
     note(f"sd serve on http://{host}:{port}/ (page) and /sdapi/v1 (API, docs at /docs): {said}")
     run(pipeline, host=host, port=port, auth=auth, models_dir=models_dir, outdir=outdir, limits=limits,
         max_pixels=max_pixels, max_body=max_body_mb * 2 ** 20, first_tab=tab, embeddings=embeddings,

@@ -32,7 +32,7 @@ TASKS = ("txt2img", "img2img", "depth2img", "inpaint", "upscale", "variations")
 # The settings every task takes, with the reference scripts' defaults (scripts/txt2img.py, img2img.py and
 # the gradio/streamlit demos for inpainting, depth and the upscaler). n_samples is the batch size, n_iter
 # how often it runs; eta None means "the sampler's own" (0 for the deterministic ones).
-_SD = {"steps": 50, "scale": 9.0, "n_samples": 1, "n_iter": 1, "eta": None}
+_SD = {"steps": 50, "scale": 9.0, "n_samples": 1, "n_iter": 1, "eta": None, "sampler": "ddim", "schedule": None}
 SD_DEFAULTS = {
     "txt2img": {**_SD, "n_samples": 3, "n_iter": 3},
     "img2img": {**_SD, "n_samples": 2, "strength": 0.8},
@@ -56,13 +56,35 @@ NEEDS_CHECKPOINT = {
 }
 
 
-def task_defaults(task: str, demo: bool) -> dict:
-    """The default settings of `task` with the demo model (demo=True) or a Stable Diffusion checkpoint."""
+# Few-step models (SD-Turbo) as their makers run them: one Euler ancestral step from the top timestep,
+# no guidance (diffusers: num_inference_steps=1, guidance_scale=0.0; scale 1 is sd's "no guidance": one UNet
+# pass a step). img2img takes 2 trailing steps, so that its default strength keeps the step at t = 499
+# (diffusers: steps x strength >= 1).
+TURBO_DEFAULTS = {"steps": 1, "scale": 1.0, "sampler": "euler_a", "schedule": "trailing"}
+TURBO_TASK_DEFAULTS = {"img2img": {"steps": 2}}
+PRESETS = ("auto", "turbo", "sd")  # auto: turbo when the checkpoint's file name says turbo, else sd
+
+
+def preset_of(ckpt, asked: Optional[str] = None) -> str:
+    """The defaults a checkpoint runs with: `asked` ("turbo" or "sd"), else by its file name as other tools
+    decide (nothing in SD-Turbo's keys tells it from SD 2.1-base): "turbo" when the name says turbo."""
+    if asked not in (None, "auto"):
+        if asked not in PRESETS:
+            raise SDError(f"unknown preset '{asked}' (one of {', '.join(PRESETS)})")
+        return asked
+    return "turbo" if ckpt is not None and "turbo" in Path(ckpt).name.lower() else "sd"
+
+
+def task_defaults(task: str, demo: bool, preset: str = "sd") -> dict:
+    """The default settings of `task` with the demo model (demo=True) or a Stable Diffusion checkpoint run
+    with `preset`'s defaults (preset_of)."""
     if task not in SD_DEFAULTS:
         raise SDError(f"unknown task '{task}' (one of {', '.join(TASKS)})")
-    if not demo:
-        return dict(SD_DEFAULTS[task])
-    return {**SD_DEFAULTS[task], **DEMO_DEFAULTS, **DEMO_TASK_DEFAULTS.get(task, {})}
+    if demo:
+        return {**SD_DEFAULTS[task], **DEMO_DEFAULTS, **DEMO_TASK_DEFAULTS.get(task, {})}
+    if preset == "turbo":
+        return {**SD_DEFAULTS[task], **TURBO_DEFAULTS, **TURBO_TASK_DEFAULTS.get(task, {})}
+    return dict(SD_DEFAULTS[task])
 
 
 def resolve_eta(task: str, demo: bool, sampler: str, eta: Optional[float]) -> float:

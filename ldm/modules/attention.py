@@ -113,9 +113,17 @@ class BasicTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
+        self.tome = None  # token merging while a run asks for it (ldm.modules.tome.token_merging)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x), context if self.disable_self_attn else None)  # (B, N, dim)
+        return self._forward(x, context)
+
+    def _forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # (the reference's name for the block's computation, which tools such as tomesd replace)
+        merged = self.tome.merges(x) if self.tome is not None else None
+        h = self.norm1(x)
+        attended = self.attn1(h if merged is None else merged[0](h), context if self.disable_self_attn else None)
+        x = x + (attended if merged is None else merged[1](attended))  # (B, N, dim)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 

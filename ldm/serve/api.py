@@ -30,22 +30,27 @@ class Prepared:
     ignored: list = field(default_factory=list)
     checkpoint: Optional[str] = None  # override_settings.sd_model_checkpoint
     restore: bool = True  # override_settings_restore_afterwards
+    preview: Optional[str] = None  # override_settings.show_progress_type, as Pipeline.preview's method
 
 
 def prepare(server, request: Txt2ImgRequest) -> Prepared:
     """The request's pipeline settings after the A1111 fields sd cannot honour were refused."""
     a1111.refuse_unsupported(request)
-    taken = Settings().take(request.override_settings, "override_settings")
+    taken = Settings(kept=server.kept_options).take(request.override_settings, "override_settings")
+    task = "img2img" if isinstance(request, Img2ImgRequest) else "txt2img"
     styles = server.styles() if request.styles else {}  # a broken styles file fails only the requests naming one
     prompt, negative, applied, unknown = apply_styles(styles, request.styles, request.prompt, request.negative_prompt)
     settings = {**a1111.settings_of(request), "negative_prompt": negative, "limits": server.limits,
-                "embeddings": server.embeddings, "lora_dir": server.lora_dir, "clip_skip": taken.clip_skip}
+                "embeddings": server.embeddings, "lora_dir": server.lora_dir, "clip_skip": taken.clip_skip,
+                "decode": taken.decode, "encode": taken.encode, "tome": taken.tome(task)}
     if settings["eta"] is None:
         settings["eta"] = taken.eta_for(settings["sampler"])
     ignored = taken.ignored + [f"styles: {name}" for name in unknown]
     if request.save_images and server.outdir is None:
         ignored.append("save_images (not saved: the server has no --outdir)")
-    return Prepared(prompt, settings, applied, ignored, taken.checkpoint, request.override_settings_restore_afterwards)
+    preview = taken.preview if taken.kept["show_progress_type"] != server.kept_options["show_progress_type"] else None
+    return Prepared(prompt, settings, applied, ignored, taken.checkpoint, request.override_settings_restore_afterwards,
+                    preview)
 
 
 def generate(server, prepared: Prepared, job) -> tuple[list[GeneratedImage], bool]:
@@ -55,6 +60,9 @@ def generate(server, prepared: Prepared, job) -> tuple[list[GeneratedImage], boo
     target = server.resolve(prepared.checkpoint) if prepared.checkpoint else None
 
     def on_model(pipe, progress):
+        state = server.worker.state
+        if state is not None:
+            state.preview_method = prepared.preview
         previous = None
         if target is not None and not server.is_loaded(target):
             previous = (pipe.ckpt, pipe.config)

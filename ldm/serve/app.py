@@ -21,6 +21,7 @@ from ldm.limits import Limits
 from ldm.pipeline import Pipeline
 from ldm.serve import PREVIEW_EVERY
 from ldm.serve.a1111 import RequestError, ServerFileError
+from ldm.serve.options import KEPT_DEFAULTS, PREVIEW_TYPES, Settings
 from ldm.serve.worker import Worker
 
 log = logging.getLogger("sd.serve")
@@ -36,6 +37,11 @@ class Server:
                  embeddings: Optional[Path] = None, lora_dir: Optional[Path] = None, styles: Optional[Path] = None,
                  preview_every: int = PREVIEW_EVERY):
         self.worker = Worker(pipeline, before=self.ensure_loaded, preview_every=preview_every)
+        self.preview_every = preview_every
+        # the A1111 options POST /options keeps (VAE methods, preview type, token merging); with TAESD loaded
+        # its previews are the default, as A1111's TAESD choice
+        self.kept_options = {**KEPT_DEFAULTS, **({"show_progress_type": "TAESD"} if pipeline.taesd is not None else {})}
+        self.worker.preview_method = PREVIEW_TYPES[self.kept_options["show_progress_type"]]
         self._unloaded: Optional[tuple] = None  # (ckpt, config) while /unload-checkpoint has freed the model
         # A1111's styles.csv (None: styles.csv beside the models folder)
         self.styles_file = Path(styles) if styles is not None else None
@@ -160,11 +166,11 @@ class Server:
     def set_options(self, body: dict) -> list[str]:
         """POST /options (ldm.serve.options): the checkpoint switches the model; returns the keys taken without
         effect."""
-        from ldm.serve.options import Settings
-
-        taken = Settings().take(body, "options")
+        taken = Settings(kept=self.kept_options).take(body, "options")
         if taken.checkpoint is not None:
             self.switch(taken.checkpoint)
+        self.kept_options = dict(taken.kept)
+        self.worker.preview_method = taken.preview
         return taken.ignored
 
     def resolve(self, title: str) -> Path:
@@ -199,6 +205,11 @@ class Server:
         path = self.resolve(title)
         if not self.is_loaded(path):
             self.worker.run("load", lambda pipe, progress: self.load_into(pipe, path))
+
+    def kept_settings(self, task: str) -> dict:
+        """The Request fields the kept A1111 options give a job of `task` that names none (the page's)."""
+        taken = Settings(kept=self.kept_options)
+        return {"decode": taken.decode, "encode": taken.encode, "tome": taken.tome(task)}
 
     def styles(self) -> dict:
         """The prompt styles of --styles (A1111's styles.csv), read when the file changes (a wrong file too:

@@ -112,11 +112,12 @@ def sampling_controls(tab: str, defaults: dict, size: Optional[int]) -> dict:
     c = {"negative_prompt": gr.Textbox(label="Negative prompt", lines=1, elem_id=f"{tab}-negative-prompt")}
     with gr.Row():
         # A1111's names shown (what its users and infotexts say), sd's names as the values
-        c["sampler"] = gr.Dropdown([(info.label, name) for name, info in SAMPLER_INFO.items()], value="ddim",
-                                   label="Sampler", elem_id=f"{tab}-sampler")
+        c["sampler"] = gr.Dropdown([(info.label, name) for name, info in SAMPLER_INFO.items()],
+                                   value=defaults["sampler"], label="Sampler", elem_id=f"{tab}-sampler")
         c["schedule"] = gr.Dropdown([("Automatic", "sampler's own"), *((label, name) for name, label in
                                                                         SCHEDULE_LABELS.items())],
-                                    value="sampler's own", label="Schedule type", elem_id=f"{tab}-schedule")
+                                    value=defaults["schedule"] or "sampler's own", label="Schedule type",
+                                    elem_id=f"{tab}-schedule")
         c["steps"] = gr.Slider(1, 150, value=defaults["steps"], step=1, label="Steps", elem_id=f"{tab}-steps")
         c["scale"] = gr.Slider(1.0, 20.0, value=defaults["scale"], step=0.5, label="Guidance scale")
     with gr.Row():
@@ -208,7 +209,7 @@ def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Ca
         _check_pixels(given.values(), server.max_pixels)
         # the page obeys the API's bounds and uses the server's embeddings
         settings = {**settings_from(given, defaults), "limits": server.limits, "embeddings": server.embeddings,
-                    "lora_dir": server.lora_dir}
+                    "lora_dir": server.lora_dir, **server.kept_settings(tab)}
         if sized:
             settings.update(height=int(given["height"]), width=int(given["width"]))
         yield from follow_job(server, results, lambda: make_task(given), prompt_text, settings, progress,
@@ -223,7 +224,7 @@ def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Ca
     reuse.click(lambda text: _number(metadata.Infotext.read(text or ""), "Seed", int, 0, 2 ** 64 - 1), infotext,
                 controls["seed"], queue=False)
     return {"prompt": prompt, "controls": controls, "gallery": gallery, "infotext": infotext, "send": send,
-            "image": own.get("image")}
+            "image": own.get("image"), "tab": tab}
 
 
 def wire_send_to(tabs, parts: dict) -> None:
@@ -293,28 +294,44 @@ def _number(info: metadata.Infotext, key: str, cast, low, high):
     return value if value is not None and low <= value <= high else gr.update()
 
 
-def checkpoint_picker(server) -> None:
-    """The models folder's checkpoints; choosing one loads it on the worker (after the jobs queued before it),
-    with progress, as POST /sdapi/v1/options does."""
-    from ldm.serve.a1111 import RequestError
-
+def checkpoint_picker(server):
+    """The models folder's checkpoints (the list and its status line; wire_checkpoint_picker makes it work)."""
     with gr.Row():
         gr.Markdown("### sd: Stable Diffusion 2.x")
         picker = gr.Dropdown([m["title"] for m in server.models()], value=server.current_title(), label="Checkpoint",
                              elem_id="checkpoint", scale=3)
         said = gr.Markdown("", elem_id="checkpoint-status")
 
+    return picker, said
+
+
+DEFAULTED = ("sampler", "schedule", "steps", "scale")  # the controls a checkpoint's preset sets (SD-Turbo's)
+
+
+def wire_checkpoint_picker(server, picker, said, parts: dict) -> None:
+    """Choosing a checkpoint loads it on the worker (after the jobs queued before it), with progress, as POST
+    /sdapi/v1/options does, and sets every tab's sampler, schedule type, steps and scale to its defaults (a
+    few-step model's: 1 step, scale 1, Euler a, trailing)."""
+    from ldm.serve.a1111 import RequestError
+
+    outputs = [said] + [parts[tab]["controls"][key] for tab in parts for key in DEFAULTED]
+
     def pick(title, progress=gr.Progress()):
         if not title or title == server.current_title():
-            return gr.update()
+            return [gr.update()] * len(outputs)
         progress(None, desc=f"loading {title}")
         try:
             server.switch(title)
         except RequestError as exc:
             raise gr.Error(str(exc)) from None
-        return f"loaded {server.current_title()}"
+        values = []
+        for tab in parts:
+            defaults = server.pipeline.defaults(tab)
+            values += [defaults["sampler"], defaults["schedule"] or "sampler's own", defaults["steps"],
+                       defaults["scale"]]
+        return [f"loaded {server.current_title()}"] + values
 
-    picker.change(pick, picker, said)
+    picker.change(pick, picker, outputs)
 
 
 def page_theme() -> gr.themes.Theme:
@@ -330,7 +347,7 @@ def build_page(server, first_tab: str = "txt2img") -> gr.Blocks:
     # a client uploading without end cannot keep the disk's space
     parts: dict = {}  # each generating tab's components that other tabs wire to
     with gr.Blocks(title="sd", analytics_enabled=False, delete_cache=(600, 3600)) as page:
-        checkpoint_picker(server)
+        picker, said = checkpoint_picker(server)
         with gr.Tabs(selected=first_tab) as tabs:
             with gr.Tab("txt2img", id="txt2img"):
                 parts["txt2img"] = task_tab(server, results, "txt2img", lambda d: {}, lambda g: Txt2Img())
@@ -364,6 +381,7 @@ def build_page(server, first_tab: str = "txt2img") -> gr.Blocks:
             with gr.Tab("png-info", id="png-info"):
                 png_info_tab(tabs, parts["txt2img"]["prompt"], parts["txt2img"]["controls"])
         wire_send_to(tabs, parts)
+        wire_checkpoint_picker(server, picker, said, parts)
     return page
 
 

@@ -34,6 +34,7 @@ class JobState:
     denoised: Any = field(default=None, repr=False)  # the last step's x0 latents
     preview: Any = field(default=None, repr=False)  # the latest live preview: PIL images of the running batch
     preview_step: int = 0  # the step it shows
+    preview_method: Optional[str] = None  # this job's own (override_settings.show_progress_type); None: the worker's
 
 
 class Worker:
@@ -41,9 +42,12 @@ class Worker:
 
     def __init__(self, pipeline: Pipeline, before: Optional[Callable[[Pipeline], None]] = None, preview_every: int = 0):
         self.pipeline, self.before = pipeline, before  # before(pipeline): run ahead of every job but "unload"
-        # decode a live preview every this many steps (0: never), while someone watches (want_preview): each
-        # costs a VAE decode, about two UNet steps' time at 512 on a CPU, which no unwatched job should pay
+        # make a live preview every this many steps (0: never; every step for the cheap previews), while someone
+        # watches (want_preview): a full VAE decode costs about two UNet steps at 512 on a CPU, TAESD's much less,
+        # and no unwatched job should pay either
         self.preview_every = preview_every
+        # how previews are made (Pipeline.preview): "cheap" costs next to nothing, so it shows every step
+        self.preview_method = "cheap"
         self._watched = float("-inf")  # time.monotonic() of the last want_preview
         self._jobs: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
@@ -87,11 +91,12 @@ class Worker:
         state.step, state.steps, state.denoised = progress.step, progress.total, progress.denoised
         if state.interrupted:  # an interrupt that came before the job's sampling started
             self.pipeline.cancel()
-        every = self.preview_every
+        method = state.preview_method or self.preview_method
+        every = min(self.preview_every, 1) if method == "cheap" else self.preview_every
         watched = time.monotonic() - self._watched < WATCH_SECONDS
         if every and watched and progress.step % every == 0 and progress.step < progress.total:
-            # the current x0 decoded as the final images are (unwatermarked): A1111's live preview
-            state.preview, state.preview_step = self.pipeline.preview(progress.denoised), progress.step
+            # the current x0 shown as A1111's live preview (unwatermarked)
+            state.preview, state.preview_step = self.pipeline.preview(progress.denoised, method), progress.step
 
     def want_preview(self) -> None:
         """Someone shows the live preview (the page's poll, /progress without skip_current_image): decode them

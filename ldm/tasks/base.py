@@ -39,8 +39,7 @@ from ldm.errors import SDError, note
 
 if TYPE_CHECKING:
     from ldm.loading.detect import ModelChoice
-    from ldm.plan import Item
-    from ldm.request import Request
+    from ldm.request import Item, Request, SamplingSettings
 
 # An input picture: a file's path or a PIL image (the Python API's and the server's inputs).
 ImageInput = Union[str, os.PathLike, Image.Image]
@@ -78,8 +77,18 @@ class Task:
         """(width, height) of the saved images."""
         return (request.width, request.height)
 
-    def steps_run(self, steps: int) -> int:
-        return steps
+    # the encoder of input pictures ([-1, 1] -> sampler latents) a run chose: None is the model's VAE
+    # (encode_mean); the Session sets TAESD's for encode "taesd"
+    encoder: Optional[Callable] = None
+    encodes_input = False  # True for tasks that encode an input picture (what encode "taesd" changes)
+
+    def encode(self, model, image: torch.Tensor) -> torch.Tensor:
+        """Pictures (B, 3, H, W) in [-1, 1] -> latents, by the run's encoder."""
+        return (self.encoder or model.encode_mean)(image)
+
+    def steps_run(self, sampling: "SamplingSettings") -> int:
+        """The steps a batch of these settings takes (image tasks: fewer below strength 1)."""
+        return sampling.steps
 
     def reproduce(self, fields: dict) -> None:
         """--from-image: take the task's own settings (e.g. the denoising strength) from the image's fields."""
@@ -226,11 +235,16 @@ def is_unclip(model) -> bool:
     return isinstance(model, ImageEmbeddingConditionedLatentDiffusion)
 
 
-def steps_for_strength(steps: int, strength: float) -> int:
-    """How many steps a run of `steps` takes at `strength` (the schedules' own trimming rule)."""
-    from ldm.models.diffusion.schedules import trim_for_strength
+def steps_for_strength(sampling: "SamplingSettings", strength: float) -> int:
+    """How many steps a batch of these settings takes at `strength` (its schedule's own rule, on a stand-in
+    sigma table: the rules look only at positions)."""
+    from ldm.models.diffusion.samplers import make_sigmas
 
-    return len(trim_for_strength(torch.arange(steps, -1, -1, dtype=torch.float64), strength)) - 1
+    return len(make_sigmas(sampling.schedule or sampling.sampler, STAND_IN_SIGMAS, sampling.steps, strength)) - 1
+
+
+# A sigma table of the usual length for rules that look only at positions (step counts, what a schedule can make)
+STAND_IN_SIGMAS = torch.linspace(0.03, 15.0, 1000, dtype=torch.float64)
 
 
 class ImageTask(Task):

@@ -16,14 +16,14 @@ from ldm.tasks.base import (BatchInputs, ImageInput, ImageTask, check_strength, 
 
 if TYPE_CHECKING:
     from ldm.loading.detect import ModelChoice
-    from ldm.plan import Item
-    from ldm.request import Request
+    from ldm.request import Item, Request
 
 
 class Img2Img(ImageTask):
     """Text-guided image-to-image with a txt2img checkpoint (the reference's scripts/img2img.py), or with a Stable
     unCLIP one, where the input's CLIP image embedding also conditions (AUTOMATIC1111's unCLIP img2img)."""
     name = "img2img"
+    encodes_input = True
 
     def __init__(self, init_img: ImageInput, strength: float):
         self.strength = float(strength)
@@ -42,7 +42,7 @@ class Img2Img(ImageTask):
     def prepare(self, model, request: "Request", device: torch.device, choice: "ModelChoice") -> None:
         self.check_model(model)
         image = imageio.pil_to_tensor(self.image).to(device)  # (1, 3, H, W)
-        self.z0 = model.encode_mean(image)  # (1, 4, h, w)
+        self.z0 = self.encode(model, image)  # (1, 4, h, w)
         self.embedding = None
         if is_unclip(model):  # as AUTOMATIC1111: the input's own CLIP embedding (level 0) conditions too
             from ldm.tasks.unclip import clip_stats_file
@@ -50,8 +50,8 @@ class Img2Img(ImageTask):
             clip_stats_file(model, choice.ckpt, None)
             self.embedding = model.embed_images(image)  # (1, D)
 
-    def steps_run(self, steps: int) -> int:
-        return steps_for_strength(steps, self.strength)
+    def steps_run(self, sampling) -> int:
+        return steps_for_strength(sampling, self.strength)
 
     def batch(self, model, items: list[Item], generators, device) -> BatchInputs:
         inputs = BatchInputs() if self.strength >= 1.0 else BatchInputs(start_latents=repeat_batch(self.z0, len(items)),

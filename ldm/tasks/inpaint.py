@@ -17,8 +17,7 @@ from ldm.tasks.base import (BatchInputs, ImageInput, ImageTask, check_strength, 
 
 if TYPE_CHECKING:
     from ldm.loading.detect import ModelChoice
-    from ldm.plan import Item
-    from ldm.request import Request
+    from ldm.request import Item, Request
 
 MASK_ASPECT_TOLERANCE = 0.01  # a mask whose aspect ratio differs more from the image's is refused
 
@@ -86,6 +85,7 @@ class LatentBlend:
 class Inpaint(ImageTask):
     """Repaint the white part of a mask: the 9-channel inpainting UNet, or latent blending with any model."""
     name = "inpaint"
+    encodes_input = True
 
     def __init__(self, image: ImageInput, mask: ImageInput, strength: float = 1.0):
         # strength < 1 starts the masked cells from the input noised to that level (AUTOMATIC1111's
@@ -108,8 +108,8 @@ class Inpaint(ImageTask):
         check_strength(self.strength, name)
         super().check(request, name)
 
-    def steps_run(self, steps: int) -> int:
-        return steps_for_strength(steps, self.strength)
+    def steps_run(self, sampling) -> int:
+        return steps_for_strength(sampling, self.strength)
 
     def prepare(self, model, request: "Request", device: torch.device, choice: "ModelChoice") -> None:
         from ldm.models.diffusion.conditioned import LatentInpaintDiffusion
@@ -120,10 +120,10 @@ class Inpaint(ImageTask):
         if isinstance(model, LatentInpaintDiffusion):
             self.c_concat = model.build_conditioning(image, mask)["c_concat"]  # (1, 5, h, w)
             if self.strength < 1.0:
-                self.z0 = model.encode_mean(image)  # (1, 4, h, w)
+                self.z0 = self.encode(model, image)  # (1, 4, h, w)
             return
         require_model(model, None, "inpaint", "an inpainting or a txt2img checkpoint")
-        self.z0 = model.encode_mean(image)  # (1, 4, h, w)
+        self.z0 = self.encode(model, image)  # (1, 4, h, w)
         f = model.downsampling_factor
         keep = F.max_pool2d(mask, f) < 0.5  # a latent cell is kept only if none of its pixels is repainted
         self.blend = LatentBlend(model.apply_model, sigmas_from_alphas_cumprod(model.alphas_cumprod), keep)

@@ -25,8 +25,7 @@ from ldm.tasks.base import BatchInputs, ImageInput, Txt2Img, extra_cond, repeat_
 
 if TYPE_CHECKING:
     from ldm.loading.detect import ModelChoice
-    from ldm.plan import Item
-    from ldm.request import Request
+    from ldm.request import Item, Request
 
 CLIP_STATS_NAME = "ViT-L-14_stats.th"
 MAX_LEVEL = 999  # the embedding noise's schedule has 1000 levels

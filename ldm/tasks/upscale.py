@@ -11,8 +11,7 @@ from ldm.tasks.base import BatchInputs, ImageInput, ImageTask, extra_cond, repea
 
 if TYPE_CHECKING:
     from ldm.loading.detect import ModelChoice
-    from ldm.plan import Item
-    from ldm.request import Request
+    from ldm.request import Item, Request
 
 
 class Upscale(ImageTask):

@@ -56,13 +56,19 @@ SCHEDULE_INFO: dict[str, str] = {
     "karras": "Karras et al. rho=7 spacing, dense at low noise, ending at 0",
     "exponential": "uniform in log(sigma), ending at 0",
     "uniform": "uniform in timestep (A1111/ComfyUI \"normal\"), ending at 0",
+    "trailing": "diffusers' trailing timesteps from T-1 (how SD-Turbo runs: 1 step [999], 4 [999, 749, 499, 249]), "
+                "ending at 0",
+    "sgm_uniform": "A1111's SGM Uniform: n timesteps evenly from T-1, leaving out t = 0, then 0",
+    "turbo": "ComfyUI's SDTurboScheduler: n of the timesteps 999, 899, ..., 99 from the top (img2img starts at "
+             "10 - int(10 x strength)), then 0; at most 10 steps",
 }
 
 
 # AUTOMATIC1111's schedule type labels for sd's schedules; schedules it has no name for keep sd's. Its
 # "Normal" (uniform timesteps) is read as uniform, "Automatic" as the sampler's own.
 SCHEDULE_LABELS: dict[str, str] = {"ddim_uniform": "DDIM", "karras": "Karras", "exponential": "Exponential",
-                                   "uniform": "Uniform", "time_uniform": "time_uniform", "logsnr": "logsnr"}
+                                   "uniform": "Uniform", "time_uniform": "time_uniform", "logsnr": "logsnr",
+                                   "sgm_uniform": "SGM Uniform", "trailing": "Trailing", "turbo": "Turbo"}
 SCHEDULE_READ_ALSO: dict[str, Optional[str]] = {"normal": "uniform", "automatic": None}
 
 

@@ -22,7 +22,7 @@ import torch
 from ldm.errors import SDError
 from ldm.models.diffusion import sampler_names as names
 from ldm.models.diffusion.sampler_names import SAMPLER_INFO
-from ldm.models.diffusion.schedules import SCHEDULES, make_schedule, trim_for_strength
+from ldm.models.diffusion.schedules import SCHEDULES, START_AT_SIGMA, schedule_at_strength
 
 NoiseSampler = Callable[[float, float], torch.Tensor]
 Callback = Optional[Callable[[dict], Any]]
@@ -330,14 +330,15 @@ def check_sampler(sampler: str, schedule: Optional[str] = None, eta: Optional[fl
     return SAMPLERS[sampler]
 
 
-def make_sigmas(name_or_schedule: str, model_sigmas: torch.Tensor, steps: int) -> torch.Tensor:
-    """A schedule by schedule name, or the default schedule of a sampler name."""
+def make_sigmas(name_or_schedule: str, model_sigmas: torch.Tensor, steps: int, strength: float = 1.0) -> torch.Tensor:
+    """A schedule by schedule name, or the default schedule of a sampler name, for a run at `strength`
+    (schedules.schedule_at_strength: 1 is a full run)."""
     if name_or_schedule in SAMPLERS:
         name_or_schedule = SAMPLERS[name_or_schedule].schedule
     elif name_or_schedule not in SCHEDULES:
         raise SDError(f"'{name_or_schedule}' is neither a sampler ({', '.join(SAMPLERS)}) "
                       f"nor a schedule ({', '.join(SCHEDULES)})")
-    return make_schedule(name_or_schedule, model_sigmas, steps)
+    return schedule_at_strength(name_or_schedule, model_sigmas, steps, strength)
 
 
 def _as_schedule(sigmas) -> torch.Tensor:
@@ -384,10 +385,12 @@ def run(denoise, noise: torch.Tensor, cond, sampler: str, *, steps: int, schedul
     sampler's own; 0 is 0 (ldm.loading.families.resolve_eta gives a run's eta).
     """
     check_sampler(sampler, schedule, eta)
-    sigmas = make_sigmas(schedule or sampler, denoise.sigmas, steps)
+    sigmas = make_sigmas(schedule or sampler, denoise.sigmas, steps, strength if start_latents is not None else 1.0)
     start = noise
+    if start_latents is None and schedule in START_AT_SIGMA:  # VE start sigma * noise (schedules.START_AT_SIGMA)
+        sigma = float(sigmas[0])
+        start = noise * (sigma / math.sqrt(1 + sigma ** 2))
     if start_latents is not None:
-        sigmas = trim_for_strength(sigmas, strength)
         sigma = float(sigmas[0])
         start = (start_latents + sigma * noise) / math.sqrt(1 + sigma ** 2)
     noise_sampler = None

@@ -133,6 +133,43 @@ def uniform(n: int, model_sigmas: torch.Tensor) -> torch.Tensor:
     return _append_zero(t_to_sigma(torch.linspace(T - 1, 0, n, dtype=torch.float64), model_sigmas))
 
 
+# -- few-step models (SD-Turbo): timesteps from the top, then 0 ----------------------------------------
+
+def trailing(n: int, model_sigmas: torch.Tensor) -> torch.Tensor:
+    """diffusers' timestep_spacing="trailing" (how SD-Turbo is run): n timesteps round(T - k T / n) - 1,
+    k = 0 .. n-1, so the first step is always at T-1 (1 step: [999]; 4: [999, 749, 499, 249]), then 0."""
+    T = len(model_sigmas)
+    if not 1 <= n <= T:
+        raise SDError(f"the trailing schedule takes 1 to {T} steps (got {n})")
+    t = (T - torch.arange(n, dtype=torch.float64) * (T / n)).round().long() - 1
+    return _append_zero(model_sigmas[t])
+
+
+def sgm_uniform(n: int, model_sigmas: torch.Tensor) -> torch.Tensor:
+    """AUTOMATIC1111's "SGM Uniform": n levels at timesteps linspace(T-1, 0, n + 1) without the last, then 0
+    (close to trailing: 2 steps are t = 999 and 499.5)."""
+    T = len(model_sigmas)
+    return _append_zero(t_to_sigma(torch.linspace(T - 1, 0, n + 1, dtype=torch.float64)[:-1], model_sigmas))
+
+
+TURBO_LEVELS = 10  # ComfyUI's SDTurboScheduler picks from ten timesteps: 999, 899, ..., 99
+
+
+def turbo(n: int, model_sigmas: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """ComfyUI's SDTurboScheduler: `n` of the ten timesteps T-1, 0.9 T - 1, ..., 0.1 T - 1 from the top, then
+    0; a partial run (img2img's denoise) starts further down, at index 10 - int(10 * strength), and still
+    takes `n` steps (2 steps: [999, 899]; strength 0.5: [499, 399])."""
+    T = len(model_sigmas)
+    start = TURBO_LEVELS - int(TURBO_LEVELS * strength)
+    room = TURBO_LEVELS - start
+    if not 1 <= n <= room:
+        at = "" if strength >= 1.0 else f" at strength {strength:g}"
+        raise SDError(f"the turbo schedule takes 1 to {room} steps{at} (got {n})" if room else
+                      f"the turbo schedule takes no step at strength {strength:g}: its first level is strength 0.1")
+    t = (torch.arange(TURBO_LEVELS, 0, -1, dtype=torch.float64) * (T / TURBO_LEVELS)).round().long() - 1
+    return _append_zero(model_sigmas[t[start:start + n]])
+
+
 # -- by name ------------------------------------------------------------------------------------------
 
 def _model_range(fn: Callable[[int, float, float], torch.Tensor]) -> Callable[[int, torch.Tensor], torch.Tensor]:
@@ -148,7 +185,17 @@ _SCHEDULE_FUNCTIONS = {
     "karras": _model_range(karras),
     "exponential": _model_range(exponential),
     "uniform": uniform,
+    "trailing": trailing,
+    "sgm_uniform": sgm_uniform,
+    "turbo": turbo,
 }
+# Schedules with a start rule of their own for partial (img2img) runs; the others keep their last steps
+_OWN_STRENGTH_RULE = {"turbo": turbo}
+# Schedules whose full runs start from sigma * noise, as the tools that made them run them (diffusers' Euler
+# with trailing timesteps, A1111's and ComfyUI's k-samplers): few-step models are tuned to that start. The
+# others start from sqrt(1 + sigma^2) * noise, the reference's x_T = noise in VP space (the two differ by
+# 0.2% at sigma 14.6).
+START_AT_SIGMA = frozenset({"trailing", "sgm_uniform", "turbo"})
 SCHEDULES: dict[str, tuple[Callable[[int, torch.Tensor], torch.Tensor], str]] = {
     name: (fn, SCHEDULE_INFO[name]) for name, fn in _SCHEDULE_FUNCTIONS.items()}
 
@@ -168,10 +215,27 @@ def trim_for_strength(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
     The run then starts at the returned schedule's first sigma from x0 + sigma * noise. Strength 1 keeps
     the whole schedule; strength 0 keeps no step (only the final sigma), so sampling returns its input.
     (The reference's img2img noises its input one DDIM step above the first step it takes; here the
-    input is noised to exactly the level of the first step, and strength 1 works.)
+    input is noised to exactly the level of the first step, and strength 1 works. This is also diffusers'
+    rule, with which SD-Turbo runs img2img: 2 trailing steps at strength 0.5 take the step at t = 499.)
     """
     if not 0.0 <= strength <= 1.0:
         raise SDError(f"strength must be between 0 and 1 (got {strength})")
     steps = len(sigmas) - 1
     kept = int(strength * steps)
     return sigmas[steps - kept:]
+
+
+def schedule_at_strength(name: str, model_sigmas: torch.Tensor, steps: int, strength: float = 1.0) -> torch.Tensor:
+    """The named schedule of a run at `strength` (1: a full run): the schedule's own start rule where it has
+    one (turbo's), else its last int(strength * steps) steps. SDError when a strength above 0 would leave no
+    step, which would hand back the input unchanged as if it had been redrawn."""
+    if name in _OWN_STRENGTH_RULE and strength < 1.0:
+        if strength <= 0.0:
+            return make_schedule(name, model_sigmas, 1)[-1:]
+        return _OWN_STRENGTH_RULE[name](steps, model_sigmas, strength)
+    sigmas = trim_for_strength(make_schedule(name, model_sigmas, steps), strength)
+    if strength > 0.0 and len(sigmas) == 1:
+        need = math.ceil(1 / strength - 1e-9)
+        raise SDError(f"strength {strength:g} of {steps} step(s) runs no step (it keeps int(strength x steps)); "
+                      f"use at least {need} steps, or a strength of at least {1 / steps:.3g}")
+    return sigmas

@@ -280,8 +280,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="512,768")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (slow first compile)")
     parser.add_argument("--quick", action="store_true", help="512 only, 2 reps, no compile, no 768 e2e")
-    parser.add_argument("--only", default="unet,ipex,vae,load,e2e,e2e-cpu", help="comma-separated parts to run "
-                        "(e2e-cpu: benchmarks/e2e_cpu.py, sd torch / openvino against diffusers and optimum-intel)")
+    parser.add_argument("--only", default="unet,ipex,vae,load,e2e,e2e-cpu,fast", help="comma-separated parts to run "
+                        "(e2e-cpu: benchmarks/e2e_cpu.py, sd torch / openvino against diffusers and optimum-intel; "
+                        "fast: benchmarks/fast.py, time to a picture: few-step, TAESD, token merging)")
     parser.add_argument("--ipex-variants", default="sd-bf16-ipex,sd-bf16-ipex-torchscript,sd-bf16,diffusers-bf16",
                         help="UNet variants timed in .venv-ipex (when it exists)")
     parser.add_argument("--load-reps", type=int, default=2, help="fresh-process loads per variant")
@@ -337,6 +338,11 @@ def main() -> None:
         proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "e2e_cpu.py"), "--steps", steps,
                                "--reps", "1" if ns.quick else "2"], cwd=REPO, stdout=subprocess.PIPE, text=True)
         results["e2e_cpu"] = proc.stdout if proc.returncode == 0 else f"e2e_cpu.py failed (exit {proc.returncode})"
+    if "fast" in parts:  # its own script: one pipeline per backend, rows alternated
+        more = ["--reps", "1", "--tome-sizes", "512", "--tome-reps", "1"] if ns.quick else []
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fast.py"), *more], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+        results["fast"] = proc.stdout if proc.returncode == 0 else f"fast.py failed (exit {proc.returncode})"
     out = cache_dir() / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(results, indent=1))
     print(report(results))
@@ -397,6 +403,8 @@ def report(results: dict) -> str:
                   f"peak RSS {r['peak_rss_gb']:.2f} GB; finite {r['finite']}", ""]
     if results.get("e2e_cpu"):
         lines += ["End to end on the CPU, fp32-accurate paths (benchmarks/e2e_cpu.py):", "", results["e2e_cpu"], ""]
+    if results.get("fast"):
+        lines += ["Time to a picture (benchmarks/fast.py):", "", results["fast"], ""]
     return "\n".join(lines)
 
 

@@ -130,7 +130,16 @@ class Pipeline:
         fits every SD 1/2 checkpoint's latents."""
         from ldm.models.taesd import load_taesd
 
-        self.taesd = load_taesd(path, self.model.runtime.device if self.model is not None else "cpu")
+        taesd = load_taesd(path, self.model.runtime.device if self.model is not None else "cpu")
+        if self.model is not None and self.model.runtime.options.backend == "openvino":
+            # converted like the VAE (per shape, cached), keyed by the decoder file's hash
+            from ldm.runtime.openvino import OpenVINOPart
+
+            digest = metadata.model_hash(taesd.files[0], length=64)
+            taesd.decoder = OpenVINOPart(taesd.decoder, "taesd-decoder", digest, "f32")
+            if taesd.encoder is not None:
+                taesd.encoder = OpenVINOPart(taesd.encoder, "taesd-encoder", digest, "f32")
+        self.taesd = taesd
 
     def load_model(self, ckpt: Optional[str | Path] = None, config: Optional[str | Path] = None,
                    quiet: bool = False) -> None:
@@ -412,11 +421,13 @@ class Session:
             if getattr(request, key) != "taesd" or (key == "encode" and not task.encodes_input):
                 continue
             flag = names.get(key, key)
+            said = f"{flag} TAESD" if flag.startswith("override_settings.") else f"{flag} taesd"  # A1111's value
             if pipeline.taesd is None:
-                raise SDError(f"{flag} taesd needs TAESD's files: load them with --taesd PATH (taesd_decoder.pth "
-                              "or .safetensors, or a diffusers AutoencoderTiny folder)")
+                where = "start sd serve with" if flag.startswith("override_settings.") else "load them with"
+                raise SDError(f"{said} needs TAESD's files: {where} --taesd PATH (taesd_decoder.pth or "
+                              ".safetensors, or a diffusers AutoencoderTiny folder)")
             if not fits_sd_latents(self.model, pipeline.demo) or task.name == "upscale":
-                raise SDError(f"{flag} taesd: TAESD decodes SD 1/2 latents, and this model's "
+                raise SDError(f"{said}: TAESD decodes SD 1/2 latents, and this model's "
                               f"{'are its own' if pipeline.demo or task.name == 'upscale' else 'differ'}; use full")
             if key == "encode":
                 if pipeline.taesd.encoder is None:
@@ -485,8 +496,9 @@ class Session:
         their weights, token merging changes their attention), which the fast paths have baked in."""
         options = self.pipeline.options
         if options.compile or options.torchscript or type(self.model.model.diffusion_model).__name__ != "UNetModel":
-            backend = "--backend openvino" if _backend_field(self.model) else "--compile, --torchscript and --ipex"
-            raise SDError(f"{what} {backend} have baked in: drop them to use it")
+            baked = ("--backend openvino has baked in: use --backend torch for it" if _backend_field(self.model) else
+                     "--compile, --torchscript and --ipex have baked in: drop them to use it")
+            raise SDError(f"{what} {baked}")
 
     def conditioning(self, items, guided: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Text features of the batch's prompts (B, 77 * k, width) and, when guided, of its negative prompts,

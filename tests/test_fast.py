@@ -297,3 +297,94 @@ def test_token_merging_ratio_is_bounded(tiny_ckpts, tmp_path, capsys):
     assert main(["txt2img", "--prompt", "a", "--ckpt", str(tiny_ckpts["eps"]["safetensors"]), "--config",
                  tiny_ckpts["eps"]["config"], "--tome", "0.95", "--outdir", str(tmp_path)]) == 1
     assert "--tome must be from 0 to 0.9 (got 0.95)" in capsys.readouterr().err
+
+
+# -- 6. every backend: turbo + TAESD on OpenVINO (FastSD's fastest combination) -------------------------------
+def test_turbo_with_taesd_runs_on_openvino_and_token_merging_says_it_cannot(turbo_ckpt, tiny_ckpts, taesd_files,
+                                                                             tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    config = tiny_ckpts["eps"]["config"]
+    settings = dict(width=256, height=256, seed=9, decode="taesd")
+    torch_pipe = Pipeline.load(turbo_ckpt, config, device="cpu", precision="full", quiet=True,
+                               taesd=taesd_files / "taesd_decoder.pth")
+    ov_pipe = Pipeline.load(turbo_ckpt, config, device="cpu", precision="full", quiet=True, backend="openvino",
+                            taesd=taesd_files / "taesd_decoder.pth")
+    assert type(ov_pipe.taesd.decoder).__name__ == "OpenVINOPart"
+    expected = np.asarray(torch_pipe.txt2img("a red cube", **settings)[0].image, dtype=np.float64)
+    made = ov_pipe.txt2img("a red cube", **settings)[0]
+    error = np.mean((np.asarray(made.image, dtype=np.float64) - expected) ** 2)
+    assert 10 * np.log10(255.0 ** 2 / max(error, 1e-12)) > 40
+    assert "Steps: 1, Sampler: Euler a, Schedule type: Trailing" in made.parameters
+    assert "VAE Decoder: TAESD" in made.parameters and "Backend: openvino f32" in made.parameters
+    assert list((tmp_path / "cache" / "sd" / "openvino").glob("taesd-decoder-*.xml"))  # converted once, cached
+    with pytest.raises(SDError, match=r"token merging \(tome\) changes the UNet's attention, which --backend "
+                                      "openvino has baked in: use --backend torch"):
+        ov_pipe.txt2img("a red cube", width=256, height=256, tome=0.5)
+
+
+# -- 7. the A1111 API: turbo defaults, the VAE methods, previews and token merging as options -----------------
+@pytest.fixture(scope="module")
+def turbo_server(turbo_ckpt, tiny_ckpts, taesd_files):
+    from ldm.limits import Limits
+    from ldm.serve.app import Server
+    from tests.serving import serving
+
+    pipe = Pipeline.load(turbo_ckpt, tiny_ckpts["eps"]["config"], device="cpu", precision="full", quiet=True,
+                         taesd=taesd_files / "taesd_decoder.pth")
+    server = Server(pipe, limits=Limits(max_side=512, max_steps=20, max_batch=2, max_images=4))
+    with serving(server) as (url, port):
+        yield server, url
+
+
+def infotext(reply) -> str:
+    assert reply.status_code == 200, reply.text
+    return json.loads(reply.json()["info"])["infotexts"][0]
+
+
+def test_the_api_gives_a_turbo_checkpoint_its_defaults_and_takes_a1111s_fast_options(turbo_server):
+    import requests
+
+    server, url = turbo_server
+    body = {"prompt": "a red cube", "width": 256, "height": 256, "seed": 2}
+    text = infotext(requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=60))
+    assert "Steps: 1, Sampler: Euler a, Schedule type: Trailing, CFG scale: 1.0" in text
+    assert "VAE Decoder" not in text and "Token merging" not in text
+    options = requests.get(f"{url}/sdapi/v1/options", timeout=10).json()
+    assert options["show_progress_type"] == "TAESD" and options["sd_vae_decode_method"] == "Full"
+    override = {**body, "override_settings": {"sd_vae_decode_method": "TAESD", "token_merging_ratio": 0.5}}
+    text = infotext(requests.post(f"{url}/sdapi/v1/txt2img", json=override, timeout=60))
+    assert "VAE Decoder: TAESD" in text and "Token merging ratio: 0.5" in text
+    # POST /options keeps them for the requests after it; GET /options reads them back
+    assert requests.post(f"{url}/sdapi/v1/options", json={"sd_vae_decode_method": "TAESD",
+                                                           "show_progress_type": "Approx cheap"}, timeout=30).ok
+    assert requests.get(f"{url}/sdapi/v1/options", timeout=10).json()["sd_vae_decode_method"] == "TAESD"
+    assert server.worker.preview_method == "cheap"
+    assert "VAE Decoder: TAESD" in infotext(requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=60))
+    for bad, says in (({"token_merging_ratio": 2}, "token_merging_ratio must be a number from 0 to 0.9"),
+                      ({"sd_vae_decode_method": "Approx"}, "sd_vae_decode_method must be one of 'Full', 'TAESD'"),
+                      ({"show_progress_type": "Fancy"}, "show_progress_type must be one of")):
+        reply = requests.post(f"{url}/sdapi/v1/options", json=bad, timeout=10)
+        assert reply.status_code == 422 and says in reply.json()["detail"], reply.text
+    reply = requests.post(f"{url}/sdapi/v1/options", data='{"token_merging_ratio": NaN}',
+                          headers={"Content-Type": "application/json"}, timeout=10)
+    assert reply.status_code == 422
+    requests.post(f"{url}/sdapi/v1/options", json={"sd_vae_decode_method": "Full"}, timeout=30)
+
+
+def test_the_api_without_taesd_says_what_is_missing(tiny_ckpts):
+    import requests
+
+    from ldm.serve.app import Server
+    from tests.serving import serving
+
+    pipe = Pipeline.load(tiny_ckpts["eps"]["safetensors"], tiny_ckpts["eps"]["config"], device="cpu",
+                         precision="full", quiet=True)
+    with serving(Server(pipe)) as (url, port):
+        reply = requests.post(f"{url}/sdapi/v1/txt2img", json={
+            "prompt": "a", "steps": 1, "width": 256, "height": 256,
+            "override_settings": {"sd_vae_decode_method": "TAESD"}}, timeout=60)
+        assert reply.status_code == 422
+        assert reply.json()["detail"].startswith("override_settings.sd_vae_decode_method TAESD needs TAESD's files: "
+                                                 "start sd serve with --taesd PATH")
+        assert requests.get(f"{url}/sdapi/v1/options", timeout=10).json()["show_progress_type"] == "Approx cheap"

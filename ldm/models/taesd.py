@@ -80,16 +80,18 @@ class TinyAutoencoder(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Sampler-space latents (B, 4, h, w) -> pictures (B, 3, 8h, 8w) in [-1, 1]."""
-        weight = self.decoder[1].weight
-        return self.decoder(z.to(weight)).clamp(0, 1) * 2 - 1
+        return self.decoder(z.to(self.dtype)).clamp(0, 1) * 2 - 1
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Pictures (B, 3, H, W) in [-1, 1] -> sampler-space latents (B, 4, H / 8, W / 8)."""
         if self.encoder is None:
             raise SDError("TAESD's encoder was not loaded: put taesd_encoder.pth (or .safetensors) beside "
                           f"{self.files[0] if self.files else 'the decoder file'}, or give a diffusers AutoencoderTiny folder")
-        weight = self.encoder[0].weight
-        return self.encoder(((x + 1) / 2).to(weight))
+        return self.encoder(((x + 1) / 2).to(self.dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.decoder.parameters()).dtype
 
 
 # -- reading the files ------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ SD_VERSION = "sd 0.1.0"  # the `version` A1111 clients read from info (A1111 wri
 # How the API names the fields of ldm.request.Request in its 422 texts: by A1111's field names.
 API_NAMES = {"scale": "cfg_scale", "sampler": "sampler_name", "schedule": "scheduler",
              "clip_skip": "override_settings.CLIP_stop_at_last_layers", "strength": "denoising_strength",
+             "decode": "override_settings.sd_vae_decode_method", "encode": "override_settings.sd_vae_encode_method",
+             "tome": "override_settings.token_merging_ratio",
              **SERVER_LIMIT_NAMES}
 
 

@@ -30,6 +30,10 @@ def sample_latents(model, noise: torch.Tensor, generators: list[torch.Generator]
     from ldm.models.diffusion import samplers
     from ldm.models.diffusion.denoiser import CFGDenoiser, DiscreteDenoiser
 
+    if settings.sampler is None:
+        from ldm.errors import SDError
+
+        raise SDError("the sampling settings name no sampler: resolve the request first (Request.resolved)")
     extra = extra_cond or {}
     cond = {"c_crossattn": c, "c_concat": extra.get("c_concat"), "c_adm": extra.get("c_adm")}
     denoiser = DiscreteDenoiser(model, apply_model)

@@ -54,7 +54,7 @@ def px(image) -> np.ndarray:
 def test_command_writes_what_the_pipeline_returns_with_metadata(unclip, pipe_h, tmp_path, capsys):
     assert pipe_h.native_size == 768  # unCLIP is SD 2.1-768-v
     assert pipe_h.defaults("variations") == {"steps": 20, "scale": 10.0, "n_samples": 2, "n_iter": 2, "eta": None,
-                                             "noise_level": 0}  # the reference demo's
+                                             "noise_level": 0, "sampler": "ddim", "schedule": None}  # the reference demo's
     a, b = unclip["root"] / "a.png", unclip["root"] / "b.png"
     out = tmp_path / "out"
     code = main(["variations", *args(unclip, "h", "--image", str(a), "--image", str(b), "--weight", "2", "--weight",

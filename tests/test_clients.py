@@ -278,3 +278,120 @@ def test_extras_run_the_x4_diffusion_upscaler_of_the_models_folder(tmp_path, tin
     x4 = Pipeline.load(models / "x4.safetensors", device="cpu", precision="full", quiet=True)
     expected = x4.upscale(picture, "", seed=0)[0].image  # the same call on the x4 model itself: 256x288, then to 128x144
     assert got.size == (128, 144) and np.array_equal(np.asarray(got), np.asarray(expected.resize((128, 144), Image.LANCZOS)))
+
+
+# -- the second round (issue 37): calls A1111 answers that broke aiyabot, SDAI, aaa1111 and Dify -------------
+def test_hypernetworks_are_listed_and_a_prompt_naming_one_is_one_line(served, tmp_path):
+    server, url = served
+    assert get(url, "/sdapi/v1/hypernetworks") == []  # aiyabot loops over it at start; SDAI refuses a 404
+    folder = tmp_path / "hypernetworks"
+    (folder / "styles").mkdir(parents=True)
+    (folder / "anime.pt").write_bytes(b"not read")
+    (folder / "styles" / "ink.safetensors").write_bytes(b"not read")
+    (folder / "notes.txt").write_text("not a network")
+    server.hypernetwork_dir = folder
+    try:
+        listed = get(url, "/sdapi/v1/hypernetworks")
+    finally:
+        server.hypernetwork_dir = None
+    assert [(h["name"], Path(h["path"]).name) for h in listed] == [("anime", "anime.pt"), ("ink", "ink.safetensors")]
+    refused = requests.post(url + A1111_TXT2IMG, json={"prompt": "a cube <hypernet:anime:0.8>", "steps": 1,
+                                                      "width": 256, "height": 256}, timeout=60)
+    assert refused.status_code == 422
+    assert refused.json()["detail"] == ("prompt: <hypernet:anime...>: sd applies no hypernetworks (A1111's older "
+                                        "add-on networks); take the tag out, or use a LoRA")
+
+
+def test_difys_calls_without_a_content_type_are_read_as_json(served):
+    """Dify's SD tool (langgenius/dify, tools/stable_diffusion.py) posts `data=json.dumps(...)` with httpx and no
+    Content-Type header: the model switch first, then GET sd-models for the model names."""
+    import http.client
+
+    server, url = served
+    host, port = url.split("//")[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = json.dumps({"sd_model_checkpoint": "first"})
+    connection.request("POST", "/sdapi/v1/options", body=body, headers={"Content-Length": str(len(body))})
+    answer = connection.getresponse()
+    assert answer.status == 200 and json.loads(answer.read()) == {"ignored": []}
+    assert [m["model_name"] for m in get(url, "/sdapi/v1/sd-models")] == ["first", "second"]
+    sent_as_text = requests.post(url + "/sdapi/v1/options", data=body, headers={"Content-Type": "text/plain"},
+                                 timeout=30)
+    assert sent_as_text.status_code == 422  # a body that says it is something else stays refused
+
+
+def test_schedulers_list_normal_and_an_unknown_lora_is_left_out_as_a1111_does(served):
+    server, url = served
+    names = [s["name"] for s in get(url, "/sdapi/v1/schedulers")]
+    assert names[:2] == ["automatic", "normal"] and {"karras", "sgm_uniform", "trailing"} <= set(names)
+    base = {"prompt": "a cube", "steps": 2, "width": 256, "height": 256, "seed": 4}
+    plain = post(url, A1111_TXT2IMG, base)
+    tagged = post(url, A1111_TXT2IMG, {**base, "prompt": "a cube<lora:nowhere:0.7>"})
+    info = json.loads(tagged["info"])
+    assert "<lora:nowhere> (no such LoRA in the LoRA folder: left out, as A1111 does)" in info["ignored_settings"]
+    assert png_of(tagged) == png_of(plain)  # drawn without it, as A1111 draws
+
+
+def test_sd_models_leaves_the_x4_upscaler_to_the_upscalers(tmp_path, tiny_ckpts, monkeypatch):
+    from ldm.loading import detect
+    from tests.tinyckpt import build_tiny, save_tiny
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(tiny_ckpts["eps"]["safetensors"], models / "base.safetensors")
+    save_tiny(build_tiny("tiny-x4-upscaling.yaml", 3), models / "x4-upscaler-ema.safetensors")
+    monkeypatch.setattr(detect, "reference_config", lambda kind: tiny_ckpts["eps"]["config"])
+    server = Server(Pipeline.load(models / "base.safetensors", device="cpu", precision="full", quiet=True),
+                    models_dir=models)
+    with serving(server) as (url, port):
+        assert [m["model_name"] for m in get(url, "/sdapi/v1/sd-models")] == ["base"]
+        assert "SD x4 (x4-upscaler-ema.safetensors)" in [u["name"] for u in get(url, "/sdapi/v1/upscalers")]
+
+
+# -- a model switch never fails another request (issue 33's faults) ----------------------------------------
+def test_readers_during_a_switch_and_a_job_racing_it_all_answer(served, monkeypatch):
+    server, url = served
+    real = Pipeline.load_model
+
+    def slow_load(self, *args, **kwargs):  # a switch that takes a while, as a real 5 GB checkpoint does
+        time.sleep(0.4)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "load_model", slow_load)
+    base = {"prompt": "a cube", "steps": 40, "width": 256, "height": 256, "seed": 6}
+    answers: dict = {}
+    job = threading.Thread(target=lambda: answers.setdefault("job", requests.post(url + A1111_TXT2IMG, json=base,
+                                                                                   timeout=300)))
+    job.start()
+    while not server.worker.progress()[0]:  # the job holds the model
+        time.sleep(0.01)
+    switch = threading.Thread(target=lambda: answers.setdefault("switch", requests.post(
+        url + "/sdapi/v1/options", json={"sd_model_checkpoint": "second"}, timeout=300)))
+    switch.start()
+    statuses = []
+    while switch.is_alive():
+        for path in ("/sdapi/v1/options", "/sdapi/v1/sd-models", "/sdapi/v1/embeddings", "/sdapi/v1/loras",
+                     "/sdapi/v1/progress", "/sdapi/v1/cmd-flags"):
+            statuses.append(requests.get(url + path, timeout=60).status_code)
+    job.join()
+    switch.join()
+    assert answers["switch"].status_code == 200 and len(statuses) > 6 and set(statuses) == {200}
+    info = json.loads(answers["job"].json()["info"])
+    assert info["sd_model_name"] == "first.safetensors"  # the model it started on, and its hash
+    assert info["sd_model_hash"] == metadata.model_hash(server.models_dir / "first.safetensors")
+    assert get(url, "/sdapi/v1/options")["sd_model_checkpoint"] == "second.safetensors"
+    post(url, "/sdapi/v1/options", {"sd_model_checkpoint": "first"})
+
+
+@pytest.mark.parametrize("raw", ['{"CLIP_stop_at_last_layers": Infinity}', '{"CLIP_stop_at_last_layers": NaN}',
+                                 '{"CLIP_stop_at_last_layers": 1e400}', '{"comma_padding_backtrack": 1%s}' % ("0" * 400),
+                                 '{"eta_ddim": -Infinity}', '{"token_merging_ratio": NaN}'])
+def test_non_finite_and_huge_option_values_are_one_422_and_change_nothing(served, raw):
+    server, url = served
+    before = get(url, "/sdapi/v1/options")
+    reply = requests.post(url + "/sdapi/v1/options", data=raw, headers={"Content-Type": "application/json"}, timeout=30)
+    assert reply.status_code == 422 and "Traceback" not in reply.text, reply.text
+    assert get(url, "/sdapi/v1/options") == before
+    reply = requests.post(url + A1111_TXT2IMG, data='{"prompt": "a", "steps": 1, "override_settings": %s}' % raw,
+                          headers={"Content-Type": "application/json"}, timeout=60)
+    assert reply.status_code == 422

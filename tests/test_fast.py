@@ -4,7 +4,6 @@ AutoencoderTiny and read strictly, cheap previews, token merging equal to tomesd
 import copy
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from ldm.models.diffusion import samplers
 from ldm.models.diffusion.denoiser import DiscreteDenoiser
 from ldm.models.diffusion.schedules import (make_schedule, schedule_at_strength, sigma_to_t,
                                             sigmas_from_alphas_cumprod)
-from ldm.models.taesd import TinyAutoencoder, load_taesd
+from ldm.models.taesd import load_taesd
 from ldm.pipeline import Pipeline
 from tests.tinyckpt import randomize_
 

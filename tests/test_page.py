@@ -288,6 +288,7 @@ def test_the_checkpoint_picker_switches_models(browser, tmp_path, tiny_ckpts, mo
     models.mkdir()
     shutil.copy(tiny_ckpts["eps"]["safetensors"], models / "first.safetensors")
     save_tiny(build_tiny("tiny-v2-inference.yaml", 12), models / "second.safetensors")
+    shutil.copy(models / "second.safetensors", models / "sd_turbo.safetensors")
     server = Server(Pipeline.load(models / "first.safetensors", device="cpu", precision="full", quiet=True),
                     models_dir=models)
     with serving(server, page=True) as (url, port):
@@ -302,6 +303,17 @@ def test_the_checkpoint_picker_switches_models(browser, tmp_path, tiny_ckpts, mo
         # settings left, results right at 1366x900: the gallery's top is beside the prompt, above the fold
         prompt, gallery = page.locator("#txt2img-prompt").bounding_box(), page.locator("#txt2img-gallery").bounding_box()
         assert gallery["x"] > prompt["x"] + prompt["width"] - 1 and gallery["y"] < 900
+        # a checkpoint named turbo (SD-Turbo) sets every tab's controls to its defaults: 1 step, scale 1
+        steps = "#txt2img-steps input[type=number]"
+        assert page.input_value(steps) == "50"
+        page.click("#checkpoint input")
+        page.get_by_role("option", name="sd_turbo.safetensors").click()
+        page.wait_for_function("document.querySelector('#checkpoint-status').innerText.includes('loaded sd_turbo')",
+                               timeout=60_000)
+        page.wait_for_function(f"document.querySelector('{steps}').value == '1'", timeout=10_000)
+        page.get_by_role("tab", name="img2img").click()  # (a tab's controls render when it is shown)
+        page.wait_for_function("document.querySelector('#img2img-steps input[type=number]').value == '2'",
+                               timeout=10_000)
         context.close()
 
 

@@ -268,31 +268,10 @@ def lora_metadata(path: Path) -> dict:
 
 
 def list_loras(folder: Optional[Path]) -> dict[str, Path]:
-    """{name: file} of the LoRA files in `folder` and its subfolders (the first in sorted order where two
-    share a name): regular files whose real place is inside the folder, so neither a link nor a FIFO
-    leads a read elsewhere or blocks it."""
-    import os
-    import stat
+    """{name: file} of the LoRA files in `folder` and its subfolders (ldm.files.reading.model_files)."""
+    from ldm.files.reading import model_files
 
-    if folder is None or not Path(folder).is_dir():
-        return {}
-    root = Path(folder).resolve()
-    found: dict[str, Path] = {}
-    for where, dirs, files in os.walk(root):
-        dirs.sort()
-        for file in sorted(files):
-            path = Path(where) / file
-            if path.suffix not in SUFFIXES or path.stem in found:
-                continue
-            try:
-                real = path.resolve()
-                if real.is_relative_to(root) and stat.S_ISREG(real.stat().st_mode):
-                    found[path.stem] = real
-            except (OSError, RuntimeError):  # a dangling or looping link
-                continue
-            if len(found) >= MAX_FILES:
-                return found
-    return found
+    return model_files(folder, SUFFIXES, MAX_FILES)
 
 
 @dataclass

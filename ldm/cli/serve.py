@@ -24,6 +24,10 @@ MaxBodyMb = Annotated[int, typer.Option("--max-body-mb", help="Refuse request bo
 Styles = Annotated[Optional[Path], typer.Option(
     "--styles", help="AUTOMATIC1111's styles.csv (name,prompt,negative_prompt) for requests' \"styles\" "
     "[default: styles.csv beside the models folder].")]
+HypernetworkDir = Annotated[Optional[Path], typer.Option(
+    "--hypernetwork-dir", help="AUTOMATIC1111's hypernetworks folder, listed by GET /sdapi/v1/hypernetworks for the "
+    "clients that read it; sd applies no hypernetwork (a prompt's <hypernet:...> is refused in one line) "
+    "[default: hypernetworks/ beside the checkpoints folder].")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse input images with more pixels than this.")]
 PreviewEvery = Annotated[int, typer.Option(
     "--preview-every", help="Show a live preview on the page and in /progress every this many steps (0: none), made "
@@ -39,7 +43,8 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
           max_side: opt.MaxSide = 2048, max_steps: opt.MaxSteps = 150, max_batch: opt.MaxBatch = 8,
           max_images: opt.MaxImages = 16, max_chunks: opt.MaxChunks = 32, max_body_mb: MaxBodyMb = 64, max_pixels: MaxPixels = 16_000_000,
           embeddings: opt.Embeddings = None, lora_dir: opt.LoraDir = None, backend: opt.Backend = "torch",
-          styles: Styles = None, preview_every: PreviewEvery = PREVIEW_EVERY, taesd: opt.Taesd = None) -> None:
+          styles: Styles = None, preview_every: PreviewEvery = PREVIEW_EVERY, taesd: opt.Taesd = None,
+          hypernetwork_dir: HypernetworkDir = None) -> None:
     from ldm.cli.entry import ready_for_interrupts
     from ldm.errors import SDError, note
     from ldm.limits import Limits
@@ -72,4 +77,4 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
     note(f"sd serve on http://{host}:{port}/ (page) and /sdapi/v1 (API, docs at /docs): {said}")
     run(pipeline, host=host, port=port, auth=auth, models_dir=models_dir, outdir=outdir, limits=limits,
         max_pixels=max_pixels, max_body=max_body_mb * 2 ** 20, first_tab=tab, embeddings=embeddings,
-        lora_dir=lora_dir, styles=styles, preview_every=preview_every)
+        lora_dir=lora_dir, styles=styles, preview_every=preview_every, hypernetwork_dir=hypernetwork_dir)

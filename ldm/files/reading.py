@@ -89,3 +89,28 @@ def read_text_capped(path: str | os.PathLike, max_bytes: int, what: str = "file"
         return data.decode(encoding)
     except UnicodeDecodeError as exc:
         raise SDError(f"{what} {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
+def model_files(folder, suffixes: tuple[str, ...], max_files: int) -> dict[str, Path]:
+    """{name: file} of the files of `folder` and its subfolders whose names end in `suffixes` (the first in
+    sorted order where two share a stem; at most `max_files`): regular files whose real place is inside the
+    folder, so neither a link nor a FIFO leads a read elsewhere or blocks it. {} without the folder."""
+    if folder is None or not Path(folder).is_dir():
+        return {}
+    root = Path(folder).resolve()
+    found: dict[str, Path] = {}
+    for where, dirs, files in os.walk(root):
+        dirs.sort()
+        for file in sorted(files):
+            path = Path(where) / file
+            if path.suffix not in suffixes or path.stem in found:
+                continue
+            try:
+                real = path.resolve()
+                if real.is_relative_to(root) and stat.S_ISREG(real.stat().st_mode):
+                    found[path.stem] = real
+            except (OSError, RuntimeError):  # a dangling or looping link
+                continue
+            if len(found) >= max_files:
+                return found
+    return found

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass, field
 from typing import Optional
 
 from fastapi import APIRouter
@@ -11,26 +10,14 @@ from PIL import Image
 
 from ldm.files import imageio, metadata
 from ldm.errors import SDError
-from ldm.pipeline import Cancelled, GeneratedImage
+from ldm.pipeline import GeneratedImage
 from ldm.serve import a1111, masks
 from ldm.serve.a1111 import Img2ImgRequest, RequestError, Txt2ImgRequest
+from ldm.serve.jobs import Prepared, Ran, generate
 from ldm.serve.options import Settings
 from ldm.serve.styles import apply_styles
 
 A1111_MASK_BLUR = 4  # A1111's mask_blur when a request leaves it out
-
-
-@dataclass
-class Prepared:
-    """A request made ready for the pipeline: its settings after the A1111 options, styles and sizes, and
-    what the response's info reports (the styles applied, the settings taken without effect)."""
-    prompt: str
-    settings: dict
-    styles: list = field(default_factory=list)
-    ignored: list = field(default_factory=list)
-    checkpoint: Optional[str] = None  # override_settings.sd_model_checkpoint
-    restore: bool = True  # override_settings_restore_afterwards
-    preview: Optional[str] = None  # override_settings.show_progress_type, as Pipeline.preview's method
 
 
 def prepare(server, request: Txt2ImgRequest) -> Prepared:
@@ -40,12 +27,14 @@ def prepare(server, request: Txt2ImgRequest) -> Prepared:
     task = "img2img" if isinstance(request, Img2ImgRequest) else "txt2img"
     styles = server.styles() if request.styles else {}  # a broken styles file fails only the requests naming one
     prompt, negative, applied, unknown = apply_styles(styles, request.styles, request.prompt, request.negative_prompt)
+    prompt, missing = without_missing_loras(server, prompt)
     settings = {**a1111.settings_of(request), "negative_prompt": negative, "limits": server.limits,
                 "embeddings": server.embeddings, "lora_dir": server.lora_dir, "clip_skip": taken.clip_skip,
                 "decode": taken.decode, "encode": taken.encode, "tome": taken.tome(task)}
     if settings["eta"] is None:
         settings["eta"] = taken.eta_for(settings["sampler"])
-    ignored = taken.ignored + [f"styles: {name}" for name in unknown]
+    ignored = taken.ignored + [f"styles: {name}" for name in unknown] + \
+        [f"<lora:{name}> (no such LoRA in the LoRA folder: left out, as A1111 does)" for name in missing]
     if request.save_images and server.outdir is None:
         ignored.append("save_images (not saved: the server has no --outdir)")
     preview = taken.preview if taken.kept["show_progress_type"] != server.kept_options["show_progress_type"] else None
@@ -53,44 +42,28 @@ def prepare(server, request: Txt2ImgRequest) -> Prepared:
                     preview)
 
 
-def generate(server, prepared: Prepared, job) -> tuple[list[GeneratedImage], bool]:
-    """Run a generating job on the worker, on the request's checkpoint if it names another (put back afterwards
-    unless asked not to): (images, interrupted). An interrupt returns the images finished and the partial
-    images of the running batch."""
-    target = server.resolve(prepared.checkpoint) if prepared.checkpoint else None
-
-    def on_model(pipe, progress):
-        state = server.worker.state
-        if state is not None:
-            state.preview_method = prepared.preview
-        previous = None
-        if target is not None and not server.is_loaded(target):
-            previous = (pipe.ckpt, pipe.config)
-            server.load_into(pipe, target)
-        try:
-            return job(pipe, progress)
-        finally:
-            if previous is not None and prepared.restore:
-                pipe.load_model(*previous, quiet=True)
-
-    try:
-        return server.worker.run("generate", on_model), False
-    except Cancelled as stop:
-        return stop.images, True
-    except SDError as exc:
-        raise RequestError(str(exc)) from None
-
-
-def respond(server, request: Txt2ImgRequest, prepared: Prepared, images: list[GeneratedImage], interrupted: bool,
-            task: str) -> dict:
-    """A1111's response: base64 PNGs (the bytes sd writes), the request echoed, `info` as a JSON string."""
+def respond(server, request: Txt2ImgRequest, prepared: Prepared, ran: Ran, task: str) -> dict:
+    """A1111's response: base64 PNGs (the bytes sd writes), the request echoed, `info` as a JSON string naming
+    the model the images came from."""
+    images = ran.images
     if request.save_images and server.outdir is not None:
         server.save(images, task)
-    ran = server.resolve(prepared.checkpoint) if prepared.checkpoint else server.ckpt  # the model the images came from
-    info = a1111.info_of(request, images, metadata.model_hash(ran), server.title(ran), interrupted,
+    info = a1111.info_of(request, images, metadata.model_hash(ran.ckpt), server.title(ran.ckpt), ran.interrupted,
                          prepared.ignored, prepared.styles)
     return {"images": [a1111.encode_png(image.png()) for image in images] if request.send_images else [],
             "parameters": request.model_dump(), "info": info}
+
+
+def without_missing_loras(server, prompt: str) -> tuple[str, list[str]]:
+    """The prompt without its <lora:NAME> tags that name no LoRA of the server's folder, and those names: A1111
+    warns and draws without them, and clients count on that (sd's commands refuse such a tag instead)."""
+    from ldm.adapters.lora import list_loras
+    from ldm.text.syntax import drop_lora_tags
+
+    if "<lora:" not in prompt:
+        return prompt, []
+    listed = list_loras(server.lora_folder())
+    return drop_lora_tags(prompt, lambda name: name in listed)
 
 
 def rounded_size(request: Txt2ImgRequest, prepared: Prepared) -> tuple[Optional[int], Optional[int]]:
@@ -113,7 +86,7 @@ def txt2img(server, request: Txt2ImgRequest) -> dict:
     def job(pipe, progress):
         return pipe.txt2img(prepared.prompt, width=width, height=height, progress=progress, **prepared.settings)
 
-    return respond(server, request, prepared, *generate(server, prepared, job), task="txt2img")
+    return respond(server, request, prepared, generate(server, prepared, job), task="txt2img")
 
 
 def img2img(server, request: Img2ImgRequest) -> dict:
@@ -136,8 +109,8 @@ def img2img(server, request: Img2ImgRequest) -> dict:
             return pipe.img2img(image, prepared.prompt, strength=request.denoising_strength, progress=progress,
                                 **settings)
 
-        return respond(server, request, prepared, *generate(server, prepared, job), task="img2img")
-    return respond(server, request, prepared, *inpaint(server, request, image, size, prepared), task="inpaint")
+        return respond(server, request, prepared, generate(server, prepared, job), task="img2img")
+    return respond(server, request, prepared, inpaint(server, request, image, size, prepared), task="inpaint")
 
 
 def inpaint(server, request: Img2ImgRequest, image: Image.Image, size: tuple[int, int], prepared: Prepared):
@@ -164,8 +137,9 @@ def inpaint(server, request: Img2ImgRequest, image: Image.Image, size: tuple[int
     def job(pipe, progress):
         return pipe.inpaint(crop, crop_mask, prepared.prompt, strength=strength, progress=progress, **settings)
 
-    images, interrupted = generate(server, prepared, job)
-    return [only_masked(image, mask, box, result, request.inpaint_full_res_padding) for result in images], interrupted
+    ran = generate(server, prepared, job)
+    return Ran([only_masked(image, mask, box, result, request.inpaint_full_res_padding) for result in ran.images],
+               ran.interrupted, ran.ckpt)
 
 
 def only_masked(original: Image.Image, mask: Image.Image, box, result: GeneratedImage, padding: int) -> GeneratedImage:
@@ -246,16 +220,22 @@ def samplers() -> list[dict]:
 
 
 def schedulers() -> list[dict]:
+    """A1111's /schedulers for the schedules sd runs: "automatic" and "normal" (uniform timesteps, which A1111
+    calls Normal) as A1111 names them, then sd's schedules under their labels."""
     from ldm.models.diffusion.sampler_names import SCHEDULE_LABELS
 
-    return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}] + [
-        {"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
-        for name, label in SCHEDULE_LABELS.items()]
+    def entry(name: str, label: str) -> dict:
+        return {"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+
+    return [entry("automatic", "Automatic"), entry("normal", "Normal")] + [
+        entry(name, label) for name, label in SCHEDULE_LABELS.items()]
 
 
 def router(server) -> APIRouter:
     """The /sdapi/v1 routes bound to `server` (ldm.serve.app.Server)."""
-    return _bind(APIRouter(prefix="/sdapi/v1"), server)
+    # strict_content_type off: a JSON body without a Content-Type header is read as JSON, as A1111's FastAPI
+    # did (Dify's SD tool posts json.dumps(...) with none); a body sent as another type stays refused
+    return _bind(APIRouter(prefix="/sdapi/v1", strict_content_type=False), server)
 
 
 def _bind(api: APIRouter, server) -> APIRouter:
@@ -323,6 +303,10 @@ def _bind(api: APIRouter, server) -> APIRouter:
     def get_prompt_styles() -> list[dict]:
         return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
                 for s in server.styles().values()]
+
+    @api.get("/hypernetworks")
+    def get_hypernetworks() -> list[dict]:
+        return server.hypernetworks()
 
     @api.get("/face-restorers")
     def get_face_restorers() -> list:

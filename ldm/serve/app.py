@@ -35,6 +35,7 @@ class Server:
     def __init__(self, pipeline: Pipeline, *, models_dir: Optional[Path] = None, outdir: Optional[Path] = None,
                  limits: Limits = Limits(), max_pixels: int = 16_000_000, max_body: int = 64 * 2 ** 20,
                  embeddings: Optional[Path] = None, lora_dir: Optional[Path] = None, styles: Optional[Path] = None,
+                 hypernetwork_dir: Optional[Path] = None,
                  preview_every: int = PREVIEW_EVERY):
         self.worker = Worker(pipeline, before=self.ensure_loaded, preview_every=preview_every)
         self.preview_every = preview_every
@@ -43,11 +44,16 @@ class Server:
         self.kept_options = {**KEPT_DEFAULTS, **({"show_progress_type": "TAESD"} if pipeline.taesd is not None else {})}
         self.worker.preview_method = PREVIEW_TYPES[self.kept_options["show_progress_type"]]
         self._unloaded: Optional[tuple] = None  # (ckpt, config) while /unload-checkpoint has freed the model
+        self._kinds: dict = {}  # (path, size, mtime) -> the checkpoint's family (kind_of)
+        self._served = Path(pipeline.ckpt)  # see ckpt; set by the worker's jobs only, once a load has finished
         # A1111's styles.csv (None: styles.csv beside the models folder)
         self.styles_file = Path(styles) if styles is not None else None
         self._styles: tuple = (None, {})
         # textual-inversion and LoRA folders for every request (None: beside the checkpoints folder)
         self.embeddings, self.lora_dir = embeddings, lora_dir
+        # A1111's hypernetworks folder: listed for the clients that read it (sd applies none; a prompt naming
+        # one is refused in one line); None: hypernetworks/ beside the checkpoints folder
+        self.hypernetwork_dir = hypernetwork_dir
         self.models_dir = Path(models_dir) if models_dir is not None else Path(pipeline.ckpt).parent
         if self.styles_file is None:
             self.styles_file = self.models_dir.parent / "styles.csv"
@@ -63,8 +69,10 @@ class Server:
 
     @property
     def ckpt(self) -> Path:
-        """The checkpoint served (also while it is unloaded: the next job loads it again)."""
-        return Path(self._unloaded[0] if self._unloaded is not None else self.pipeline.ckpt)
+        """The checkpoint served: the one the worker last finished loading for every request (also while it is
+        unloaded: the next job loads it again). Kept here, not read from the pipeline, which holds no model
+        while a switch loads the next one: readers during a switch see the model that serves until it is done."""
+        return self._served
 
     def unload(self) -> None:
         """POST /unload-checkpoint: free the model's memory; the next job loads it again."""
@@ -100,13 +108,22 @@ class Server:
         return [{"name": name, "alias": name, "path": str(path), "metadata": lora_metadata(path)}
                 for name, path in list_loras(self.lora_folder()).items()]
 
+    def hypernetworks(self) -> list[dict]:
+        """A1111's /hypernetworks: {"name", "path"} of the hypernetwork files in the folder ([] without one)."""
+        from ldm.files.reading import model_files
+
+        folder = self.hypernetwork_dir if self.hypernetwork_dir is not None else \
+            Path(self.ckpt).resolve().parent.parent / "hypernetworks"
+        return [{"name": name, "path": str(path)}
+                for name, path in model_files(folder, (".pt", ".safetensors", ".ckpt"), MAX_LISTED_MODELS).items()]
+
     def embedding_list(self) -> dict:
         """A1111's /embeddings: {"loaded": {name: {...}}, "skipped": {name: {...}}} for the embeddings folder."""
         from ldm.adapters.textual_inversion import default_folder, files_in, load_embedding
 
         folder = self.embeddings if self.embeddings is not None else default_folder(self.ckpt)
-        width = None if self._unloaded is not None else \
-            self.pipeline.model.cond_stage_model.model.token_embedding.weight.shape[1]
+        model = self.pipeline.model  # None while unloaded or while a switch loads the next model
+        width = None if model is None else model.cond_stage_model.model.token_embedding.weight.shape[1]
         out: dict = {"loaded": {}, "skipped": {}}
         for path in files_in(folder) if folder is not None and Path(folder).is_dir() else []:
             entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width, "vectors": None}
@@ -146,9 +163,25 @@ class Server:
     def current_hash(self) -> str:
         return metadata.model_hash(self.ckpt)
 
+    def kind_of(self, path: Path) -> str:
+        """A checkpoint's family from its keys and shapes (ldm.loading.keys; memory-mapped, no weights read),
+        cached per file, size and time: "x4" for the upscaler, "unreadable" for a file that is no checkpoint."""
+        from ldm.loading.checkpoint import read_state_dict
+        from ldm.loading.keys import checkpoint_kind
+
+        st = os.stat(path)
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self._kinds:
+            try:
+                self._kinds[key] = checkpoint_kind(read_state_dict(path))
+            except SDError:
+                self._kinds[key] = "unreadable"
+        return self._kinds[key]
+
     def models(self) -> list[dict]:
-        """A1111's /sd-models: every checkpoint in the models folder (and the loaded one)."""
-        files = self.checkpoint_files()
+        """A1111's /sd-models: every checkpoint in the models folder (and the loaded one) but the x4 upscalers,
+        which GET /upscalers lists (A1111 keeps them in a folder of their own)."""
+        files = [f for f in self.checkpoint_files() if self.kind_of(f) != "x4"]
         if Path(self.ckpt).resolve() not in {f.resolve() for f in files}:
             files.append(Path(self.ckpt))
         loaded = Path(self.ckpt).resolve()
@@ -191,20 +224,28 @@ class Server:
     def is_loaded(self, path: Path) -> bool:
         return self._unloaded is None and Path(path).resolve() == Path(self.ckpt).resolve()
 
-    def load_into(self, pipe: Pipeline, path: Path) -> None:
-        """Load a listed checkpoint on the worker's pipeline; on failure keep serving the model that worked."""
+    def load_into(self, pipe: Pipeline, path: Path, serve: bool = False) -> None:
+        """Load a listed checkpoint on the worker's pipeline (a worker job only); on failure keep serving the
+        model that worked. `serve`: it serves every request from now on (ckpt says so once it is loaded)."""
         previous = (pipe.ckpt, pipe.config)
         try:
             pipe.load_model(path, quiet=True)
         except SDError as exc:
             pipe.load_model(*previous, quiet=True)
             raise RequestError(f"cannot load {Path(path).name}: {exc}") from None
+        if serve:
+            self._served = Path(pipe.ckpt)
 
     def switch(self, title: str) -> None:
-        """Load the listed checkpoint named by `title` (see resolve) for every request from now on."""
+        """Load the listed checkpoint named by `title` (see resolve) for every request from now on: a job of the
+        worker's queue, after the jobs queued before it (which run on the model they were sent to)."""
         path = self.resolve(title)
-        if not self.is_loaded(path):
-            self.worker.run("load", lambda pipe, progress: self.load_into(pipe, path))
+
+        def load(pipe: Pipeline, progress) -> None:
+            if not self.is_loaded(path):
+                self.load_into(pipe, path, serve=True)
+
+        self.worker.run("load", load)
 
     def kept_settings(self, task: str) -> dict:
         """The Request fields the kept A1111 options give a job of `task` that names none (the page's)."""

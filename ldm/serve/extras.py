@@ -9,7 +9,6 @@ A1111 (extras_upscaler_2_visibility).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +25,9 @@ MAX_BATCH = 16
 
 X4_PREFIX = "SD x4 ("
 X4_SEED = 0  # the x4 model draws noise: a fixed seed makes an extras call give the same picture every time
-_kinds: dict = {}  # (path, size, mtime) -> the checkpoint's kind, read from its keys once
-
-
-def _kind(path: Path) -> str:
-    """A checkpoint's family from its keys and shapes (memory-mapped: no weights are read), cached."""
-    from ldm.errors import SDError
-    from ldm.loading.checkpoint import read_state_dict
-    from ldm.loading.keys import checkpoint_kind
-
-    stat = os.stat(path)
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _kinds:
-        try:
-            _kinds[key] = checkpoint_kind(read_state_dict(path))
-        except SDError:
-            _kinds[key] = "unreadable"
-    return _kinds[key]
-
-
 def x4_models(server) -> dict[str, Path]:
     """The models folder's x4 upscaler checkpoints by their upscaler names."""
-    return {f"{X4_PREFIX}{server.title(f)})": f for f in server.checkpoint_files() if _kind(f) == "x4"}
+    return {f"{X4_PREFIX}{server.title(f)})": f for f in server.checkpoint_files() if server.kind_of(f) == "x4"}
 
 
 def upscalers(server) -> list[dict]:
@@ -104,14 +84,13 @@ def _resized(server, picture: Image.Image, name: str, size: tuple[int, int]) -> 
 
 def _diffusion_x4(server, picture: Image.Image, name: str) -> Image.Image:
     """The x4 diffusion upscaler's result (4x per side), run on the worker with its checkpoint."""
-    from ldm.serve.api import Prepared, generate
+    from ldm.serve.jobs import Prepared, generate
 
     prepared = Prepared("", {}, checkpoint=name[len(X4_PREFIX):-1])
-    images, interrupted = generate(server, prepared, lambda pipe, progress: pipe.upscale(picture, "", seed=X4_SEED,
-                                                                                 progress=progress))
-    if interrupted or not images:
+    ran = generate(server, prepared, lambda pipe, progress: pipe.upscale(picture, "", seed=X4_SEED, progress=progress))
+    if ran.interrupted or not ran.images:
         raise RequestError("the x4 upscaler was interrupted")
-    return images[0].image
+    return ran.images[0].image
 
 
 def upscale(server, picture: Image.Image, body: dict, x4: dict) -> Image.Image:

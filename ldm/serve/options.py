@@ -126,6 +126,8 @@ class Settings:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_TOME_OPTION:
                 raise RequestError(f"{where}.{key} must be a number from 0 to {MAX_TOME_OPTION} (got {value!r})")
             self.kept[key] = float(value)
+            if key == "token_merging_ratio_hr" and value:  # kept for GET /options, but nothing uses it yet
+                self.ignored.append(f"{key} (sd has no hires fix for it to apply to)")
         elif key == "sd_vae":
             if value not in VAE_NAMES:
                 raise RequestError(f"{where}.sd_vae {value!r}: sd uses the checkpoint's own VAE (\"Automatic\" or "

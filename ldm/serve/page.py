@@ -32,9 +32,13 @@ POLL_SECONDS = 0.25
 
 
 def model_can_run(pipeline, task: str) -> Optional[str]:
-    """Why the loaded model cannot run `task`, or None when it can."""
-    kind = type(pipeline.model).__name__
-    plain = getattr(pipeline.model, "build_conditioning", None) is None
+    """Why the loaded model cannot run `task`, or None when it can (or when no model is in memory: unloaded,
+    or a switch loading the next one; the task itself checks the model it runs on)."""
+    model = pipeline.model
+    if model is None:
+        return None
+    kind = type(model).__name__
+    plain = getattr(model, "build_conditioning", None) is None
     unclip = kind == "ImageEmbeddingConditionedLatentDiffusion"
     needs = {"txt2img": plain, "img2img": plain or unclip, "inpaint": plain or kind == "LatentInpaintDiffusion",
              "depth2img": kind == "LatentDepth2ImageDiffusion", "upscale": kind == "LatentUpscaleDiffusion",
@@ -43,7 +47,7 @@ def model_can_run(pipeline, task: str) -> Optional[str]:
         return None
     wanted = {"depth2img": "a depth checkpoint (512-depth-ema.ckpt)", "upscale": "the x4 upscaler (x4-upscaler-ema.ckpt)",
               "variations": "a Stable unCLIP checkpoint (sd21-unclip-h.ckpt or sd21-unclip-l.ckpt)"}
-    return f"The loaded model ({Path(pipeline.ckpt).name}) cannot run {task}: it needs {wanted.get(task, 'a txt2img or inpainting checkpoint')}."
+    return f"The loaded model ({Path(pipeline.choice.ckpt).name}) cannot run {task}: it needs {wanted.get(task, 'a txt2img or inpainting checkpoint')}."
 
 
 class Results:

@@ -104,6 +104,10 @@ def check_prompt(what: str, text: str, max_chunks: int, limit: str = "--max-chun
     try:
         check_text(what, text)
         words = take_loras(text)[0]
+        if "<hypernet:" in words:  # A1111's other extra network: refused, not drawn as words
+            name = words.split("<hypernet:", 1)[1].split(":", 1)[0].split(">", 1)[0][:80]
+            raise SDError(f"<hypernet:{name}...>: sd applies no hypernetworks (A1111's older add-on networks); "
+                          "take the tag out, or use a LoRA")
         parse_weights(words)
         # a chunk holds at least CHUNK - COMMA_BACKTRACK tokens, and a token at least one UTF-8 byte
         if len(words.encode()) > (max_chunks - 1) * (CHUNK - COMMA_BACKTRACK) or BREAK in words:

@@ -158,3 +158,16 @@ def take_loras(prompt: str) -> tuple[str, list[LoraTag]]:
         unet = lora_weight(second, what) if second else text
         tags.append(LoraTag(name.strip(), text, unet))
     return _LORA.sub("", prompt), tags
+
+
+def drop_lora_tags(prompt: str, keep) -> tuple[str, list[str]]:
+    """(the prompt without the <lora:NAME...> tags whose NAME `keep(name)` refuses, those names)."""
+    dropped = []
+
+    def one(match) -> str:
+        if keep(match.group(1).strip()):
+            return match.group(0)
+        dropped.append(match.group(1).strip())
+        return ""
+
+    return _LORA.sub(one, prompt), dropped

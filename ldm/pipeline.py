@@ -333,7 +333,7 @@ class Pipeline:
     def preview(self, denoised: torch.Tensor, method: str = "full") -> list[Image.Image]:
         """A Progress's x0 latents as (unwatermarked) previews: decoded by the model's VAE ("full"), by TAESD
         ("taesd"), or by A1111's "Approx cheap" linear map of the latent channels ("cheap", no weights; what
-        "taesd" falls back to without TAESD and "full" for models whose VAE is not SD's). See PREVIEWS."""
+        "taesd" falls back to without TAESD, or where TAESD does not fit the model's latents). See PREVIEWS."""
         from ldm.models import preview as approx
 
         if method not in PREVIEWS:
@@ -430,8 +430,7 @@ class Session:
                 raise SDError(f"{said}: TAESD decodes SD 1/2 latents, and this model's "
                               f"{'are its own' if pipeline.demo or task.name == 'upscale' else 'differ'}; use full")
             if key == "encode":
-                if pipeline.taesd.encoder is None:
-                    pipeline.taesd.encode(None)  # says which file is missing
+                pipeline.taesd.require_encoder()
                 task.encoder = pipeline.taesd.encode
         if request.decode == "taesd":
             return lambda model, latents: pipeline.taesd.decode(latents)

@@ -26,6 +26,13 @@ def tiny_ckpts(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    """monkeypatch for a module's fixtures (a server built once per test module)."""
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
 @pytest.fixture(autouse=True)
 def agreeing_probe(request, monkeypatch):
     """Tiny random-weight UNets predict neither eps nor v, so ldm.loading.detect's probe would call every explicit

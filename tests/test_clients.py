@@ -24,12 +24,6 @@ A1111_TXT2IMG = "/sdapi/v1/txt2img"
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
-@pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_ckpts, monkeypatch_module):
     """sd serve over a models folder of two tiny txt2img checkpoints, with a styles.csv beside it."""
     from ldm.loading import detect

@@ -80,12 +80,6 @@ def small_png(*chunks: bytes) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
-@pytest.fixture(scope="module")
 def server_url(tmp_path_factory, tiny_ckpts, monkeypatch_module):
     """A server on the tiny checkpoint, its styles file in a folder of its own."""
     from ldm.loading import detect

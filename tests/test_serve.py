@@ -67,12 +67,6 @@ def tiny_server(models, monkeypatch_module):
         yield server, url, port
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
 def pixels(image):
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 

@@ -84,10 +84,14 @@ class TinyAutoencoder(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Pictures (B, 3, H, W) in [-1, 1] -> sampler-space latents (B, 4, H / 8, W / 8)."""
+        self.require_encoder()
+        return self.encoder(((x + 1) / 2).to(self.dtype))
+
+    def require_encoder(self) -> None:
+        """SDError saying which file is missing when only the decoder was loaded."""
         if self.encoder is None:
             raise SDError("TAESD's encoder was not loaded: put taesd_encoder.pth (or .safetensors) beside "
                           f"{self.files[0] if self.files else 'the decoder file'}, or give a diffusers AutoencoderTiny folder")
-        return self.encoder(((x + 1) / 2).to(self.dtype))
 
     @property
     def dtype(self) -> torch.dtype:

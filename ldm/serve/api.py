@@ -30,7 +30,7 @@ def prepare(server, request: Txt2ImgRequest) -> Prepared:
     prompt, missing = without_missing_loras(server, prompt)
     settings = {**a1111.settings_of(request), "negative_prompt": negative, "limits": server.limits,
                 "embeddings": server.embeddings, "lora_dir": server.lora_dir, "clip_skip": taken.clip_skip,
-                "decode": taken.decode, "encode": taken.encode, "tome": taken.tome(task)}
+                **taken.request_fields(task)}
     if settings["eta"] is None:
         settings["eta"] = taken.eta_for(settings["sampler"])
     ignored = taken.ignored + [f"styles: {name}" for name in unknown] + \

@@ -249,8 +249,7 @@ class Server:
 
     def kept_settings(self, task: str) -> dict:
         """The Request fields the kept A1111 options give a job of `task` that names none (the page's)."""
-        taken = Settings(kept=self.kept_options)
-        return {"decode": taken.decode, "encode": taken.encode, "tome": taken.tome(task)}
+        return Settings(kept=self.kept_options).request_fields(task)
 
     def styles(self) -> dict:
         """The prompt styles of --styles (A1111's styles.csv), read when the file changes (a wrong file too:

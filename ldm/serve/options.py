@@ -85,6 +85,10 @@ class Settings:
     def preview(self) -> str:
         return PREVIEW_TYPES[self.kept["show_progress_type"]]
 
+    def request_fields(self, task: str) -> dict:
+        """The Request fields these settings give a job of `task`: decoder, encoder, token merging ratio."""
+        return {"decode": self.decode, "encode": self.encode, "tome": self.tome(task)}
+
     def tome(self, task: str) -> float:
         """A1111's precedence: the img2img ratio for image tasks when it is not 0, else token_merging_ratio."""
         image_task = task in ("img2img", "inpaint", "depth2img")

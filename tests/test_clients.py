@@ -352,7 +352,7 @@ def test_readers_during_a_switch_and_a_job_racing_it_all_answer(served, monkeypa
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Pipeline, "load_model", slow_load)
-    base = {"prompt": "a cube", "steps": 40, "width": 256, "height": 256, "seed": 6}
+    base = {"prompt": "a cube", "steps": 24, "width": 256, "height": 256, "seed": 6}
     answers: dict = {}
     job = threading.Thread(target=lambda: answers.setdefault("job", requests.post(url + A1111_TXT2IMG, json=base,
                                                                                    timeout=300)))

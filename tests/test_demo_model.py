@@ -16,13 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo" / "demo-inference.yaml"
 CKPT = ROOT / "checkpoints" / "demo" / "demo.safetensors"
 EVAL = dict(n=40, steps=20, scale=5.0, seed=0, prompt_seed=1234, sampler="ddim")
-# The issue's bar, and what the shipped model measured (docs/demo-model.md): it falls short.
-ISSUE_COLORS, ISSUE_SHAPES = 0.90, 0.75
-# measured (fraction of 40): held-out wording, then training wording on the same scenes
-MEASURED = {"heldout": dict(colors=0.825, shapes=0.525, backgrounds=0.90, foregrounds=0.85),
-            "train": dict(colors=0.90, shapes=0.425, backgrounds=1.0, foregrounds=0.90)}
+# The issue's bar (colours, shape class, position word), and what the shipped model measured on the 40
+# held-out prompts (docs/demo-model.md): it falls short.
+ISSUE = dict(colors=0.95, shapes=0.90, positions=0.85)
+# measured: held-out wording (fp32). Positions are counted on the prompts that name one (34 of the 40).
+MEASURED = {"heldout": dict(colors=0.825, shapes=0.75, backgrounds=0.90,
+                            foregrounds=0.825, positions=0.118)}
+# Each assertion allows two samples of the 40 (5%, about one standard error at these rates): the bound comes
+# from the 40-sample evaluation, not from one seed.
+SLACK = 0.05
 IMG2IMG_LOW = 0.4  # measured 0.11 / 0.27 / 1.30 at strength 0.2 / 0.5 / 1.0
-SAMPLER_AGREEMENT = 0.15  # measured <= 0.045 for ddim, dpm, euler, dpmpp_2m, heun; 1.17 for another seed
+SAMPLER_AGREEMENT = 0.15  # measured <= 0.076 for ddim, dpm, euler, dpmpp_2m, heun
 
 
 @pytest.fixture(scope="module")
@@ -46,25 +50,37 @@ def test_shipped_checkpoint_is_small_half_precision_and_loads_strictly(demo):
 
 @pytest.fixture(scope="module")
 def evaluations(demo):
-    # The training wording is measured too by benchmarks/demo_eval.py (MEASURED["train"]); the suite
-    # re-measures only the held-out one, the issue's measure, to stay within its time budget.
-    return {wording: evaluate(demo, **EVAL, wording=wording) for wording in ("heldout",)}
+    # The training wording is measured too by benchmarks/demo_eval.py; the suite re-measures the held-out
+    # one, the issue's measure, to stay within its time budget.
+    return {"heldout": evaluate(demo, **EVAL, wording="heldout")}
 
 
-@pytest.mark.parametrize("wording", ["heldout"])
-def test_prompt_following_measured(evaluations, wording):
+def test_prompt_following_measured(evaluations):
     """Pins what the shipped model reaches (within 2 samples of 40), so a regression shows."""
-    result = evaluations[wording]
-    assert result.images.shape == (40, 256, 256, 3)
-    for name, value in MEASURED[wording].items():
-        assert getattr(result, name) >= value - 0.05, name
+    result = evaluations["heldout"]
+    assert result.images.shape == (40, 256, 256, 3) and result.positioned == 34
+    for name, value in MEASURED["heldout"].items():
+        assert getattr(result, name) >= value - SLACK, name
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped demo model falls short of the issue's 90%/75% bar "
-                   "(see docs/demo-model.md); strict, so reaching it turns this into a failure to update")
+def test_prompt_following_holds_in_bf16(demo):
+    """The same bounds with the UNet and decoder under bf16 autocast, where the CPU runs bf16 natively (elsewhere
+    it is emulated, about 160x slower, and sd never picks it)."""
+    from ldm.runtime.policy import cpu_has_fast_bf16
+
+    if not cpu_has_fast_bf16():
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16 or AMX): sd runs it in fp32 here")
+    with torch.autocast("cpu", torch.bfloat16):
+        result = evaluate(demo, **EVAL, wording="heldout")
+    for name, value in MEASURED["heldout"].items():
+        assert getattr(result, name) >= value - 2 * SLACK, name
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped demo model falls short of the issue's bar (95% colours, 90% "
+                   "shapes, 85% positions; docs/demo-model.md); strict, so reaching it turns this into a failure")
 def test_prompt_following_meets_the_issue_bar(evaluations):
     result = evaluations["heldout"]
-    assert result.colors >= ISSUE_COLORS and result.shapes >= ISSUE_SHAPES
+    assert all(getattr(result, name) >= value for name, value in ISSUE.items())
 
 
 def _latent(demo, scene):
@@ -125,11 +141,11 @@ def test_deterministic_samplers_agree_with_a_long_ddim_run(demo, reference_laten
 
 def test_plms_converges_to_the_same_sample_more_slowly(demo, reference_latents):
     """PLMS (the reference's, checked against its formulas and diffusers' PNDM in test_samplers) extrapolates
-    eps over steps that span sigma 416 -> 0.03 on this schedule: at 25 steps it is 0.46 away, at 50 steps
-    0.07 (measured), so it converges, at about second order, to the ODE solution the others reach."""
+    eps over steps that span sigma 416 -> 0.03 on this schedule: measured 0.56 away at 25 steps, 0.40 at 50 and
+    0.08 at 100, so it converges to the ODE solution the others reach, only later."""
     prompts, reference = reference_latents
     far, near = (_rel(generate(demo, prompts, steps=n, sampler="plms", seed=11, latents_only=True), reference)
-                 for n in (25, 50))
+                 for n in (50, 100))
     assert near < far / 2 and near < SAMPLER_AGREEMENT
 
 

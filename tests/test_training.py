@@ -301,3 +301,125 @@ def test_decoder_only_finetuning_and_merge(tmp_path):
     vae["encoder.conv_in.bias"] = vae["encoder.conv_in.bias"] + 1.0
     with pytest.raises(SDError, match="encoder weight encoder.conv_in.bias differs"):
         merge_first_stage(full, save_safetensors(vae, tmp_path / "vae2.safetensors"), tmp_path / "m2.safetensors")
+
+
+# -- resuming a cut-off run -----------------------------------------------------------------------------
+
+def _ldm_config(tmp_path, **trainer):
+    from ldm.training.trainers import save_safetensors
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    inference = tmp_path / "inference.yaml"
+    inference.write_text(yaml.safe_dump({"model": tiny_ldm()}))
+    vae = tmp_path / "vae.safetensors"
+    if not vae.exists():
+        from ldm.util import instantiate_from_config
+
+        save_safetensors(instantiate_from_config(TINY_VAE).state_dict(), vae)
+    config = tmp_path / "ldm.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"size": 64, "seed": 0, "length": 8, "shuffle": True},
+        "trainer": {"module": "diffusion", "model_config": str(inference), "first_stage_ckpt": str(vae),
+                    "batch_size": 4, "ema_decay": 0.99, "lr_decay_fraction": 0.5, "checkpoint_every": 2,
+                    "output": str(tmp_path / "demo.safetensors"), "log": str(tmp_path / "loss.csv"),
+                    "latent_cache": str(tmp_path / "latents.safetensors"), **trainer}}))
+    return config
+
+
+def test_a_cut_off_run_resumes_where_it_stopped(tmp_path, capsys):
+    from safetensors import safe_open
+
+    from ldm.training.trainers import read_training_state, resume_into, state_path_for
+
+    config = _ldm_config(tmp_path)
+    out = train(config, max_steps=4)  # the first part: stopped at step 4 of a 6-step budget...
+    state = state_path_for(out)
+    assert state.name == "demo.train-state.safetensors"
+    tensors, step, seconds = read_training_state(state)
+    assert step == 4 and seconds > 0
+    assert any(k.startswith("optimizer.") and k.endswith(".exp_avg") for k in tensors)
+    # ...its weights, EMA and optimizer moments come back as they were
+    module = DiffusionTrainer(tiny_ldm(), ema_decay=0.99)
+    assert resume_into(module, state) == (4, seconds)
+    name = "model.diffusion_model.out.2.weight"
+    assert torch.equal(module.ldm.state_dict()[name], tensors[f"model.{name}"])
+    assert torch.equal(module.ema[name], tensors[f"ema.{name}"])
+    # the schedule goes on from step 4 of 6 (decay over the last half: factor (6 - 4) / 6 / 0.5)
+    module.budget_steps, module.warmup_steps, module.lr_decay_fraction = 6, 1, 0.5
+    assert module.lr_factor(0) == pytest.approx(2 / 3)
+
+    capsys.readouterr()
+    train(config, max_steps=6, resume=True)  # ...the second part: steps 5 and 6 only
+    assert "resuming from step 4" in capsys.readouterr().out
+    rows = (tmp_path / "loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,seconds" and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5", "6"]
+    assert float(rows[-1].split(",")[2]) >= seconds  # training seconds go on counting
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["step"] == "6"
+    assert read_training_state(state)[1] == 6
+    train(config, max_steps=6, resume=True)  # a finished run says so and trains nothing
+    assert "had finished (step 6" in capsys.readouterr().out
+    assert len((tmp_path / "loss.csv").read_text().splitlines()) == 7
+
+
+def test_resume_without_a_state_starts_and_a_damaged_state_is_one_line(tmp_path, capsys):
+    from ldm.training.trainers import state_path_for
+
+    config = _ldm_config(tmp_path)
+    train(config, max_steps=2, resume=True)
+    assert "nothing to resume" in capsys.readouterr().out
+    state = state_path_for(tmp_path / "demo.safetensors")
+    state.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(SDError, match="not a training state") as info:
+        train(config, max_steps=4, resume=True)
+    assert "\n" not in str(info.value)
+    other = _ldm_config(tmp_path / "other", output=str(tmp_path / "demo.safetensors"))
+    train(config, max_steps=2)  # a good state again
+    cfg = yaml.safe_load(other.read_text())
+    model = yaml.safe_load((tmp_path / "other" / "inference.yaml").read_text())
+    model["model"]["params"]["unet_config"]["params"]["model_channels"] = 64
+    (tmp_path / "other" / "inference.yaml").write_text(yaml.safe_dump(model))
+    with pytest.raises(SDError, match="training state is of another model"):
+        train(other, max_steps=4, resume=True)
+    assert cfg["trainer"]["output"] == str(tmp_path / "demo.safetensors")
+
+
+def test_the_encoded_dataset_is_cached_per_first_stage_and_data(tmp_path, monkeypatch):
+    config = _ldm_config(tmp_path)
+    train(config, max_steps=1)
+    cache = tmp_path / "latents.safetensors"
+    assert cache.is_file()
+    calls = []
+    original = DiffusionTrainer.encode_dataset
+    monkeypatch.setattr(DiffusionTrainer, "encode_dataset", lambda self, d, **k: calls.append(1) or original(self, d, **k))
+    train(config, max_steps=1)
+    assert calls == []  # same first stage, same data: read back
+    data = yaml.safe_load(config.read_text())
+    data["data"]["seed"] = 1
+    config.write_text(yaml.safe_dump(data))
+    train(config, max_steps=1)
+    assert calls == [1]  # other data: encoded again
+
+
+def test_reader_finds_the_named_position_of_every_shape():
+    from ldm.data.measure import classify_position
+
+    dataset = ShapesDataset(length=120, seed=7, split="heldout", shuffle=True)
+    scenes = [dataset.scene(i) for i in range(120)]
+    assert all(read_image(render_scene(s)).position == s.position for s in scenes)
+    mask = np.zeros((256, 256), bool)
+    mask[10:40, 200:250] = True
+    assert classify_position(mask) == "top right" and classify_position(np.zeros((8, 8), bool)) is None
+
+
+def test_evaluation_counts_positions_only_where_the_prompt_names_one():
+    from ldm.training.evaluate import heldout_prompts, names_position
+
+    pairs = heldout_prompts(40)
+    named = [names_position(s, p) for s, p in pairs]
+    assert 20 < sum(named) < 40  # a caption names its position four times in five
+    scene = ShapeScene("circle", "red", "blue", "top", "small")
+    assert names_position(scene, "a red circle on a blue background at the top")
+    assert not names_position(scene, "a red circle on a blue background")
+    assert not names_position(scene, "a red circle on a blue background at the top left")
+

@@ -19,11 +19,14 @@ def train(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the run (overrides trainer.seed).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (overrides trainer.threads).")] = None,
     init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Continue from this checkpoint of the same model.")] = None,
+    log: Annotated[Optional[Path], typer.Option("--log", help="Loss log CSV to write (overrides trainer.log).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a cut-off run from the training state beside "
+                                         "its output (NAME.train-state.safetensors); without one, start.")] = False,
 ) -> None:
     from ldm.cli.entry import ready_for_interrupts
     from ldm.training.trainers import train as run
 
     ready_for_interrupts()
     path = run(config, max_minutes=max_minutes, max_steps=max_steps, output=output, seed=seed, threads=threads,
-               init_from=init_from)
+               init_from=init_from, resume=resume, log=log)
     print(f"wrote {path}")

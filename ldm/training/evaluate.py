@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ldm.data.measure import Reading, read_image
-from ldm.data.shapes import ShapeScene, ShapesDataset, caption_for
+from ldm.data.shapes import HELDOUT_POSITION_PHRASES, TRAIN_POSITION_PHRASES, ShapeScene, ShapesDataset, caption_for
 
 
 def heldout_prompts(n: int = 40, seed: int = 1234, wording: str = "heldout") -> list[tuple[ShapeScene, str]]:
@@ -23,6 +23,12 @@ def heldout_prompts(n: int = 40, seed: int = 1234, wording: str = "heldout") -> 
     dataset = ShapesDataset(length=n, seed=seed, split="heldout", shuffle=True)
     return [(dataset.scene(i), caption_for(dataset.scene(i), random.Random(f"{seed}:{i}"), wording))
             for i in range(n)]
+
+
+def names_position(scene: ShapeScene, prompt: str) -> bool:
+    """Whether the prompt says where the shape is (captions leave the position out one time in five)."""
+    phrases = HELDOUT_POSITION_PHRASES[scene.position] + TRAIN_POSITION_PHRASES[scene.position]
+    return any(prompt.endswith(phrase) for phrase in phrases)
 
 
 @torch.no_grad()
@@ -63,6 +69,8 @@ class Evaluation:
     shapes: float  # share whose shape class matches
     backgrounds: float  # share whose background colour alone matches
     foregrounds: float  # share whose foreground colour alone matches
+    positions: float  # share of the prompts that name a position whose shape stands there
+    positioned: int  # how many prompts name a position
     readings: list[Reading]
     scenes: list[ShapeScene]
     prompts: list[str]
@@ -79,7 +87,9 @@ def evaluate(model, n: int = 40, *, steps: int = 20, scale: float = 5.0, seed: i
     shapes = np.mean([r.shape == s.shape for r, s in zip(readings, scenes)])
     backgrounds = np.mean([r.background == s.background for r, s in zip(readings, scenes)])
     foregrounds = np.mean([r.color == s.color for r, s in zip(readings, scenes)])
-    return Evaluation(n, float(colors), float(shapes), float(backgrounds), float(foregrounds), readings, scenes,
+    placed = [r.position == s.position for r, s, p in zip(readings, scenes, prompts) if names_position(s, p)]
+    return Evaluation(n, float(colors), float(shapes), float(backgrounds), float(foregrounds),
+                      float(np.mean(placed)) if placed else float("nan"), len(placed), readings, scenes,
                       prompts, images)
 
 

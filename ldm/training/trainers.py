@@ -74,21 +74,40 @@ class _Logged(pl.LightningModule):
         # and the time limit comes first.
         self.budget_steps: Optional[int] = None
         self.budget_seconds: Optional[float] = None
+        # A resumed run (train(..., resume=True)) continues the counts of the run it picks up: its steps
+        # and training seconds come first in the schedule, the budget, the log and the checkpoint cadence.
+        self.step_offset = 0
+        self.seconds_offset = 0.0
+        self.resume_optimizer: Optional[dict[str, torch.Tensor]] = None
+        self.state_path: Optional[Path] = None  # the training state written beside each export
+
+    @property
+    def trained(self) -> torch.nn.Module:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @property
+    def total_step(self) -> int:
+        return self.global_step + self.step_offset
+
+    def elapsed(self) -> float:
+        """Training seconds of the whole run, the resumed parts included."""
+        return self.seconds_offset + (0.0 if self._t0 is None else time.perf_counter() - self._t0)
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
     def progress(self, step: int) -> float:
-        """Fraction of the budget used, in [0, 1]: the larger of the step share and the time share."""
+        """Fraction of the budget used, in [0, 1]: the larger of the step share and the time share (`step`
+        counts this process's steps; a resumed run adds the earlier ones)."""
         shares = [0.0]
         if self.budget_steps:
-            shares.append(step / self.budget_steps)
-        if self.budget_seconds and self._t0 is not None:
-            shares.append((time.perf_counter() - self._t0) / self.budget_seconds)
+            shares.append((step + self.step_offset) / self.budget_steps)
+        if self.budget_seconds and (self._t0 is not None or self.seconds_offset):
+            shares.append(self.elapsed() / self.budget_seconds)
         return min(1.0, max(shares))
 
     def lr_factor(self, step: int) -> float:
-        warm = min(1.0, (step + 1) / max(1, self.warmup_steps))
+        warm = min(1.0, (step + self.step_offset + 1) / max(1, self.warmup_steps))
         if self.lr_decay_fraction == 0.0:
             return warm
         # Warm-up, stable, decay: a full rate while the model is far from converged, then an anneal to zero
@@ -104,7 +123,10 @@ class _Logged(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._t0 = time.perf_counter()
-        if self.log_path is not None:
+        if self.resume_optimizer is not None:
+            load_optimizer_state(self.trainer.optimizers[0], self.resume_optimizer)
+            self.resume_optimizer = None
+        if self.log_path is not None and not (self.step_offset and self.log_path.is_file()):
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "w", newline="") as f:
                 csv.writer(f).writerow(["step", "loss", "seconds"])
@@ -112,16 +134,22 @@ class _Logged(pl.LightningModule):
     def record(self, loss: torch.Tensor) -> None:
         if self.log_path is not None:
             with open(self.log_path, "a", newline="") as f:
-                csv.writer(f).writerow([self.global_step + 1, f"{loss.item():.6f}",
-                                        f"{time.perf_counter() - self._t0:.1f}"])
+                csv.writer(f).writerow([self.total_step + 1, f"{loss.item():.6f}", f"{self.elapsed():.1f}"])
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # global_step already counts this step's optimizer update here.
-        if self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
-            self.export()
+        if self.checkpoint_every and self.total_step % self.checkpoint_every == 0:
+            self.save()
 
     def on_train_end(self) -> None:
+        self.save()
+
+    def save(self) -> None:
+        """The export, then the state a cut-off run resumes from (written second: a state never names a
+        step whose export is missing)."""
         self.export()
+        if self.state_path is not None:
+            save_training_state(self, self.state_path)
 
     def export(self) -> Optional[Path]:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -148,6 +176,10 @@ class AutoencoderTrainer(_Logged):
         self.kl_weight, self.l2_weight = kl_weight, l2_weight
         self.save_dtype = getattr(torch, save_dtype)
 
+    @property
+    def trained(self) -> torch.nn.Module:
+        return self.vae
+
     def loss(self, image: torch.Tensor) -> torch.Tensor:
         rec, posterior = self.vae(image)  # (B, 3, H, W), posterior over (B, 4, H/f, W/f)
         rec = rec.float()
@@ -165,7 +197,7 @@ class AutoencoderTrainer(_Logged):
         if self.output is None:
             return None
         return save_safetensors(export_state_dict(self.vae, self.save_dtype), self.output,
-                                {"step": self.global_step, "format": "AutoencoderKL"})
+                                {"step": self.total_step, "format": "AutoencoderKL"})
 
 
 class LatentCache(torch.utils.data.Dataset):
@@ -218,6 +250,10 @@ class DiffusionTrainer(_Logged):
         self.ema: Optional[dict[str, torch.Tensor]] = None
         if ema_decay > 0:
             self.ema = {k: p.detach().clone() for k, p in self.ldm.named_parameters() if p.requires_grad}
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        return self.ldm
 
     # -- data --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -276,7 +312,7 @@ class DiffusionTrainer(_Logged):
 
     def update_ema(self) -> None:
         # Warm-up of the decay (as in the reference's LitEma): early averages are not dominated by init.
-        step = self.global_step
+        step = self.total_step
         decay = min(self.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for k, p in self.ldm.named_parameters():
@@ -290,7 +326,7 @@ class DiffusionTrainer(_Logged):
         if self.ema is not None:
             for k, v in self.ema.items():
                 state[k] = v.detach().cpu().to(self.save_dtype if v.is_floating_point() else v.dtype).contiguous()
-        return save_safetensors(state, self.output, {"step": self.global_step, "format": "LatentDiffusion"})
+        return save_safetensors(state, self.output, {"step": self.total_step, "format": "LatentDiffusion"})
 
 
 _SCHEDULE_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -329,6 +365,100 @@ def merge_first_stage(diffusion_ckpt: str | Path, vae_ckpt: str | Path, output: 
     return save_safetensors(state, Path(output), {"format": "LatentDiffusion", "first_stage": str(vae_ckpt)})
 
 
+# -- resuming a cut-off run --------------------------------------------------------------------------------
+# The state is safetensors, like every file sd reads: the model's full state (float32), the EMA, AdamW's
+# moments by parameter index; the step and the training seconds in the header.
+
+def save_training_state(module: _Logged, path: Path) -> Path:
+    state = {f"model.{k}": v.float() if v.is_floating_point() else v
+             for k, v in export_state_dict(module.trained).items()}
+    for k, v in (getattr(module, "ema", None) or {}).items():
+        state[f"ema.{k}"] = v.detach().float().contiguous()
+    optimizer = module.trainer.optimizers[0] if module._trainer is not None and module.trainer.optimizers else None
+    if optimizer is not None:
+        for index, slots in optimizer.state_dict()["state"].items():
+            for name, value in slots.items():
+                state[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().float().contiguous()
+    return save_safetensors(state, path, {"step": module.total_step, "seconds": f"{module.elapsed():.1f}"})
+
+
+def read_training_state(path: Path) -> tuple[dict[str, torch.Tensor], int, float]:
+    """(tensors, step, seconds) of a state written by save_training_state; SDError if it is not one."""
+    from safetensors import safe_open
+
+    from ldm.files.reading import open_regular
+
+    with open_regular(path, "training state"):  # a FIFO or a folder is one line, not a hang
+        pass
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return tensors, int(meta["step"]), float(meta["seconds"])
+    except Exception as exc:  # noqa: BLE001 - any damage is the same one line
+        raise SDError(f"{path}: not a training state sd can resume from ({exc})") from None
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        slots.setdefault(int(index), {})[name] = value
+    groups = optimizer.state_dict()["param_groups"]
+    if set(slots) - {i for g in groups for i in g["params"]}:
+        raise SDError("the training state's optimizer does not match this model's parameters")
+    optimizer.load_state_dict({"state": slots, "param_groups": groups})
+
+
+def resume_into(module: _Logged, path: Path) -> tuple[int, float]:
+    """Load a training state into the module (weights strictly, EMA, optimizer at train start); returns
+    (step, seconds) it had reached."""
+    tensors, step, seconds = read_training_state(path)
+    model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        module.trained.load_state_dict(model, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise SDError(f"{path}: the training state is of another model ({first})") from None
+    ema = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+    if getattr(module, "ema", None) is not None and ema:
+        module.ema = {k: ema[k].clone() for k in module.ema}
+    module.resume_optimizer = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}
+    module.step_offset, module.seconds_offset = step, seconds
+    return step, seconds
+
+
+def state_path_for(output: str | Path) -> Path:
+    """Where a run writes the state it resumes from: beside its checkpoint."""
+    output = Path(output)
+    return output.with_name(output.name.removesuffix(".safetensors") + ".train-state.safetensors")
+
+
+def _cached_moments(module: "DiffusionTrainer", data_cfg: dict, cache: Optional[str], first_stage: Optional[str],
+                    precision: str) -> tuple[torch.Tensor, list]:
+    """The encoded dataset, from `cache` when it was written for the same first stage and data (the encode is
+    minutes of every run otherwise), else encoded and written there."""
+    import hashlib
+    import json
+
+    from ldm.data.shapes import ShapesDataset
+
+    dataset = ShapesDataset(**data_cfg)
+    key = hashlib.sha256(json.dumps(data_cfg, sort_keys=True).encode()
+                         + (Path(first_stage).read_bytes() if first_stage else b"no first stage")).hexdigest()
+    if cache and Path(cache).is_file():
+        from safetensors import safe_open
+
+        with safe_open(cache, "pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                return f.get_tensor("moments"), [dataset.scene(i) for i in range(len(dataset))]
+    with torch.autocast("cpu", torch.bfloat16, enabled=precision.startswith("bf16")):
+        moments, scenes = module.encode_dataset(dataset)
+    if cache:
+        save_safetensors({"moments": moments.contiguous()}, Path(cache), {"key": key})
+    return moments, scenes
+
+
 def _init_from(target: torch.nn.Module, path: Optional[str]) -> bool:
     """Continue from an earlier checkpoint of the same model (same key layout), loaded strictly."""
     if not path:
@@ -364,19 +494,24 @@ def _training_config(config_path: str | Path, overrides: dict) -> tuple[dict, di
 
 def train(config_path: str | Path, *, max_minutes: Optional[float] = None, max_steps: Optional[int] = None,
           output: Optional[str | Path] = None, seed: Optional[int] = None, threads: Optional[int] = None,
-          init_from: Optional[str | Path] = None) -> Path:
+          init_from: Optional[str | Path] = None, resume: bool = False, log: Optional[str | Path] = None) -> Path:
     """Train what a YAML config describes and write its safetensors checkpoint; returns the path.
 
     The config has three sections: `model` (a target/params block: AutoencoderKL or LatentDiffusion;
     or `trainer.model_config: path` to take the model block from an inference config), `data`
     (ShapesDataset params) and `trainer` (module: autoencoder|diffusion, batch_size, lr, max_steps,
-    max_minutes, precision, output, log, checkpoint_every, ...). Keyword arguments override the
-    trainer section. Relative paths are relative to the current directory.
+    max_minutes, precision, output, log, checkpoint_every, latent_cache, ...). Keyword arguments override
+    the trainer section. Relative paths are relative to the current directory.
+
+    Every export also writes the training state beside the checkpoint (NAME.train-state.safetensors); with
+    resume=True a run that was cut off continues from it (its step and seconds count against the budget;
+    the learning-rate schedule, EMA and optimizer go on where they were), and one with no state starts.
     """
     from ldm.data.shapes import ShapesDataset
 
     model_config, data_cfg, tcfg, kind = _training_config(config_path, dict(
-        max_minutes=max_minutes, max_steps=max_steps, output=output, seed=seed, threads=threads, init_from=init_from))
+        max_minutes=max_minutes, max_steps=max_steps, output=output, seed=seed, threads=threads, init_from=init_from,
+        log=None if log is None else str(log)))
     torch.set_num_threads(int(tcfg.pop("threads", 2)))
     run_seed = int(tcfg.pop("seed", 0))
     pl.seed_everything(run_seed, workers=True, verbose=False)
@@ -405,23 +540,36 @@ def train(config_path: str | Path, *, max_minutes: Optional[float] = None, max_s
         if _init_from(module.ldm, tcfg.get("init_from")) and module.ema is not None:
             module.ema = {k: p.detach().clone() for k, p in module.ldm.named_parameters() if p.requires_grad}
         t0 = time.perf_counter()
-        with torch.autocast("cpu", torch.bfloat16, enabled=precision.startswith("bf16")):
-            moments, scenes = module.encode_dataset(ShapesDataset(**data_cfg))
+        moments, scenes = _cached_moments(module, data_cfg, tcfg.get("latent_cache"), tcfg.get("first_stage_ckpt"),
+                                          precision)
         scale = module.set_scale_factor(moments, torch.Generator().manual_seed(run_seed))
         print(f"encoded {len(scenes)} scenes in {time.perf_counter() - t0:.0f}s; scale_factor {scale:.4f}", flush=True)
         dataset = LatentCache(moments, scenes, steps * batch_size, run_seed)
+    module.state_path = state_path_for(tcfg["output"])
+    done = 0
+    if resume and module.state_path.is_file():
+        done, seconds = resume_into(module, module.state_path)
+        if done >= steps or (minutes is not None and seconds >= 60.0 * float(minutes)):
+            print(f"{module.state_path}: the run had finished (step {done}, {seconds / 60:.1f} min)", flush=True)
+            module.export()
+            return Path(tcfg["output"])
+        print(f"resuming from step {done} ({seconds / 60:.1f} of the budget's minutes done)", flush=True)
+        dataset.seed = run_seed + done  # new captions and order, not the first part's again
+    elif resume:
+        print(f"nothing to resume ({module.state_path} not found): starting", flush=True)
     # Shuffled: consecutive items share colours and shape, and such correlated batches stall training.
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
                                          num_workers=0, collate_fn=_collate, drop_last=True,
-                                         generator=torch.Generator().manual_seed(run_seed))
+                                         generator=torch.Generator().manual_seed(run_seed + done))
     module.budget_steps = steps
     module.budget_seconds = None if minutes is None else 60.0 * float(minutes)
     from ldm.lightning import quiet_lightning
 
     # Lightning's warning about modules in eval mode is about the intentionally frozen first stage.
     quiet_lightning(r".*module\(s\) in eval mode.*")
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, precision=precision,
-                         max_time=None if minutes is None else {"minutes": float(minutes)},
+    left = None if minutes is None else float(minutes) - module.seconds_offset / 60.0
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps - done, precision=precision,
+                         max_time=None if left is None else {"minutes": left},
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(module, loader)

@@ -18,6 +18,8 @@ setup(
         "timm>=0.9",
         "einops",
         "invisible-watermark>=0.2",
+        # ControlNet's canny and blur-based preprocessors (the extension's own calls); invisible-watermark needs it too
+        "opencv-python",
         "pillow",
         "typer>=0.9",
         "safetensors>=0.4",

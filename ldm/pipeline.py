@@ -58,6 +58,7 @@ class GeneratedImage:
     index: int  # k: the image's place in the call (seed + k unless a seed was fixed)
     batch_size: int
     position: int  # place in its batch (with batch_size, what reproduces the exact pixels)
+    first_pass: Optional[Image.Image] = None  # the hires fix's first pass, watermarked, when it was kept
 
     def png(self) -> bytes:
         """The image as PNG bytes carrying its "parameters" text: what `sd` would write to a file."""
@@ -88,6 +89,8 @@ class Pipeline:
         self.loras = Merged(model)  # the LoRAs merged into this model's weights (undone exactly when others come)
         self.prior = None  # Karlo's prior, for unCLIP-L text-to-image (load_prior)
         self.taesd = None  # TAESD, the tiny autoencoder (load_taesd): decode / encode "taesd", cheap previews
+        self.controlnets: dict = {}  # ControlNet files loaded for this model, by (path, size, mtime)
+        self.midas = None  # MiDaS for the depth preprocessor of ControlNet (load_midas)
         self._cancel = threading.Event()
         self._skip = threading.Event()
 
@@ -141,6 +144,34 @@ class Pipeline:
                 taesd.encoder = OpenVINOPart(taesd.encoder, "taesd-encoder", digest, "f32")
         self.taesd = taesd
 
+    def controlnet(self, path: str | Path):
+        """The ControlNet in `path`, loaded for this model's UNet (ldm.control.apply.load_controlnet) and kept
+        while the file is unchanged; the last four files stay loaded."""
+        from omegaconf import OmegaConf
+
+        from ldm.control.apply import load_controlnet
+        from ldm.util import load_config
+
+        path = Path(path)
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in self.controlnets:
+            unet = self.model.model.diffusion_model
+            params = OmegaConf.to_container(load_config(self.config).model.params.unet_config.params, resolve=True)
+            net = load_controlnet(path, params, self.model.latent_channels, unet.time_embed[0].weight.dtype,
+                                  unet.time_embed[0].weight.device)
+            while len(self.controlnets) >= 4:
+                self.controlnets.pop(next(iter(self.controlnets)))
+            self.controlnets[key] = net
+        return self.controlnets[key]
+
+    def load_midas(self, path: str | Path) -> None:
+        """MiDaS (the depth2img checkpoint's depth_model, or a file of MiDaS's own keys) for ControlNet's
+        depth preprocessor."""
+        from ldm.control.preprocess import load_midas
+
+        self.midas = load_midas(path, self.model.runtime.device if self.model is not None else "cpu")
+
     def load_model(self, ckpt: Optional[str | Path] = None, config: Optional[str | Path] = None,
                    quiet: bool = False) -> None:
         """Replace the loaded model by another checkpoint (same device and precision). The first model is
@@ -156,6 +187,7 @@ class Pipeline:
         from ldm.loading.build import release_memory
 
         self.model = self.choice = self.loras = self.prior = None
+        self.controlnets = {}  # built for the model's UNet
         release_memory()
 
     # -- what is loaded -------------------------------------------------------------------------------
@@ -294,7 +326,7 @@ class Pipeline:
         request.check(names, self.model.num_timesteps)
         plan = make_plan(request, names)
         session = self.session(request, names)
-        counter = _StepCounter(self, progress, plan, request.task)
+        counter = _StepCounter(self, progress, plan, session)
         images: list[GeneratedImage] = []
         try:
             for batch in plan:
@@ -352,9 +384,9 @@ class Pipeline:
 class _StepCounter:
     """The per-step hook of a call: counts steps for the progress callback and honours cancel()."""
 
-    def __init__(self, pipeline: Pipeline, progress: Optional[ProgressCallback], plan: list[Batch], task: Task):
+    def __init__(self, pipeline: Pipeline, progress: Optional[ProgressCallback], plan: list[Batch], session: "Session"):
         self.pipeline, self.progress = pipeline, progress
-        self.total = sum(task.steps_run(batch.sampling) for batch in plan)
+        self.total = sum(session.steps_run(batch.sampling) for batch in plan)
         self.batches, self.batch, self.done = len(plan), 0, 0
         self.denoised: Optional[torch.Tensor] = None  # the running batch's latest x0 (its partial images)
 
@@ -385,6 +417,8 @@ class Session:
         if request.tome > 0:
             self.need_plain_unet(f"token merging ({names.get('tome', 'tome')}) changes the UNet's attention, which")
         task.prepare(model, request, self.device, pipeline.choice)
+        self.control = self._controlnets(request, names)
+        self.first_pass: Optional[list[Image.Image]] = None  # the running batch's, when the hires fix keeps it
         from ldm.adapters.textual_inversion import load_folder
 
         folder, asked = request.embeddings_dir(pipeline.ckpt)
@@ -406,9 +440,37 @@ class Session:
                        # A1111's fields, written when not "Full"; the encoder only where a picture was encoded
                        "VAE Decoder": "TAESD" if request.decode == "taesd" else None,
                        "VAE Encoder": "TAESD" if request.encode == "taesd" and task.encodes_input else None,
-                       "Token merging ratio": request.tome or None}
+                       "Token merging ratio": request.tome or None,
+                       # the extension's fields, one per unit
+                       **{f"ControlNet {i}": unit.infotext(Path(unit.model).stem, metadata.model_hash(unit.model))
+                          for i, (_, unit, _) in enumerate(self.control)}}
         with model.cond_stage_model.clip_skip(request.clip_skip):  # within this text encoder's depth
             pass
+
+    def _controlnets(self, request: Request, names: dict) -> list:
+        """(ControlNet, unit, hint picture) of each unit: files loaded for this model, preprocessors run once."""
+        if not request.control:
+            return []
+        from ldm.control.apply import prepared_hints
+
+        what = names.get("control", "ControlNet")
+        if self.task.name not in ("txt2img", "img2img", "inpaint"):
+            raise SDError(f"{what} steers SD 2.x txt2img, img2img and inpaint models, not {self.task.name}")
+        self.need_plain_unet(f"{what} adds residuals inside the UNet, which")
+        hints = prepared_hints(list(request.control), self.pipeline.midas)
+        return [(self.pipeline.controlnet(unit.model), unit, hint) for unit, hint in zip(request.control, hints)]
+
+    def controller(self, request: Request, batch_size: int, steps: int, guided: bool):
+        """This batch's Controller (None without units): the hints at its latent's size."""
+        if not self.control:
+            return None
+        from ldm.control.apply import Controller, fit_hint, hint_tensor
+        from ldm.modules.diffusionmodules.controlnet import HINT_FACTOR
+
+        _, h, w = self.task.latent_shape(request)
+        units = [(net, unit, hint_tensor(fit_hint(picture, w * HINT_FACTOR, h * HINT_FACTOR, unit.resize)))
+                 for net, unit, picture in self.control]
+        return Controller(units, steps, batch_size, guided)
 
     def _autoencoder(self, request: Request, names: dict) -> Callable:
         """The decoder of this run's final images (latents -> [-1, 1] pictures); the task's encoder set for
@@ -446,9 +508,10 @@ class Session:
         used = used_in([item.prompt, item.negative_prompt], self.embeddings)
         ti = ", ".join(f"{e.name}: {e.hash}" for e in used) or None  # A1111's "TI hashes" field
         loras = ", ".join(f"{lora.name}: {lora.hash}" for lora, _, _ in self.loras_of(batch.items)) or None
+        hires = self.request.hires.fields((width, height)) if self.request.hires is not None else {}
         return metadata.Infotext.of_run(
             item.prompt, item.negative_prompt, steps=s.steps, sampler=s.sampler, schedule=s.schedule, scale=s.scale,
-            seed=item.seed, width=width, height=height, eta=s.eta, **self.common, **{
+            seed=item.seed, width=width, height=height, eta=s.eta, **self.common, **hires, **{
                 "TI hashes": ti, "Lora hashes": loras, "Batch size": len(batch.items) if several else None,
                 "Batch pos": position if several else None}).text()
 
@@ -460,10 +523,12 @@ class Session:
     def generated(self, batch: Batch, pictures: list[Image.Image], positions: Optional[list[int]] = None):
         """The batch's kept pictures (or those at `positions`) as watermarked GeneratedImages."""
         out = []
+        first, self.first_pass = self.first_pass, None
         for pos in batch.kept() if positions is None else positions:
             item = batch.items[pos]
             out.append(GeneratedImage(imageio.apply_watermark(pictures[pos]), item.seed, self.parameters(batch, pos),
-                                      item.index, len(batch.items), pos))
+                                      item.index, len(batch.items), pos,
+                                      imageio.apply_watermark(first[pos]) if first is not None else None))
         return out
 
     def partial(self, batch: Batch, denoised: Optional[torch.Tensor]) -> list[GeneratedImage]:
@@ -510,21 +575,86 @@ class Session:
         return (self.encoder.stack(c, length).to(self.device),
                 self.encoder.stack(uc, length).to(self.device) if guided else None)
 
+    def steps_run(self, settings: SamplingSettings) -> int:
+        """The steps a batch of these settings takes: the task's, and the hires fix's second pass."""
+        steps = self.task.steps_run(settings)
+        hires = self.request.hires
+        if hires is not None:
+            from ldm.tasks.base import steps_for_strength
+
+            steps += steps_for_strength(self.hires_settings(settings), hires.strength)
+        return steps
+
+    def hires_settings(self, settings: SamplingSettings) -> SamplingSettings:
+        """The second pass's sampling: its own steps, sampler and schedule where the hires fix sets them."""
+        hires = self.request.hires
+        changed = hires.sampler is not None and hires.sampler != settings.sampler
+        eta = settings.eta
+        if changed:
+            from ldm.loading import families
+
+            eta = families.resolve_eta(self.task.name, self.pipeline.demo, hires.sampler, None)
+        return dataclasses.replace(settings, steps=hires.steps or settings.steps, sampler=hires.sampler or settings.sampler,
+                                   schedule=hires.schedule or (None if changed else settings.schedule), eta=eta)
+
     def sample(self, batch: Batch, on_step: Optional[Callable[[dict], None]] = None) -> list[Image.Image]:
         """Sample and decode one batch: PIL images for every position, not yet watermarked."""
         request, items, task, settings = (self.request.for_batch(batch.sampling, batch.size), batch.items,
                                           self.task, batch.sampling)
         noise, generators = start_noise([item.seed for item in items], task.latent_shape(request))
-        from ldm.modules.tome import token_merging
-
-        with torch.inference_mode(), autocast_context(self.model), \
-                token_merging(self.model.model.diffusion_model, request.tome):
+        with torch.inference_mode(), autocast_context(self.model):
             c, uc = self.conditioning(items, guided=settings.scale != 1.0)
             inputs = task.batch(self.model, items, generators, self.device)
-            latents = sample_latents(self.model, noise.to(self.device), generators, c, uc, settings, on_step,
-                                     start_latents=inputs.start_latents, strength=inputs.strength,
-                                     extra_cond=inputs.extra_cond, apply_model=task.apply_model(self.model))
+            latents = self.run_pass(request, items, settings, task.steps_run(settings), noise, generators, c, uc,
+                                    on_step, request.tome, start_latents=inputs.start_latents, strength=inputs.strength,
+                                    extra_cond=inputs.extra_cond, apply_model=task.apply_model(self.model))
+            if request.hires is not None:
+                latents = self.hires_pass(request, items, settings, latents, c, uc, on_step)
             return self.decoded(items, latents)
+
+    def run_pass(self, request: Request, items, settings: SamplingSettings, steps: int, noise: torch.Tensor,
+                 generators, c, uc, on_step, tome: float, **inputs) -> torch.Tensor:
+        """One sampling pass of a batch at `request`'s size: its ControlNets and token merging around the walk."""
+        from ldm.control.apply import controlled
+        from ldm.modules.tome import token_merging
+
+        controller = self.controller(request, len(items), steps, settings.scale != 1.0)
+        if controller is not None:
+            on_step = _chained(controller.on_step, on_step)
+        with controlled(self.model, controller), token_merging(self.model.model.diffusion_model, tome):
+            return sample_latents(self.model, noise.to(self.device), generators, c, uc, settings, on_step, **inputs)
+
+    def hires_pass(self, request: Request, items, settings: SamplingSettings, latents: torch.Tensor, c, uc,
+                   on_step) -> torch.Tensor:
+        """A1111's hires fix on a first pass's latents: upscale (in latent space, or decode, resize and
+        encode), crop to the asked size, then img2img at that size from fresh noise of the same seeds."""
+        from ldm import hires as hr
+
+        fix, f = request.hires, self.model.downsampling_factor
+        (up_w, up_h), (width, height) = fix.target(request.width, request.height)
+        if fix.keep_first:
+            self.first_pass = self.decoded(items, latents)
+        if fix.upscaler in hr.LATENT_MODES:
+            z = hr.upscale_latents(latents, (up_h // f, up_w // f), fix.upscaler)
+        else:
+            pictures = hr.upscale_pictures(self.decoder(self.model, latents), (up_w, up_h), fix.upscaler)
+            z = self.task.encode(self.model, pictures)
+        z = hr.crop_latents(z, (width, height), f)
+        second = dataclasses.replace(request, width=width, height=height)
+        hr_settings = self.hires_settings(settings)
+        noise, generators = start_noise([item.seed for item in items], self.task.latent_shape(second))
+        if fix.prompt or fix.negative_prompt:
+            items = [dataclasses.replace(item, prompt=fix.prompt or item.prompt,
+                                         negative_prompt=fix.negative_prompt or item.negative_prompt) for item in items]
+            c, uc = self.conditioning(items, guided=settings.scale != 1.0)
+        from ldm.tasks.base import steps_for_strength
+
+        steps = steps_for_strength(hr_settings, fix.strength)
+        if steps == 0:  # a strength that keeps no step: the upscaled first pass, as A1111 gives it
+            return z
+        return self.run_pass(second, items, hr_settings, steps, noise,
+                             generators, c, uc, on_step, request.tome if fix.tome is None else fix.tome,
+                             start_latents=z, strength=fix.strength, apply_model=self.model.apply_model)
 
     def decoded(self, items, latents: torch.Tensor) -> list[Image.Image]:
         """The batch's pictures from its final latents (checked finite before and after decoding)."""
@@ -547,6 +677,14 @@ class Session:
             causes.append("fp16 overflow (try --precision full or bf16)")
         causes.append("an extreme guidance scale or prompt weight")
         raise SDError(f"{what} hold NaN or infinite values, so nothing was saved; likely cause: {', or '.join(causes)}")
+
+
+def _chained(first: Callable[[dict], None], then: Optional[Callable[[dict], None]]) -> Callable[[dict], None]:
+    def both(info: dict) -> None:
+        first(info)
+        if then is not None:
+            then(info)
+    return both
 
 
 def _backend_field(model) -> Optional[str]:

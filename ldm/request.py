@@ -24,6 +24,7 @@ from ldm.limits import MAX_ETA, MAX_SCALE, Limits, check_number, check_seed, is_
 
 if TYPE_CHECKING:
     from ldm.adapters.lora import LoraPlan
+    from ldm.hires import Hires
     from ldm.tasks.base import Task
 
 MAX_CLIP_SKIP = 12  # A1111's slider; a text encoder's own depth may bound it lower (checked once loaded)
@@ -112,6 +113,8 @@ class Request:
     decode: str = "full"  # the final images' decoder: the model's VAE ("full") or TAESD ("taesd")
     encode: str = "full"  # the input pictures' encoder (img2img, inpaint, depth2img): "full" or "taesd"
     tome: float = 0.0  # token merging ratio (tomesd's, as A1111 calls it): 0 off, up to MAX_TOME
+    control: tuple = ()  # ControlNet units (ldm.control.units.ControlUnit), applied together
+    hires: Optional["Hires"] = None  # the hires fix's second pass (ldm.hires), txt2img only
     limits: Limits = field(default_factory=Limits)
 
     # -- defaults -----------------------------------------------------------------------------------
@@ -207,9 +210,52 @@ class Request:
             except SDError as exc:
                 raise SDError(f"{line.where}: {exc}" if line.where else str(exc)) from None
         self.lora_files()
+        self._check_control(name)
+        self._check_hires(name, timesteps)
         if self.embeddings is not None and not Path(self.embeddings).is_dir():
             raise SDError(f"{name('embeddings')} {self.embeddings}: no such folder")
         self.task.check(self, name)
+
+    def _check_control(self, name) -> None:
+        """The ControlNet units, each by itself; a front end names unit i's fields "control.i.FIELD"
+        (e.g. alwayson_scripts.controlnet.args[0].weight), else they read "ControlNet unit i FIELD"."""
+        from ldm.control.units import MAX_UNITS
+
+        if len(self.control) > MAX_UNITS:
+            raise SDError(f"{name('control')}: at most {MAX_UNITS} ControlNet units, not {len(self.control)}")
+        for i, unit in enumerate(self.control):
+            def called(key: str, i: int = i) -> str:
+                full = f"control.{i}.{key}"
+                return name(full) if name(full) != full else f"ControlNet unit {i} {key}"
+
+            unit.check(called)
+
+    def _check_hires(self, name, timesteps: int) -> None:
+        if self.hires is None:
+            return
+        from ldm.models.diffusion.sampler_names import check_sampler
+        from ldm.tasks.base import Txt2Img
+        from ldm.text.chunks import check_prompt
+
+        if type(self.task) is not Txt2Img:  # not the Karlo prior's txt2img either
+            raise SDError(f"{name('hires')}: the hires fix is a second pass of plain txt2img, not of {self.task.name}")
+        hires = self.hires
+        # sizes are checked once known (a command checks before the model gives its native size)
+        if self.width is not None and self.height is not None:
+            hires.check(self.width, self.height, self.f or 8, self.limits.max_side, name)
+        else:
+            hires.check(512, 512, 8, max(self.limits.max_side, 2048), name)
+        for line in self.lines:
+            if line.size is not None:
+                hires.check(line.size[0], line.size[1], self.f or 8, self.limits.max_side, name)
+        if hires.sampler is not None or hires.schedule is not None:
+            check_sampler(hires.sampler or self.sampling.sampler, hires.schedule or self.sampling.schedule, None)
+        check_prompt(name("hires.prompt"), hires.prompt, self.limits.max_chunks, name("max_chunks"))
+        check_prompt(name("hires.negative_prompt"), hires.negative_prompt, self.limits.max_chunks, name("max_chunks"))
+        if hires.steps:
+            check_steps(dataclasses.replace(self.sampling, steps=hires.steps, sampler=hires.sampler or self.sampling.sampler,
+                                            schedule=hires.schedule or self.sampling.schedule),
+                        self.limits, timesteps, lambda key: name("hires.steps") if key == "steps" else name(key))
 
     def _check_line(self, line: PromptLine, name, timesteps: int) -> None:
         """A line's own settings, named by their JSON keys."""

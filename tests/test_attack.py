@@ -64,9 +64,12 @@ def test_a_page_call_cannot_make_gradio_read_a_server_file(page_server, tmp_path
     Image.new("RGB", (8, 8)).save(secret, pnginfo=info)
     named = {"path": str(secret), "meta": {"_type": "gradio.FileData"}}
     endpoints = requests.get(page_server + "/gradio_api/info", timeout=30).json()["named_endpoints"]
-    img2img = ["a cube", False, named, 0.5, "", "ddim", "sampler's own", 2, 5.0, 1, 1, 1]
+    img2img = ["a cube", False, named, 0.5, False, None, "none", None, 1.0, 0.0, 1.0, "Balanced", "Crop and Resize",
+               "", "ddim", "sampler's own", 2, 5.0, 1, 1, 1]  # ControlNet panel (off) after the strength
     assert len(img2img) == len(endpoints["/run_1"]["parameters"])
-    for name, data in (("read", [named]), ("run_1", img2img)):
+    control_picture = list(img2img)
+    control_picture[2], control_picture[5] = None, named  # the ControlNet panel's picture: gradio's check holds too
+    for name, data in (("read", [named]), ("run_1", img2img), ("run_1", control_picture)):
         answer = gradio_call(page_server, name, data)
         assert answer.startswith("event: error") and "not uploaded by a user" in answer, answer
         assert SECRET not in answer

@@ -166,3 +166,20 @@ def test_meta_build_of_a_full_size_model_is_cheap_and_leaves_torch_init_alone():
     assert out.returncode == 0, out.stderr
     count, modules = out.stdout.split(" ", 1)
     assert int(count) > 1_200_000_000 and modules.strip() == "[]"
+
+
+def test_a_safetensors_header_length_ending_in_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """The first byte of a safetensors file is its header length's low byte; 0x80 is also the pickle marker."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    from ldm.loading.checkpoint import read_state_dict
+
+    path = tmp_path / "w.safetensors"
+    for pad in range(300):
+        save_file({"w": torch.ones(2)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80 and struct.unpack("<Q", path.read_bytes()[:8])[0] % 256 == 0x80
+    assert torch.equal(read_state_dict(path)["w"], torch.ones(2))

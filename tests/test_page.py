@@ -384,3 +384,71 @@ def test_send_to_carries_the_result_and_its_prompt_and_the_painter_makes_no_uplo
     page.click("#txt2img-send-img2img")  # and to img2img: the picture arrives in its input
     page.wait_for_selector("#img2img-image img", timeout=30_000)
     page.wait_for_function(f"document.querySelector('#img2img-prompt textarea').value === '{PROMPT}'", timeout=10_000)
+
+
+def test_a_hires_png_sends_its_hires_fix_to_txt2img(page, tmp_path):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a castle\nSteps: 12, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 512x512, "
+                                "Denoising strength: 0.55, Hires upscale: 1.5, Hires steps: 9, "
+                                "Hires upscaler: Latent (bicubic)")
+    Image.new("RGB", (64, 64)).save(tmp_path / "hires.png", pnginfo=info)
+    page.get_by_role("tab", name="png-info").click()
+    page.set_input_files("#png-info-file input[type=file]", str(tmp_path / "hires.png"))
+    page.wait_for_function("document.querySelector('#png-info-text textarea').value.length > 0", timeout=20_000)
+    page.click("#png-info-send")
+    page.wait_for_function("document.querySelector('#txt2img-prompt textarea').value === 'a castle'", timeout=20_000)
+    page.get_by_text("Hires. fix", exact=True).first.click()  # open the panel: gradio draws it when opened
+    page.wait_for_selector("#txt2img-hires input[type=checkbox]", timeout=20_000)
+    assert page.is_checked("#txt2img-hires input[type=checkbox]")
+    assert page.input_value("#txt2img-hr-scale input[type=number]") == "1.5"
+    assert page.input_value("#txt2img-hr-steps input[type=number]") == "9"
+    assert page.input_value("#txt2img-hr-strength input[type=number]") == "0.55"
+    assert page.input_value("#txt2img-hr-upscaler input") == "Latent (bicubic)"
+
+
+def test_the_controlnet_panel_steers_txt2img_and_the_hires_fix_enlarges(browser, tmp_path):
+    """A ControlNet of the demo model's UNet (random weights) from the panel: the result records its unit;
+    the hires fix ticked gives the second pass's size."""
+    from safetensors.torch import save_file
+
+    from ldm.control.apply import controlnet_config
+    from ldm.modules.diffusionmodules.controlnet import ControlNet
+    from ldm.loading.families import DEMO_CONFIG
+    from ldm.util import load_config
+    from omegaconf import OmegaConf
+    from tests.tinyckpt import randomize_
+
+    params = OmegaConf.to_container(load_config(DEMO_CONFIG).model.params.unet_config.params, resolve=True)
+    net = randomize_(ControlNet(**controlnet_config(params, 3, 4)["params"]), 0)
+    folder = tmp_path / "controlnet"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "control_demo_canny.safetensors"))
+    edges = np.zeros((256, 256, 3), np.uint8)
+    edges[64:192, 64:192] = 255
+    Image.fromarray(edges).save(tmp_path / "edges.png")
+    pipe = Pipeline.load(device="cpu", quiet=True)
+    with serving(Server(pipe, controlnet_dir=folder), page=True) as (url, port):
+        page = browser.new_page(viewport={"width": 1200, "height": 1400})
+        page.goto(url, wait_until="networkidle")
+        page.fill("#txt2img-prompt textarea", PROMPT)
+        page.fill("#txt2img-steps input[type=number]", "3")
+        page.get_by_text("ControlNet", exact=True).first.click()  # open the panel
+        page.check("#txt2img-cn-enabled input[type=checkbox]")
+        page.set_input_files("#txt2img-cn-image input[type=file]", str(tmp_path / "edges.png"))
+        page.wait_for_timeout(1000)
+        page.get_by_text("Hires. fix", exact=True).first.click()
+        page.check("#txt2img-hires input[type=checkbox]")
+        page.fill("#txt2img-hr-scale input[type=number]", "1.5")
+        page.press("#txt2img-hr-scale input[type=number]", "Enter")
+        page.click("#txt2img-generate")
+        finished(page, "txt2img")
+        infotext = page.input_value("#txt2img-infotext textarea")
+        assert 'ControlNet 0: "Module: none, Model: control_demo_canny' in infotext
+        assert "Hires upscale: 1.5" in infotext
+        src = page.get_attribute("#txt2img-gallery img", "src")
+        import io
+
+        assert Image.open(io.BytesIO(page.request.get(src).body())).size == (384, 384)
+        page.close()

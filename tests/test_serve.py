@@ -125,9 +125,9 @@ def test_fields_sd_cannot_honour_are_named_in_a_422(tiny_server):
     api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=2)
     api.txt2img(prompt="x", width=256, height=256, restore_faces=False, enable_hr=False, tiling=False)  # defaults: fine
     with pytest.raises(RuntimeError) as refused:
-        api.txt2img(prompt="x", width=256, height=256, restore_faces=True, enable_hr=True)
+        api.txt2img(prompt="x", width=256, height=256, restore_faces=True, tiling=True)
     status, text = refused.value.args
-    assert status == 422 and "restore_faces, enable_hr" in json.loads(text)["detail"]
+    assert status == 422 and "restore_faces, tiling" in json.loads(text)["detail"]
     answer = requests.post(f"{url}/sdapi/v1/txt2img", json={"sampler_name": "LMS", "width": 256, "height": 256})
     assert answer.status_code == 422 and "unknown sampler 'LMS'" in answer.json()["detail"]
 

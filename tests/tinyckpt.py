@@ -23,7 +23,7 @@ def manifest(name: str, prefix: str = "") -> dict[str, tuple[int, ...]]:
             continue
         key, shape, _dtype = line.split("\t")
         if key.startswith(prefix):
-            rows[key[len(prefix):]] = tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
+            rows[key[len(prefix):]] = tuple(int(d) for d in shape.strip("()[]").split(",") if d.strip())
     return rows
 
 

@@ -38,6 +38,7 @@ class BatchJob:
     accelerator: Optional[str] = None  # cpu | gpu | auto; None: from --device
     from_image: Optional[Path] = None  # rebuild the request from this PNG's parameters (ldm.batch.reproduce)
     taesd: Optional[Path] = None  # TAESD's files (--taesd), for decode / encode "taesd"
+    control_midas: Optional[Path] = None  # MiDaS for ControlNet's depth preprocessor (--control-midas)
     names: Mapping[str, str] = field(default_factory=dict)  # the front end's names of request fields (flags)
 
     @property
@@ -88,6 +89,12 @@ class BatchJob:
             from ldm.models.taesd import find_files
 
             find_files(self.taesd)  # a missing file is one line before the model loads
+        depth = [i for i, unit in enumerate(self.request.control) if unit.module in ("depth", "depth_midas")]
+        if depth and self.control_midas is None:
+            raise SDError(f"{self.names.get(f'control.{depth[0]}.module', 'module')} depth_midas needs MiDaS: "
+                          "--control-midas PATH (the depth2img checkpoint)")
+        if self.control_midas is not None and not Path(self.control_midas).is_file():
+            raise SDError(f"--control-midas {self.control_midas}: no such file")
         if self.ckpt is None:
             raise SDError("no checkpoint given: pass --ckpt FILE (.ckpt or .safetensors; see checkpoints/README.md)")
         if not Path(self.ckpt).exists():
@@ -105,6 +112,8 @@ class BatchJob:
         pipeline = Pipeline.open(self.ckpt, self.config, options, task=self.request.task.name)
         if self.taesd is not None:
             pipeline.load_taesd(self.taesd)
+        if self.control_midas is not None:
+            pipeline.load_midas(self.control_midas)
         return pipeline.session(pipeline.resolve(self.request), self.names)
 
     def timesteps(self) -> int:

@@ -276,7 +276,7 @@ class PlanRunner:
         self.written: list[Path] = []
         self.grid_images: list = []  # sequential runs make the grid from memory, as the reference
         self.started = time.perf_counter()
-        steps = sum(session.task.steps_run(plan[b].sampling) for b in self.share)
+        steps = sum(session.steps_run(plan[b].sampling) for b in self.share)
         self.bar = tqdm(total=steps, desc="sampling", unit="step", dynamic_ncols=True, disable=rank != 0)
 
     def run_batch(self, b: int) -> list[Path]:
@@ -289,6 +289,9 @@ class PlanRunner:
         for generated in images:
             item = batch.items[generated.position]
             path = self._save(generated.image, item.index, generated.parameters)
+            if generated.first_pass is not None:  # beside it, under A1111's suffix
+                imageio.save_png(generated.first_pass, path.with_name(f"{path.stem}-before-highres-fix.png"),
+                                 {metadata.PARAMETERS_KEY: generated.parameters}, watermark=False, overwrite=False)
             append_jsonl(self.lines, {
                 "item": item.index, "file": path.relative_to(self.outdir).as_posix(), "seed": item.seed,
                 "prompt": item.prompt, "negative_prompt": item.negative_prompt, "batch": batch.index,

@@ -43,6 +43,39 @@ def _note_missing_embeddings(job: "BatchJob", recorded: str, path: Path) -> None
             note(f"{path} used the embedding {name.strip()} with hash {digest.strip()}; {found} differs: the image will differ")
 
 
+def _recorded_control(units: tuple, fields: dict, path: Path) -> tuple:
+    """The command's ControlNet units (their files and pictures: a PNG records neither) with the settings the
+    image records in its "ControlNet N" fields."""
+    from ldm.control.units import parse_infotext, parse_mode, parse_resize
+
+    recorded = [parse_infotext(fields[f"ControlNet {i}"]) for i in range(len(fields)) if f"ControlNet {i}" in fields]
+    if not recorded and not units:
+        return units
+    if len(recorded) != len(units):
+        if not recorded:
+            raise SDError("it was made without ControlNet: drop --controlnet to reproduce it")
+        models = ", ".join(unit.get("Model", "?") for unit in recorded)
+        raise SDError(f"it was made with {len(recorded)} ControlNet unit(s) ({models}): pass --controlnet FILE and "
+                      "--control-image for each, in that order (a PNG records neither)")
+    out = []
+    for i, (unit, rec) in enumerate(zip(units, recorded)):
+        try:
+            changed = dataclasses.replace(
+                unit, module=rec.get("Module", unit.module), weight=float(rec.get("Weight", unit.weight)),
+                start=float(rec.get("Guidance Start", unit.start)), end=float(rec.get("Guidance End", unit.end)),
+                mode=parse_mode(rec.get("Control Mode", unit.mode)), resize=parse_resize(rec.get("Resize Mode", unit.resize)),
+                processor_res=int(rec["Processor Res"]) if "Processor Res" in rec else unit.processor_res,
+                threshold_a=float(rec["Threshold A"]) if "Threshold A" in rec else unit.threshold_a,
+                threshold_b=float(rec["Threshold B"]) if "Threshold B" in rec else unit.threshold_b)
+        except ValueError as exc:
+            raise SDError(f"ControlNet {i}: a recorded value is not a number ({exc})") from None
+        if rec.get("Model") and Path(unit.model).stem != rec["Model"]:
+            note(f"{path} used ControlNet {rec['Model']} as unit {i}, --controlnet gives {Path(unit.model).name}: "
+                 "the image will differ")
+        out.append(changed)
+    return tuple(out)
+
+
 def job_from_image(job: "BatchJob") -> "BatchJob":
     """`job` with everything the image records in its request; checkpoint, config, outdir and device stay
     the job's. A task whose input image gives the size keeps it (the recorded Size is not applied); the
@@ -92,5 +125,9 @@ def _job_from(job: "BatchJob", info: metadata.Infotext, path: Path) -> "BatchJob
         decode="taesd" if fields.get("VAE Decoder") == "TAESD" else "full",
         encode="taesd" if fields.get("VAE Encoder") == "TAESD" else "full",
         tome=info.number("Token merging ratio", float, 0.0))
+    from ldm.hires import from_fields
+
+    request = dataclasses.replace(request, control=_recorded_control(request.control, fields, path),
+                                  hires=from_fields(fields) if made_by == "txt2img" else request.hires)
     runtime = dataclasses.replace(job.runtime, precision=fields.get("Precision", job.runtime.precision))
     return dataclasses.replace(job, request=request, runtime=runtime, from_file=None, repeat=1)

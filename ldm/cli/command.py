@@ -63,6 +63,14 @@ def shared_flags(
     decode: opt.Decode = "full",
     encode: opt.Encode = "full",
     tome: opt.Tome = 0.0,
+    controlnet: opt.ControlNetFiles = None,
+    control_image: opt.ControlImages = None,
+    control_module: opt.ControlModules = None,
+    control_start: opt.ControlStarts = None,
+    control_end: opt.ControlEnds = None,
+    control_mode: opt.ControlModes = None,
+    control_resize: opt.ControlResizes = None,
+    control_midas: opt.ControlMidas = None,
     max_side: opt.MaxSide = Limits.max_side,
     max_steps: opt.MaxSteps = Limits.max_steps,
     max_batch: opt.MaxBatch = Limits.max_batch,
@@ -78,11 +86,12 @@ LIMIT_FLAGS = ("max_side", "max_steps", "max_batch", "max_images", "max_chunks")
 RUNTIME_FLAGS = ("device", "precision", "compile", "torchscript", "ipex", "threads", "trust_config", "backend")
 # The shared flags that are the batch layer's own options (ldm.batch.job.BatchJob).
 BATCH_FLAGS = ("outdir", "from_file", "repeat", "n_rows", "skip_existing", "devices", "num_nodes", "accelerator",
-               "from_image", "taesd")
+               "from_image", "taesd", "control_midas")
 
 
 def run_command(task, *, plms: bool, dpm: bool, sampler: Optional[str], schedule: Optional[str],
-                H: Optional[int] = None, W: Optional[int] = None, **flags) -> None:
+                H: Optional[int] = None, W: Optional[int] = None, request_fields: Optional[dict] = None,
+                **flags) -> None:
     """Run a generating command's task with the shared flags (prompt, seeds, batching, outdir, model...).
 
     Flags left out (None) take the task's default for the chosen model (Request.resolved: the reference's
@@ -106,6 +115,10 @@ def run_command(task, *, plms: bool, dpm: bool, sampler: Optional[str], schedule
         loras=tuple(flags.pop("lora") or ()), lora_dir=flags.pop("lora_dir"), embeddings=flags.pop("embeddings"),
         C=flags.pop("C"), f=flags.pop("f"), preset=flags.pop("preset"), decode=flags.pop("decode"),
         encode=flags.pop("encode"), tome=flags.pop("tome"),
+        control=opt.control_units(*(flags.pop(key) for key in (
+            "controlnet", "control_image", "control_module", "control_start", "control_end", "control_mode",
+            "control_resize"))),
+        **(request_fields or {}),
         limits=Limits(**{name: flags.pop(name) for name in LIMIT_FLAGS}))
     if flags:
         raise TypeError(f"flags not passed on: {sorted(flags)}")
@@ -127,6 +140,7 @@ def generating_command(name: str, help: str, fixed: Optional[dict] = None, sized
     The command takes those flags first (with sized=True also --H/--W, the request's size), then the shared
     ones with `defaults` replacing theirs; flags in `fixed` are not offered and take the given values (the
     upscaler's C and f). Steps, batch, scale and eta default to None: Request.resolved fills them per model.
+    The function may return (task, {Request field: value}) for Request fields of its own flags.
     """
     fixed = fixed or {}
 
@@ -140,8 +154,10 @@ def generating_command(name: str, help: str, fixed: Optional[dict] = None, sized
             raise TypeError(f"unknown defaults for {name}: {sorted(defaults)}")
 
         def command(**kwargs) -> None:
-            task = make_task(**{p.name: kwargs.pop(p.name) for p in own})
-            run_command(task, **kwargs, **fixed)
+            made = make_task(**{p.name: kwargs.pop(p.name) for p in own})
+            # a command's own Request fields come with its task (txt2img's hires fix)
+            task, fields = made if isinstance(made, tuple) else (made, {})
+            run_command(task, **kwargs, **fixed, request_fields=fields)
 
         params = own + size + shared
         command.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params])

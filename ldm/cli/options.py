@@ -147,6 +147,89 @@ Tome = Annotated[float, typer.Option(
     "--tome", help="Token merging ratio (tomesd, as A1111 applies it): merge this share of the tokens before each "
     "self-attention of the full-resolution blocks; 0 off, up to 0.9. Faster at large sizes; the image changes a little.")]
 
+ControlNetFiles = Annotated[Optional[list[str]], typer.Option(
+    "--controlnet", help="FILE[:WEIGHT]: a ControlNet (.safetensors or .ckpt, alone or a whole ControlLDM checkpoint) "
+    "steering every image by --control-image, weight 0-2 [default 1]; repeatable, one unit each (docs/controlnet.md).")]
+ControlImages = Annotated[Optional[list[Path]], typer.Option(
+    "--control-image", help="The picture a --controlnet reads (through --control-module): one for all units, or one per "
+    "--controlnet in order.")]
+ControlModules = Annotated[Optional[list[str]], typer.Option(
+    "--control-module", help="Preprocessor of --control-image: none [default: the picture is the hint], canny, invert, "
+    "threshold, scribble_xdog, lineart_standard, depth_midas (needs --control-midas); one for all units or one each.")]
+ControlStarts = Annotated[Optional[list[float]], typer.Option(
+    "--control-start", help="Fraction of the steps after which the ControlNet acts [default 0]; one or one per unit.")]
+ControlEnds = Annotated[Optional[list[float]], typer.Option(
+    "--control-end", help="Fraction of the steps after which it stops [default 1]; one or one per unit.")]
+ControlModes = Annotated[Optional[list[str]], typer.Option(
+    "--control-mode", help="balanced [default], prompt (My prompt is more important), control (ControlNet is more "
+    "important); one or one per unit.")]
+ControlResizes = Annotated[Optional[list[str]], typer.Option(
+    "--control-resize", help="How the hint meets the image size: crop [default] (Crop and Resize), just (Just Resize), "
+    "fill (Resize and Fill); one or one per unit.")]
+ControlMidas = Annotated[Optional[Path], typer.Option(
+    "--control-midas", help="MiDaS for --control-module depth_midas: the depth2img checkpoint (512-depth-ema.ckpt), "
+    "whose depth model is read.")]
+
+
+def control_units(files, images, modules=None, starts=None, ends=None, modes=None, resizes=None) -> tuple:
+    """The ControlNet units of the command's flags: one per --controlnet FILE[:WEIGHT]; every other flag
+    given once applies to all, or once per unit in order."""
+    import numpy as np
+
+    from ldm.control.units import ControlUnit, parse_mode, parse_resize
+    from ldm.files.imageio import load_image
+
+    files = list(files or [])
+    given = {"--control-image": images, "--control-module": modules, "--control-start": starts,
+             "--control-end": ends, "--control-mode": modes, "--control-resize": resizes}
+    if not files:
+        extra = [flag for flag, values in given.items() if values]
+        if extra:
+            raise SDError(f"{', '.join(extra)} only apply with --controlnet FILE")
+        return ()
+
+    def per_unit(flag: str, values, default):
+        values = list(values or [])
+        if len(values) in (0, 1):
+            return [values[0] if values else default] * len(files)
+        if len(values) != len(files):
+            raise SDError(f"{flag} is given {len(values)} times for {len(files)} --controlnet: give it once, or "
+                          "once per --controlnet")
+        return values
+
+    pictures = per_unit("--control-image", images, None)
+    if pictures[0] is None:
+        raise SDError("--controlnet needs --control-image (the picture it reads)")
+    read = {path: np.asarray(load_image(path, "RGB", f"--control-image {path}")) for path in set(pictures)}
+    units = []
+    for i, (spec, picture, module, start, end, mode, resize) in enumerate(zip(
+            files, pictures, per_unit("--control-module", modules, "none"), per_unit("--control-start", starts, 0.0),
+            per_unit("--control-end", ends, 1.0), per_unit("--control-mode", modes, "balanced"),
+            per_unit("--control-resize", resizes, "crop"))):
+        path, weight = _file_and_weight(spec, "--controlnet")
+        units.append(ControlUnit(model=path, image=read[picture], module=module, weight=weight, start=start, end=end,
+                                 mode=parse_mode(mode, "--control-mode"), resize=parse_resize(resize, "--control-resize")))
+    return tuple(units)
+
+
+def _file_and_weight(spec: str, flag: str) -> tuple[str, float]:
+    """FILE[:WEIGHT] (a Windows drive letter's colon is the file's)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and not (len(head) == 1 and head.isalpha()):
+        try:
+            return head, float(tail)
+        except ValueError:
+            raise SDError(f"{flag} {spec}: the weight after ':' must be a number") from None
+    return spec, 1.0
+
+
+# How the CLI names the fields of ControlNet unit i in messages.
+CONTROL_NAMES = {f"control.{i}.{key}": f"{flag} (unit {i + 1})" for i in range(8) for key, flag in (
+    ("model", "--controlnet"), ("weight", "--controlnet FILE:WEIGHT"), ("image", "--control-image"),
+    ("module", "--control-module"), ("start", "--control-start"), ("end", "--control-end"),
+    ("mode", "--control-mode"), ("resize", "--control-resize"), ("processor_res", "processor res"),
+    ("threshold_a", "threshold a"), ("threshold_b", "threshold b"))}
+
 Height = Annotated[Optional[int], typer.Option("--H", help="Image height in pixels [default: the model's native size: 512 "
                                                "for v2 base, 768 for v and unCLIP, 256 for the demo model].")]
 Width = Annotated[Optional[int], typer.Option("--W", help="Image width in pixels [default: the model's native size].")]
@@ -159,5 +242,7 @@ FLAG_NAMES = {
     "embeddings": "--embeddings", "C": "--C", "f": "--f", "max_side": "--max-side", "max_steps": "--max-steps",
     "max_batch": "--max-batch", "max_images": "--max-images", "max_chunks": "--max-chunks",
     "strength": "--strength", "noise_level": "--noise-level", "preset": "--preset", "decode": "--decode",
-    "encode": "--encode", "tome": "--tome",
+    "encode": "--encode", "tome": "--tome", "control": "--controlnet", **CONTROL_NAMES,
+    "hires": "--hires-*", "hires.scale": "--hires-scale", "hires.width": "--hires-resize", "hires.height": "--hires-resize",
+    "hires.upscaler": "--hires-upscaler", "hires.steps": "--hires-steps", "hires.strength": "--hires-strength",
 }

@@ -28,6 +28,9 @@ HypernetworkDir = Annotated[Optional[Path], typer.Option(
     "--hypernetwork-dir", help="AUTOMATIC1111's hypernetworks folder, listed by GET /sdapi/v1/hypernetworks for the "
     "clients that read it; sd applies no hypernetwork (a prompt's <hypernet:...> is refused in one line) "
     "[default: hypernetworks/ beside the checkpoints folder].")]
+ControlNetDir = Annotated[Optional[Path], typer.Option(
+    "--controlnet-dir", help="Folder of ControlNet files that API units and the page name (GET /controlnet/model_list) "
+    "[default: controlnet/ beside the checkpoints folder].")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse input images with more pixels than this.")]
 PreviewEvery = Annotated[int, typer.Option(
     "--preview-every", help="Show a live preview on the page and in /progress every this many steps (0: none), made "
@@ -44,7 +47,8 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
           max_images: opt.MaxImages = 16, max_chunks: opt.MaxChunks = 32, max_body_mb: MaxBodyMb = 64, max_pixels: MaxPixels = 16_000_000,
           embeddings: opt.Embeddings = None, lora_dir: opt.LoraDir = None, backend: opt.Backend = "torch",
           styles: Styles = None, preview_every: PreviewEvery = PREVIEW_EVERY, taesd: opt.Taesd = None,
-          hypernetwork_dir: HypernetworkDir = None) -> None:
+          hypernetwork_dir: HypernetworkDir = None, controlnet_dir: ControlNetDir = None,
+          control_midas: opt.ControlMidas = None) -> None:
     from ldm.cli.entry import ready_for_interrupts
     from ldm.errors import SDError, note
     from ldm.limits import Limits
@@ -77,4 +81,5 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
     note(f"sd serve on http://{host}:{port}/ (page) and /sdapi/v1 (API, docs at /docs): {said}")
     run(pipeline, host=host, port=port, auth=auth, models_dir=models_dir, outdir=outdir, limits=limits,
         max_pixels=max_pixels, max_body=max_body_mb * 2 ** 20, first_tab=tab, embeddings=embeddings,
-        lora_dir=lora_dir, styles=styles, preview_every=preview_every, hypernetwork_dir=hypernetwork_dir)
+        lora_dir=lora_dir, styles=styles, preview_every=preview_every, hypernetwork_dir=hypernetwork_dir,
+        controlnet_dir=controlnet_dir, control_midas=control_midas)

@@ -20,6 +20,22 @@ ClipStats = Annotated[Optional[Path], typer.Option(
 NoiseLevel = Annotated[Optional[int], typer.Option(
     "--noise-level", "--noise_level", help="With --prior-ckpt: noise added to the prior's embedding, 0..999 [default: 0].")]
 PriorSteps = Annotated[Optional[int], typer.Option("--prior-steps", help="With --prior-ckpt: the prior's steps [default: 25].")]
+HiresScale = Annotated[Optional[float], typer.Option(
+    "--hires-scale", help="The hires fix (AUTOMATIC1111's): a second img2img pass at this multiple of --H/--W (1-4) "
+    "after the first; any --hires-* flag turns it on [default scale 2].")]
+HiresSize = Annotated[Optional[str], typer.Option(
+    "--hires-resize", help="The hires fix's size WIDTHxHEIGHT instead of --hires-scale (one side 0: it follows the "
+    "aspect ratio; both: scaled to cover, then cropped).")]
+HiresUpscaler = Annotated[Optional[str], typer.Option(
+    "--hires-upscaler", help="Latent [default], Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), "
+    "Latent (nearest), Latent (nearest-exact): the latents interpolated; Lanczos, Nearest: the pictures resized and "
+    "encoded again.")]
+HiresSteps = Annotated[Optional[int], typer.Option(
+    "--hires-steps", help="Steps of the second pass's schedule [default: --steps]; it runs the last strength share.")]
+HiresStrength = Annotated[Optional[float], typer.Option(
+    "--hires-strength", help="Denoising strength of the second pass, 0-1 [default 0.7].")]
+HiresKeepFirst = Annotated[bool, typer.Option(
+    "--hires-keep-first", help="Also save the hires fix's first pass, as NNNNN-before-highres-fix.png beside each sample.")]
 PriorScale = Annotated[Optional[float], typer.Option(
     "--prior-scale", help="With --prior-ckpt: the prior's guidance scale [default: 4.0].")]
 
@@ -29,9 +45,17 @@ PriorScale = Annotated[Optional[float], typer.Option(
                     outdir=Path("outputs/txt2img-samples"), sized=True)
 def txt2img(prior_ckpt: PriorCkpt = None, prior_clip: PriorClip = None,
             clip_stats: ClipStats = None, noise_level: NoiseLevel = None, prior_steps: PriorSteps = None,
-            prior_scale: PriorScale = None):
+            prior_scale: PriorScale = None, hires_scale: HiresScale = None, hires_resize: HiresSize = None,
+            hires_upscaler: HiresUpscaler = None, hires_steps: HiresSteps = None, hires_strength: HiresStrength = None,
+            hires_keep_first: HiresKeepFirst = False):
     from ldm.errors import SDError
     from ldm.tasks import PriorTxt2Img, Txt2Img
+
+    hires = hires_of(hires_scale, hires_resize, hires_upscaler, hires_steps, hires_strength, hires_keep_first)
+    if hires is not None:
+        if prior_ckpt is not None:
+            raise SDError("the hires fix (--hires-*) is a second pass of plain txt2img, not of --prior-ckpt's")
+        return Txt2Img(), {"hires": hires}
 
     if prior_ckpt is None:
         given = [flag for flag, value in (("--prior-clip", prior_clip), ("--clip-stats", clip_stats),
@@ -42,3 +66,23 @@ def txt2img(prior_ckpt: PriorCkpt = None, prior_clip: PriorClip = None,
         return Txt2Img()
     return PriorTxt2Img(prior_ckpt=prior_ckpt, prior_clip=prior_clip, clip_stats=clip_stats,
                         noise_level=noise_level or 0, prior_steps=prior_steps, prior_scale=prior_scale)
+
+
+def hires_of(scale, resize, upscaler, steps, strength, keep_first: bool = False):
+    """The hires fix of the --hires-* flags (None when none is given; --hires-keep-first alone turns it on too)."""
+    from ldm.errors import SDError
+    from ldm.hires import Hires
+
+    if all(value is None for value in (scale, resize, upscaler, steps, strength)) and not keep_first:
+        return None
+    width = height = 0
+    if resize is not None:
+        w, sep, h = resize.lower().partition("x")
+        if not sep or not w.isdigit() or not h.isdigit() or (int(w) == 0 and int(h) == 0):
+            raise SDError(f"--hires-resize {resize!r} must be WIDTHxHEIGHT (one of them may be 0)")
+        width, height = int(w), int(h)
+        if scale is not None:
+            raise SDError("--hires-scale and --hires-resize both give the size; use one")
+    fields = {key: value for key, value in (("scale", scale), ("upscaler", upscaler), ("steps", steps),
+                                            ("strength", strength)) if value is not None}
+    return Hires(width=width, height=height, keep_first=keep_first, **fields)

@@ -207,12 +207,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise SDError(f"checkpoint path is not a file: {path}")
     with open_regular(path, "checkpoint") as f:
-        head = f.read(8)
+        head = f.read(9)
     if not head:
         raise SDError(f"{path} is empty, not a checkpoint")
     if head[:2] == b"PK":
         return read_ckpt(path)
-    if head[:1] == b"\x80":  # pickle protocol marker: torch's legacy (pre-zip) format
+    # A safetensors file starts with its header's length (8 bytes, little-endian) and then "{": a length whose
+    # low byte is 0x80 must not read as the pickle protocol marker of torch's legacy (pre-zip) format.
+    if head[:1] == b"\x80" and head[8:9] != b"{":
         raise SDError(f"{path} is a legacy pickle checkpoint, refused because unpickling can run code; "
                       "convert it to .safetensors with a trusted tool")
     return read_safetensors(path)

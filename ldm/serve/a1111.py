@@ -1,8 +1,8 @@
 """AUTOMATIC1111's /sdapi/v1 protocol on top of ldm.pipeline: request fields, sampler names, responses.
 
 Clients such as the `webuiapi` package send every field A1111 knows. Fields sd honours are used; fields
-it cannot honour are accepted while they hold A1111's default (restore_faces false, enable_hr false,
-tiling false, no styles, no scripts ...) and refused with one 422 that names them otherwise; unknown
+it cannot honour are accepted while they hold A1111's default (restore_faces false, tiling false, no
+scripts ...) and refused with one 422 that names them otherwise; unknown
 fields are ignored, as A1111 does. Fields a request leaves out take sd's defaults for the loaded model.
 """
 from __future__ import annotations
@@ -35,6 +35,10 @@ API_NAMES = {"scale": "cfg_scale", "sampler": "sampler_name", "schedule": "sched
              "clip_skip": "override_settings.CLIP_stop_at_last_layers", "strength": "denoising_strength",
              "decode": "override_settings.sd_vae_decode_method", "encode": "override_settings.sd_vae_encode_method",
              "tome": "override_settings.token_merging_ratio",
+             "hires": "enable_hr", "hires.scale": "hr_scale", "hires.width": "hr_resize_x", "hires.height": "hr_resize_y",
+             "hires.upscaler": "hr_upscaler", "hires.steps": "hr_second_pass_steps", "hires.strength": "denoising_strength",
+             "hires.sampler": "hr_sampler_name", "hires.schedule": "hr_scheduler", "hires.prompt": "hr_prompt",
+             "hires.negative_prompt": "hr_negative_prompt", "hires.tome": "override_settings.token_merging_ratio_hr",
              **SERVER_LIMIT_NAMES}
 
 
@@ -111,6 +115,21 @@ class Txt2ImgRequest(BaseModel):
     restore_faces: Optional[bool] = None
     tiling: Optional[bool] = None
     enable_hr: Optional[bool] = False
+    # the hires fix's fields (ldm.hires), read when enable_hr is true; A1111's defaults
+    denoising_strength: Optional[float] = None  # txt2img: the second pass's (A1111: 0.75); img2img: its own
+    hr_scale: Optional[float] = 2.0
+    hr_upscaler: Optional[str] = None
+    hr_second_pass_steps: Optional[int] = 0
+    hr_resize_x: Optional[int] = 0
+    hr_resize_y: Optional[int] = 0
+    hr_sampler_name: Optional[str] = None
+    hr_scheduler: Optional[str] = None
+    hr_prompt: Optional[str] = ""
+    hr_negative_prompt: Optional[str] = ""
+    hr_checkpoint_name: Optional[str] = None
+    hr_additional_modules: Optional[list] = None
+    firstphase_width: Optional[int] = 0
+    firstphase_height: Optional[int] = 0
     subseed_strength: Optional[float] = 0.0
     seed_resize_from_h: Optional[int] = -1
     seed_resize_from_w: Optional[int] = -1
@@ -140,12 +159,15 @@ class Img2ImgRequest(Txt2ImgRequest):
     include_init_images: bool = False
 
 
+HANDLED_SCRIPTS = ("controlnet", "ControlNet")  # alwayson_scripts sd runs (ldm.serve.controlnet)
+
+
 def _disabled_scripts(value: Optional[dict]) -> bool:
     """alwayson_scripts that run nothing: none, or each with no args or a first arg of false (what clients
     send to keep an extension off). An entry that is not an object, or args that are not a list, is a
     RequestError of its own."""
     for name, entry in (value or {}).items():
-        if entry is None:
+        if entry is None or name in HANDLED_SCRIPTS:
             continue
         if not isinstance(entry, dict):
             raise RequestError(f"alwayson_scripts.{name} must be an object such as {{\"args\": []}}")
@@ -159,7 +181,8 @@ def _disabled_scripts(value: Optional[dict]) -> bool:
 
 # field -> test that the value is A1111's default (what sd does anyway)
 UNSUPPORTED = {
-    "restore_faces": lambda v: not v, "tiling": lambda v: not v, "enable_hr": lambda v: not v,
+    "restore_faces": lambda v: not v, "tiling": lambda v: not v,
+    "firstphase_width": lambda v: not v, "firstphase_height": lambda v: not v,
     "subseed_strength": lambda v: not v, "seed_resize_from_h": lambda v: v in (None, 0, -1),
     "seed_resize_from_w": lambda v: v in (None, 0, -1), "s_churn": lambda v: not v, "s_tmin": lambda v: not v,
     "s_tmax": lambda v: v in (None, 0) or v == math.inf, "s_noise": lambda v: v in (None, 1, 1.0),
@@ -195,6 +218,44 @@ def settings_of(request: Txt2ImgRequest) -> dict:
     return dict(negative_prompt=request.negative_prompt, seed=request.seed, steps=request.steps,
                 scale=request.cfg_scale, sampler=sampler, schedule=schedule, eta=eta,
                 batch_size=request.batch_size, n_iter=request.n_iter, names=API_NAMES)
+
+
+SAME = ("", "Use same sampler", "Use same scheduler", "Use same checkpoint", "Use same choices")
+
+
+def hires_of(request: Txt2ImgRequest, tome_hr: float = 0.0, keep_first: bool = False):
+    """The hires fix a request's enable_hr asks for (None when off); RequestError for what sd cannot run."""
+    from ldm.hires import UPSCALERS, Hires
+    from ldm.models.diffusion.sampler_names import sampler_of_name
+
+    if not request.enable_hr:
+        return None
+    if isinstance(request, Img2ImgRequest):
+        raise RequestError("enable_hr is txt2img's: A1111's img2img has no hires fix")
+    if request.hr_checkpoint_name not in (None, *SAME):
+        raise RequestError(f"hr_checkpoint_name {request.hr_checkpoint_name!r}: sd runs the second pass on the same "
+                           "checkpoint (send \"Use same checkpoint\")")
+    modules = request.hr_additional_modules
+    if modules and any(m not in SAME for m in modules):
+        raise RequestError("hr_additional_modules: sd has no modules to change for the second pass")
+    upscaler = request.hr_upscaler or "Latent"
+    upscaler = "Lanczos" if upscaler == "None" else upscaler  # A1111's "None" resizes with Lanczos
+    if upscaler not in UPSCALERS:
+        raise RequestError(f"hr_upscaler: could not find upscaler named {upscaler!r}; sd's hires fix has "
+                           f"{', '.join(UPSCALERS)} (the SD x4 upscaler runs at /sdapi/v1/extra-single-image)")
+    sampler = schedule = None
+    try:
+        if request.hr_sampler_name not in (None, *SAME):
+            sampler, schedule = sampler_of_name(request.hr_sampler_name, None)
+        if request.hr_scheduler not in (None, *SAME, "Automatic"):
+            schedule = sampler_of_name(sampler or "euler", request.hr_scheduler)[1]
+    except SDError as exc:
+        raise RequestError(str(exc)) from None
+    return Hires(scale=2.0 if request.hr_scale is None else request.hr_scale, width=request.hr_resize_x or 0,
+                 height=request.hr_resize_y or 0, upscaler=upscaler, steps=request.hr_second_pass_steps or 0,
+                 strength=0.75 if request.denoising_strength is None else request.denoising_strength,
+                 sampler=sampler, schedule=schedule, prompt=request.hr_prompt or "",
+                 negative_prompt=request.hr_negative_prompt or "", tome=tome_hr or None, keep_first=keep_first)
 
 
 def decode_base64(data: Any, what: str) -> bytes:

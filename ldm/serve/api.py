@@ -37,6 +37,16 @@ def prepare(server, request: Txt2ImgRequest) -> Prepared:
         [f"<lora:{name}> (no such LoRA in the LoRA folder: left out, as A1111 does)" for name in missing]
     if request.save_images and server.outdir is None:
         ignored.append("save_images (not saved: the server has no --outdir)")
+    from ldm.serve import controlnet
+
+    units, unit_names, unit_ignored = controlnet.units_of(server, request, (request.width, request.height))
+    if units:
+        settings.update(control=units, names={**settings["names"], **unit_names})
+    ignored += unit_ignored
+    hires = a1111.hires_of(request, taken.kept["token_merging_ratio_hr"],
+                           taken.kept["save_images_before_highres_fix"] and request.save_images)
+    if hires is not None:
+        settings["hires"] = hires
     preview = taken.preview if taken.kept["show_progress_type"] != server.kept_options["show_progress_type"] else None
     return Prepared(prompt, settings, applied, ignored, taken.checkpoint, request.override_settings_restore_afterwards,
                     preview)
@@ -318,7 +328,9 @@ def _bind(api: APIRouter, server) -> APIRouter:
 
     @api.get("/latent-upscale-modes")
     def get_latent_upscale_modes() -> list:
-        return []  # sd has no hires fix (enable_hr is refused unless false)
+        from ldm.hires import LATENT_MODES
+
+        return [{"name": name} for name in LATENT_MODES]
 
     @api.get("/cmd-flags")
     def get_cmd_flags() -> dict:

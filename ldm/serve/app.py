@@ -35,8 +35,8 @@ class Server:
     def __init__(self, pipeline: Pipeline, *, models_dir: Optional[Path] = None, outdir: Optional[Path] = None,
                  limits: Limits = Limits(), max_pixels: int = 16_000_000, max_body: int = 64 * 2 ** 20,
                  embeddings: Optional[Path] = None, lora_dir: Optional[Path] = None, styles: Optional[Path] = None,
-                 hypernetwork_dir: Optional[Path] = None,
-                 preview_every: int = PREVIEW_EVERY):
+                 hypernetwork_dir: Optional[Path] = None, controlnet_dir: Optional[Path] = None,
+                 control_midas: Optional[Path] = None, preview_every: int = PREVIEW_EVERY):
         self.worker = Worker(pipeline, before=self.ensure_loaded, preview_every=preview_every)
         self.preview_every = preview_every
         # the A1111 options POST /options keeps (VAE methods, preview type, token merging); with TAESD loaded
@@ -54,6 +54,11 @@ class Server:
         # A1111's hypernetworks folder: listed for the clients that read it (sd applies none; a prompt naming
         # one is refused in one line); None: hypernetworks/ beside the checkpoints folder
         self.hypernetwork_dir = hypernetwork_dir
+        # the ControlNet files units name (None: controlnet/ beside the checkpoints folder); MiDaS for the depth
+        # preprocessor, loaded into the pipeline once (--control-midas)
+        self.controlnet_dir, self.control_midas = controlnet_dir, control_midas
+        if control_midas is not None:
+            pipeline.load_midas(control_midas)
         self.models_dir = Path(models_dir) if models_dir is not None else Path(pipeline.ckpt).parent
         if self.styles_file is None:
             self.styles_file = self.models_dir.parent / "styles.csv"
@@ -107,6 +112,10 @@ class Server:
 
         return [{"name": name, "alias": name, "path": str(path), "metadata": lora_metadata(path)}
                 for name, path in list_loras(self.lora_folder()).items()]
+
+    def controlnet_folder(self) -> Path:
+        return self.controlnet_dir if self.controlnet_dir is not None else \
+            Path(self.ckpt).resolve().parent.parent / "controlnet"
 
     def hypernetworks(self) -> list[dict]:
         """A1111's /hypernetworks: {"name", "path"} of the hypernetwork files in the folder ([] without one)."""
@@ -275,8 +284,11 @@ class Server:
         """Write images to OUTDIR/<task>-samples/samples/NNNNN.png, as the commands do."""
         folder = imageio.ensure_writable_dir(Path(self.outdir) / f"{task}-samples" / "samples")
         for image in images:
-            imageio.save_numbered(image.image, folder, imageio.SAMPLE_DIGITS,
-                                  metadata={metadata.PARAMETERS_KEY: image.parameters}, watermark=False)
+            path = imageio.save_numbered(image.image, folder, imageio.SAMPLE_DIGITS,
+                                         metadata={metadata.PARAMETERS_KEY: image.parameters}, watermark=False)
+            if image.first_pass is not None:  # A1111's save_images_before_highres_fix
+                imageio.save_png(image.first_pass, path.with_name(f"{path.stem}-before-highres-fix.png"),
+                                 {metadata.PARAMETERS_KEY: image.parameters}, watermark=False, overwrite=False)
 
 
 # -- the HTTP layer ------------------------------------------------------------------------------------
@@ -392,12 +404,13 @@ def build_app(server: Server, *, auth: Optional[tuple[str, str]] = None, page: b
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import Response
 
-    from ldm.serve import api
+    from ldm.serve import api, controlnet
 
     TextSafeJSONResponse = _text_safe_json_response()
     app = FastAPI(title="sd", description="Stable Diffusion 2.x: AUTOMATIC1111's /sdapi/v1 on one loaded model",
                   default_response_class=TextSafeJSONResponse)
     app.include_router(api.router(server))
+    app.include_router(controlnet.router(server))
 
     def one_line(status: int, detail: str) -> Response:
         return Response(error_body(status, detail)[1], status_code=status, media_type="application/json")

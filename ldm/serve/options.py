@@ -47,7 +47,8 @@ MAX_TOME_OPTION = 0.9  # A1111's sliders
 # The options the server keeps (POST /options sets them for every later request; GET /options reads them)
 # with A1111's defaults, except the preview: "Approx cheap" costs nothing, where A1111's "Approx NN" needs weights.
 KEPT_DEFAULTS: dict[str, Any] = {"sd_vae_decode_method": "Full", "sd_vae_encode_method": "Full",
-                                 "show_progress_type": "Approx cheap", **{key: 0.0 for key in TOME_KEYS}}
+                                 "show_progress_type": "Approx cheap", **{key: 0.0 for key in TOME_KEYS},
+                                 "save_images_before_highres_fix": False}
 
 
 def same(a: Any, b: Any) -> bool:
@@ -129,9 +130,11 @@ class Settings:
         elif key in TOME_KEYS:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_TOME_OPTION:
                 raise RequestError(f"{where}.{key} must be a number from 0 to {MAX_TOME_OPTION} (got {value!r})")
-            self.kept[key] = float(value)
-            if key == "token_merging_ratio_hr" and value:  # kept for GET /options, but nothing uses it yet
-                self.ignored.append(f"{key} (sd has no hires fix for it to apply to)")
+            self.kept[key] = float(value)  # token_merging_ratio_hr: the hires fix's second pass (a1111.hires_of)
+        elif key == "save_images_before_highres_fix":
+            if not isinstance(value, bool):
+                raise RequestError(f"{where}.{key} must be true or false (got {value!r})")
+            self.kept[key] = value
         elif key == "sd_vae":
             if value not in VAE_NAMES:
                 raise RequestError(f"{where}.sd_vae {value!r}: sd uses the checkpoint's own VAE (\"Automatic\" or "

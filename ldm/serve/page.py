@@ -142,7 +142,11 @@ def sampling_controls(tab: str, defaults: dict, size: Optional[int]) -> dict:
 PAGE_NAMES = {"prompt": "the prompt", "negative_prompt": "the negative prompt", "steps": "Steps",
               "scale": "Guidance scale", "seed": "Seed", "batch_size": "Batch size", "n_iter": "Batches",
               "width": "Width", "height": "Height", "sampler": "Sampler", "schedule": "Schedule type",
-              "strength": "Strength", "noise_level": "Noise level",
+              "strength": "Strength", "noise_level": "Noise level", "hires.scale": "Upscale by",
+              "hires.steps": "Hires steps", "hires.strength": "Denoising strength", "hires.upscaler": "Upscaler",
+              "hires": "Hires. fix", "control.0.weight": "Control weight", "control.0.start": "Starting control step",
+              "control.0.end": "Ending control step", "control.0.module": "Preprocessor", "control.0.image": "Control picture",
+              "control.0.model": "the ControlNet model",
               **SERVER_LIMIT_NAMES}
 
 
@@ -185,8 +189,9 @@ def send_buttons(tab: str) -> dict:
 
 
 def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Callable, extra_output=None,
-             extra: Optional[Callable] = None):
-    """One generating tab: its own inputs, the shared controls, and the run wiring."""
+             extra: Optional[Callable] = None, fields: Optional[Callable] = None):
+    """One generating tab: its own inputs, the shared controls, and the run wiring; `fields(values)` gives
+    Request fields of the tab's own inputs (the hires fix, ControlNet)."""
     pipe = server.pipeline
     reason = model_can_run(pipe, tab)
     if reason:
@@ -216,6 +221,8 @@ def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Ca
                     "lora_dir": server.lora_dir, **server.kept_settings(tab)}
         if sized:
             settings.update(height=int(given["height"]), width=int(given["width"]))
+        if fields is not None:
+            settings.update(fields(given))
         yield from follow_job(server, results, lambda: make_task(given), prompt_text, settings, progress,
                               tab if save_it else None, extra)
 
@@ -228,7 +235,7 @@ def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Ca
     reuse.click(lambda text: _number(metadata.Infotext.read(text or ""), "Seed", int, 0, 2 ** 64 - 1), infotext,
                 controls["seed"], queue=False)
     return {"prompt": prompt, "controls": controls, "gallery": gallery, "infotext": infotext, "send": send,
-            "image": own.get("image"), "tab": tab}
+            "image": own.get("image"), "tab": tab, "own": own}
 
 
 def wire_send_to(tabs, parts: dict) -> None:
@@ -240,8 +247,7 @@ def wire_send_to(tabs, parts: dict) -> None:
         for target, button in source["send"].items():
             to = parts[target]
             if target == "txt2img":
-                button.click(to_txt2img, source["infotext"], txt2img_fields(tabs, to["prompt"], to["controls"]),
-                             queue=False)
+                button.click(to_txt2img, source["infotext"], txt2img_fields(tabs, to), queue=False)
                 continue
             button.click(_sent(target), [source["gallery"], selected, source["infotext"]],
                          [tabs, to["image"], to["prompt"], to["controls"]["negative_prompt"]], queue=False)
@@ -354,12 +360,17 @@ def build_page(server, first_tab: str = "txt2img") -> gr.Blocks:
         picker, said = checkpoint_picker(server)
         with gr.Tabs(selected=first_tab) as tabs:
             with gr.Tab("txt2img", id="txt2img"):
-                parts["txt2img"] = task_tab(server, results, "txt2img", lambda d: {}, lambda g: Txt2Img())
+                parts["txt2img"] = task_tab(server, results, "txt2img",
+                                            lambda d: {**hires_inputs(), **control_inputs(server, "txt2img")},
+                                            lambda g: Txt2Img(),
+                                            fields=lambda g: {**hires_fields(g), **control_fields(server, g)})
             with gr.Tab("img2img", id="img2img"):
                 parts["img2img"] = task_tab(server, results, "img2img", lambda d: {
                     "image": gr.Image(type="pil", label="Image", elem_id="img2img-image"),
-                    "strength": gr.Slider(0.0, 1.0, value=d["strength"], step=0.05, label="Strength")},
-                    lambda g: Img2Img(_need(g["image"], "an image"), g["strength"]))
+                    "strength": gr.Slider(0.0, 1.0, value=d["strength"], step=0.05, label="Strength"),
+                    **control_inputs(server, "img2img")},
+                    lambda g: Img2Img(_need(g["image"], "an image"), g["strength"]),
+                    fields=lambda g: control_fields(server, g))
             with gr.Tab("inpaint", id="inpaint"):
                 parts["inpaint"] = task_tab(server, results, "inpaint", lambda d: {
                     "image": gr.Image(type="pil", label="Image", elem_id="inpaint-image"),
@@ -368,6 +379,7 @@ def build_page(server, first_tab: str = "txt2img") -> gr.Blocks:
                                     label="Mask: paint over what to repaint")},
                     lambda g: Inpaint(_need(g["image"], "an image"),
                                       painter.mask_of(g["mask"], g["image"].size, server.max_pixels)))
+                # (the inpaint tab's inputs are a picture and a painted mask; its ControlNet is the API's and the CLI's)
             with gr.Tab("depth2img", id="depth2img"):
                 parts["depth2img"] = task_tab(server, results, "depth2img", lambda d: {
                     "image": gr.Image(type="pil", label="Image", elem_id="depth2img-image"),
@@ -383,7 +395,7 @@ def build_page(server, first_tab: str = "txt2img") -> gr.Blocks:
             with gr.Tab("variations", id="variations"):
                 parts["variations"] = task_tab(server, results, "variations", variation_inputs, variations_of)
             with gr.Tab("png-info", id="png-info"):
-                png_info_tab(tabs, parts["txt2img"]["prompt"], parts["txt2img"]["controls"])
+                png_info_tab(tabs, parts["txt2img"])
         wire_send_to(tabs, parts)
         wire_checkpoint_picker(server, picker, said, parts)
     return page
@@ -407,7 +419,7 @@ def variations_of(given: dict) -> Variations:
     return Variations(pictures, weights, int(given["noise_level"]))
 
 
-def png_info_tab(tabs, prompt, controls: dict) -> None:
+def png_info_tab(tabs, txt2img: dict) -> None:
     """Read the "parameters" of a picture (sd's or A1111's: PNG text, or JPEG/WebP EXIF), show the picture, and
     send the parameters back to txt2img."""
     with gr.Row():
@@ -429,13 +441,15 @@ def png_info_tab(tabs, prompt, controls: dict) -> None:
         return texts.get(metadata.PARAMETERS_KEY, "(no generation parameters)"), path
 
     upload.change(read, upload, [text, shown])
-    send.click(to_txt2img, text, txt2img_fields(tabs, prompt, controls))
+    send.click(to_txt2img, text, txt2img_fields(tabs, txt2img))
 
 
-def txt2img_fields(tabs, prompt, controls: dict) -> list:
-    """What to_txt2img fills, in its order."""
-    return [tabs, prompt, controls["negative_prompt"], controls["sampler"], controls["schedule"], controls["steps"],
-            controls["scale"], controls["seed"], controls["width"], controls["height"]]
+def txt2img_fields(tabs, txt2img: dict) -> list:
+    """What to_txt2img fills, in its order (the txt2img tab's part)."""
+    controls, own = txt2img["controls"], txt2img["own"]
+    return [tabs, txt2img["prompt"], controls["negative_prompt"], controls["sampler"], controls["schedule"],
+            controls["steps"], controls["scale"], controls["seed"], controls["width"], controls["height"],
+            own["hr_enabled"], own["hr_upscaler"], own["hr_scale"], own["hr_steps"], own["hr_strength"]]
 
 
 def to_txt2img(parameters: str) -> list:
@@ -453,4 +467,82 @@ def to_txt2img(parameters: str) -> list:
     return [gr.Tabs(selected="txt2img"), info.prompt, info.negative_prompt, sampler,
             "sampler's own" if schedule is None else schedule, _number(info, "Steps", int, 1, 150),
             _number(info, "CFG scale", float, 1.0, 20.0), _number(info, "Seed", int, -1, SEED_MAX),
-            _number(info, "Width", int, 256, 1024), _number(info, "Height", int, 256, 1024)]
+            _number(info, "Width", int, 256, 1024), _number(info, "Height", int, 256, 1024), *hires_values(info)]
+
+
+def hires_values(info: metadata.Infotext) -> list:
+    """The hires controls' values from a "parameters" text: on with its fields, off without them."""
+    from ldm.hires import UPSCALERS
+
+    if "Hires upscaler" not in info.fields and "Hires upscale" not in info.fields:
+        return [False, gr.update(), gr.update(), gr.update(), gr.update()]
+    upscaler = info.fields.get("Hires upscaler")
+    return [True, upscaler if upscaler in UPSCALERS else gr.update(), _number(info, "Hires upscale", float, 1.0, 4.0),
+            _number(info, "Hires steps", int, 0, 150), _number(info, "Denoising strength", float, 0.0, 1.0)]
+
+
+def hires_inputs() -> dict:
+    """The txt2img tab's hires fix (A1111's "Hires. fix"): off unless ticked."""
+    from ldm.hires import UPSCALERS
+
+    with gr.Accordion("Hires. fix", open=False):
+        c = {"hr_enabled": gr.Checkbox(False, label="Hires. fix: a second pass at a larger size", elem_id="txt2img-hires")}
+        with gr.Row():
+            c["hr_upscaler"] = gr.Dropdown(list(UPSCALERS), value="Latent", label="Upscaler",
+                                           elem_id="txt2img-hr-upscaler")
+            c["hr_scale"] = gr.Slider(1.0, 4.0, value=2.0, step=0.05, label="Upscale by", elem_id="txt2img-hr-scale")
+        with gr.Row():
+            c["hr_steps"] = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: the same as Steps)",
+                                      elem_id="txt2img-hr-steps")
+            c["hr_strength"] = gr.Slider(0.0, 1.0, value=0.7, step=0.01, label="Denoising strength",
+                                         elem_id="txt2img-hr-strength")
+    return c
+
+
+def hires_fields(given: dict) -> dict:
+    from ldm.hires import Hires
+
+    if not given.get("hr_enabled"):
+        return {}
+    return {"hires": Hires(scale=float(given["hr_scale"]), upscaler=given["hr_upscaler"], steps=int(given["hr_steps"]),
+                           strength=float(given["hr_strength"]))}
+
+
+def control_inputs(server, tab: str) -> dict:
+    """A ControlNet unit (the extension's panel): a picture, its preprocessor, a model of the ControlNet folder."""
+    from ldm.control.preprocess import MODULES
+    from ldm.control.units import MODES, RESIZES
+    from ldm.serve.controlnet import models
+
+    names = list(models(server))
+    with gr.Accordion("ControlNet", open=False):
+        c = {"cn_enabled": gr.Checkbox(False, label="Enable", elem_id=f"{tab}-cn-enabled")}
+        c["cn_image"] = gr.Image(type="pil", label="Control picture", elem_id=f"{tab}-cn-image")
+        with gr.Row():
+            c["cn_module"] = gr.Dropdown(list(MODULES), value="none", label="Preprocessor", elem_id=f"{tab}-cn-module")
+            c["cn_model"] = gr.Dropdown(names, value=names[0] if names else None, label=f"Model ({len(names)} in "
+                                        "the ControlNet folder)", elem_id=f"{tab}-cn-model")
+        with gr.Row():
+            c["cn_weight"] = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Control weight", elem_id=f"{tab}-cn-weight")
+            c["cn_start"] = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Starting control step")
+            c["cn_end"] = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="Ending control step")
+        c["cn_mode"] = gr.Radio(list(MODES.values()), value="Balanced", label="Control mode", elem_id=f"{tab}-cn-mode")
+        c["cn_resize"] = gr.Radio(list(RESIZES.values()), value="Crop and Resize", label="Resize mode")
+    return c
+
+
+def control_fields(server, given: dict) -> dict:
+    """The ControlNet unit of the panel's values ({} when it is off)."""
+    from ldm.control.units import ControlUnit, parse_mode, parse_resize
+    from ldm.serve.controlnet import models
+
+    if not given.get("cn_enabled"):
+        return {}
+    path = models(server).get(given.get("cn_model") or "")
+    if path is None:
+        raise gr.Error("ControlNet: choose a model of the ControlNet folder (sd serve --controlnet-dir)")
+    picture = _need(given.get("cn_image"), "a control picture")
+    return {"control": (ControlUnit(model=str(path), image=np.asarray(picture.convert("RGB")),
+                                    module=given["cn_module"], weight=float(given["cn_weight"]),
+                                    start=float(given["cn_start"]), end=float(given["cn_end"]),
+                                    mode=parse_mode(given["cn_mode"]), resize=parse_resize(given["cn_resize"])),)}

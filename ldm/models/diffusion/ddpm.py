@@ -44,7 +44,9 @@ class DiffusionWrapper(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         c_concat = cond.get("c_concat")
         x_in = x_t if c_concat is None else torch.cat([x_t, c_concat], dim=1)  # (B, 4 + k, h, w)
-        return self.diffusion_model(x_in, t, context=cond.get("c_crossattn"), y=cond.get("c_adm"))
+        control = cond.get("c_control")  # ControlNet residuals (ldm.control.apply.Controller)
+        extra = {} if control is None else {"control": control}
+        return self.diffusion_model(x_in, t, context=cond.get("c_crossattn"), y=cond.get("c_adm"), **extra)
 
 
 class LatentDiffusion(nn.Module):
@@ -92,8 +94,14 @@ class LatentDiffusion(nn.Module):
             self.scale_factor = float(scale_factor)
 
     # -- the denoiser's view ---------------------------------------------------------------------
+    # A run's ControlNets (ldm.control.apply.controlled sets it for the run): consulted at every model call,
+    # innermost, so that whatever a task does to x_t first (latent blending) is what the ControlNet sees.
+    control = None
+
     def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """UNet output (eps or v, per `parameterization`) for VP-space latents x_t at timesteps t."""
+        if self.control is not None:
+            cond = self.control(x_t, t, cond)
         return self.model(x_t, t, cond)
 
     # -- conditioning ----------------------------------------------------------------------------

@@ -210,7 +210,52 @@ class _Blocks:
         return ResBlock(ch, self.time_embed_dim, self.dropout, out_ch, use_scale_shift_norm=self.use_scale_shift_norm)
 
 
-class UNetModel(nn.Module):
+class _Encoder(nn.Module):
+    """What the UNet and its ControlNet (ldm.modules.diffusionmodules.controlnet) share: the time embedding,
+    the encoder half (input_blocks) and the middle block, under the same keys."""
+
+    def _build_embedding(self, model_channels: int) -> int:
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+        )
+        return time_embed_dim
+
+    def _build_middle(self, ch: int, levels: "_Levels", blocks: "_Blocks", disable_middle_self_attn: bool) -> None:
+        self.middle_block = TimestepEmbedSequential(
+            blocks.resblock(ch), blocks.transformer(ch, levels.depths[-1], disable_middle_self_attn), blocks.resblock(ch)
+        )
+
+    def _build_encoder(self, in_channels: int, model_channels: int, channel_mult: Sequence[int],
+                       attention_resolutions: Sequence[int], conv_resample: bool, levels: "_Levels",
+                       blocks: "_Blocks") -> list[int]:
+        """input_blocks; returns the channels of every input block's output (the decoder's skips)."""
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        skip_chans = [model_channels]
+        ch, ds = model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for nr in range(levels.res_blocks[level]):
+                layers: list[nn.Module] = [blocks.resblock(ch, model_channels * mult)]
+                ch = model_channels * mult
+                if ds in attention_resolutions and nr < levels.attn_blocks[level]:
+                    layers.append(blocks.transformer(ch, levels.depths[level], levels.no_self_attn[level]))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, conv_resample, ch)))
+                skip_chans.append(ch)
+                ds *= 2
+        return skip_chans
+
+    def _embed(self, timesteps: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B, 4 * model_channels) time embedding in the weights' dtype; a scalar t serves the whole batch."""
+        dtype = self.time_embed[0].weight.dtype
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(batch)
+        return self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+
+
+class UNetModel(_Encoder):
     """The SD 2.x UNet: eps/v prediction from a noisy latent, a timestep, a text context and (optionally)
     a class label (the x4 upscaler's noise level, unCLIP's image embedding).
 
@@ -270,10 +315,7 @@ class UNetModel(nn.Module):
         self.context_dim = context_dim
         self.dtype_hint = torch.bfloat16 if use_bf16 else torch.float16 if use_fp16 else torch.float32
 
-        time_embed_dim = model_channels * 4
-        self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
-        )
+        time_embed_dim = self._build_embedding(model_channels)
         if isinstance(num_classes, int):
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
         elif num_classes == "sequential":
@@ -285,36 +327,12 @@ class UNetModel(nn.Module):
                          use_linear_in_transformer)
         skip_chans = self._build_encoder(in_channels, model_channels, channel_mult, attention_resolutions,
                                          conv_resample, levels, blocks)
-        ch = skip_chans[-1]
-        self.middle_block = TimestepEmbedSequential(
-            blocks.resblock(ch), blocks.transformer(ch, levels.depths[-1], disable_middle_self_attn), blocks.resblock(ch)
-        )
+        self._build_middle(skip_chans[-1], levels, blocks, disable_middle_self_attn)
         ch = self._build_decoder(model_channels, channel_mult, attention_resolutions, conv_resample, levels, blocks,
                                  skip_chans)
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
         )
-
-    def _build_encoder(self, in_channels: int, model_channels: int, channel_mult: Sequence[int],
-                       attention_resolutions: Sequence[int], conv_resample: bool, levels: "_Levels",
-                       blocks: "_Blocks") -> list[int]:
-        """input_blocks; returns the channels of every input block's output (the decoder's skips)."""
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
-        skip_chans = [model_channels]
-        ch, ds = model_channels, 1
-        for level, mult in enumerate(channel_mult):
-            for nr in range(levels.res_blocks[level]):
-                layers: list[nn.Module] = [blocks.resblock(ch, model_channels * mult)]
-                ch = model_channels * mult
-                if ds in attention_resolutions and nr < levels.attn_blocks[level]:
-                    layers.append(blocks.transformer(ch, levels.depths[level], levels.no_self_attn[level]))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_chans.append(ch)
-            if level != len(channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, conv_resample, ch)))
-                skip_chans.append(ch)
-                ds *= 2
-        return skip_chans
 
     def _build_decoder(self, model_channels: int, channel_mult: Sequence[int], attention_resolutions: Sequence[int],
                        conv_resample: bool, levels: "_Levels", blocks: "_Blocks", skip_chans: list[int]) -> int:
@@ -334,7 +352,7 @@ class UNetModel(nn.Module):
         return ch
 
     def _check_inputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
-                      y: torch.Tensor | None) -> None:
+                      y: torch.Tensor | None, control: Sequence[torch.Tensor] | None = None) -> None:
         """One-line SDErrors for inputs the reference would fail on deep inside (or silently misuse)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise SDError(f"UNet input has shape {tuple(x.shape)}; expected (B, {self.in_channels}, h, w)")
@@ -344,23 +362,27 @@ class UNetModel(nn.Module):
         if context is None or context.shape[-1] != self.context_dim:
             got = "none" if context is None else f"shape {tuple(context.shape)}"
             raise SDError(f"UNet context: got {got}; expected (B, tokens, {self.context_dim})")
+        if control is not None and len(control) != len(self.input_blocks) + 1:
+            raise SDError(f"ControlNet residuals: got {len(control)}, this UNet takes {len(self.input_blocks) + 1}")
         if (y is None) != (self.num_classes is None):
             raise SDError("UNet class label y: required when num_classes is set, not allowed otherwise "
                           f"(num_classes={self.num_classes!r}, y {'missing' if y is None else 'given'})")
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, control: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, in_channels, h, w), timesteps (B,) float or long (fractional allowed), context (B, n, context_dim),
         y (B,) long labels or (B, adm_in_channels) -> (B, out_channels, h, w) in x's dtype.
+
+        `control`: a ControlNet's residuals, one per input block and the last for the middle block (as
+        ControlNet.forward returns them, already weighted), added to the middle block's output and to
+        each skip as the decoder takes it (cldm's ControlledUnetModel).
 
         Runs in the weights' dtype (the loader's choice); under autocast the weights stay float32 and
         autocast picks per op.
         """
-        self._check_inputs(x, timesteps, context, y)
+        self._check_inputs(x, timesteps, context, y, control)
         dtype = self.time_embed[0].weight.dtype
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))  # (B, 4 * mc)
+        emb = self._embed(timesteps, x.shape[0])  # (B, 4 * mc)
         if isinstance(self.num_classes, int):
             emb = emb + self.label_emb(y.long())
         elif self.num_classes is not None:
@@ -372,7 +394,12 @@ class UNetModel(nn.Module):
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            h = h + control[-1].to(dtype)
         for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
+            skip = skips.pop()
+            if control is not None:
+                skip = skip + control[len(skips)].to(dtype)  # the residual of the input block that made it
+            h = torch.cat([h, skip], dim=1)
             h = block(h, emb, context, out_size=skips[-1].shape[-2:] if skips else None)
         return self.out(h).to(x.dtype)  # (B, out_channels, h, w)

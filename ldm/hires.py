@@ -7,12 +7,14 @@ first pass's), its denoising strength, its own sampler / schedule / prompts when
 merging ratio of the second pass, and whether the first pass's pictures are kept too. `target` gives the size rules: both sides from the scale; one side given,
 the other keeps the aspect ratio; both given, the first pass is scaled to cover them and the latent cropped
 to them (centred). Latent upscalers interpolate the latents (A1111's six "Latent" modes); "Lanczos" and
-"Nearest" decode the first pass, resize the pictures and encode them again.
+"Nearest" decode the first pass, resize the pictures and encode them again; "SD x4" runs the x4 diffusion
+upscaler on them first (its own checkpoint, loaded beside the model) and resizes its result.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -25,7 +27,8 @@ LATENT_MODES = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinea
                 "Latent (bicubic)": ("bicubic", False), "Latent (bicubic antialiased)": ("bicubic", True),
                 "Latent (nearest)": ("nearest", False), "Latent (nearest-exact)": ("nearest-exact", False)}
 PIXEL_MODES = ("Lanczos", "Nearest")
-UPSCALERS = (*LATENT_MODES, *PIXEL_MODES)
+X4 = "SD x4"  # the SD x4 diffusion upscaler (its checkpoint: Hires.x4), then a Lanczos resize to the size
+UPSCALERS = (*LATENT_MODES, *PIXEL_MODES, X4)
 MAX_SCALE = 4.0
 
 
@@ -43,6 +46,9 @@ class Hires:
     negative_prompt: str = ""
     tome: Optional[float] = None  # token merging ratio of the second pass; None: the first pass's
     keep_first: bool = False  # also give the first pass's pictures (A1111's save_images_before_highres_fix)
+    x4: Optional[str] = None  # the x4 upscaler's checkpoint, for upscaler "SD x4"
+    x4_config: Optional[str] = None  # its config (None: chosen from its keys, as for any checkpoint)
+    x4_steps: Optional[int] = None  # its steps (None: its own default, 75)
 
     def target(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """((width, height) the first pass is upscaled to, (width, height) kept after the crop) for a first
@@ -78,6 +84,9 @@ class Hires:
             number("tome", 0.0, 0.9)
         if self.upscaler not in UPSCALERS:
             raise SDError(f"{name('hires.upscaler')}: {self.upscaler!r} is not one of {', '.join(UPSCALERS)}")
+        if self.upscaler == X4 and (not self.x4 or not Path(self.x4).is_file()):
+            raise SDError(f"{name('hires.upscaler')} {X4} needs the x4 upscaler's checkpoint ({name('hires.x4')}: "
+                          f"x4-upscaler-ema.ckpt){'' if not self.x4 else f'; {self.x4} is not a file'}")
         (up_w, up_h), (w, h) = self.target(width, height)
         for side, value in (("width", w), ("height", h), ("width", up_w), ("height", up_h)):
             if not factor <= value <= max_side:
@@ -92,7 +101,8 @@ class Hires:
         return {"Denoising strength": self.strength,
                 "Hires upscale": None if resized else self.scale,
                 "Hires resize": f"{self.target(*first)[1][0]}x{self.target(*first)[1][1]}" if resized else None,
-                "Hires steps": self.steps or None, "Hires upscaler": self.upscaler,
+                "Hires steps": self.steps or None,
+                "Hires upscaler": f"{X4} ({Path(self.x4).stem})" if self.upscaler == X4 and self.x4 else self.upscaler,
                 "Hires sampler": sampler_label(self.sampler) if self.sampler else None,
                 "Hires schedule type": schedule_label(self.schedule) if self.schedule else None,
                 "Hires prompt": self.prompt or None, "Hires negative prompt": self.negative_prompt or None,
@@ -113,8 +123,9 @@ def from_fields(fields: dict) -> Optional[Hires]:
         if "Hires resize" in fields:
             width, _, height = fields["Hires resize"].partition("x")
             width, height = int(width), int(height)
-        return Hires(scale=float(fields.get("Hires upscale", 2.0)), width=width, height=height,
-                     upscaler=fields.get("Hires upscaler", "Latent"), steps=int(fields.get("Hires steps", 0)),
+        upscaler = fields.get("Hires upscaler", "Latent")
+        upscaler = X4 if upscaler.startswith(f"{X4} (") else upscaler  # which file: the command's --hires-x4
+        return Hires(scale=float(fields.get("Hires upscale", 2.0)), width=width, height=height, upscaler=upscaler, steps=int(fields.get("Hires steps", 0)),
                      strength=float(fields.get("Denoising strength", 0.7)), sampler=sampler,
                      schedule=schedule, prompt=fields.get("Hires prompt", ""),
                      negative_prompt=fields.get("Hires negative prompt", ""),

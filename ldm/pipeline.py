@@ -91,6 +91,7 @@ class Pipeline:
         self.taesd = None  # TAESD, the tiny autoencoder (load_taesd): decode / encode "taesd", cheap previews
         self.controlnets: dict = {}  # ControlNet files loaded for this model, by (path, size, mtime)
         self.midas = None  # MiDaS for the depth preprocessor of ControlNet (load_midas)
+        self._x4: Optional[tuple] = None  # ((path, size, mtime), the x4 upscaler's Pipeline) for the hires fix
         self._cancel = threading.Event()
         self._skip = threading.Event()
 
@@ -165,6 +166,29 @@ class Pipeline:
             self.controlnets[key] = net
         return self.controlnets[key]
 
+    def x4_upscaled(self, ckpt: str | Path, pictures: torch.Tensor, items, config: Optional[str | Path] = None,
+                    steps: Optional[int] = None) -> torch.Tensor:
+        """Pictures (B, 3, h, w) in [-1, 1] through the x4 upscaler (the hires fix's "SD x4"): each with its item's
+        prompt and seed at the upscaler's defaults, unwatermarked; the x4 model is loaded beside this one and kept
+        while its file is unchanged."""
+        from ldm.tasks import Upscale
+
+        path = Path(ckpt)
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(config))
+        if self._x4 is None or self._x4[0] != key:
+            self._x4 = None
+            self._x4 = (key, Pipeline.open(path, config, self.options, task="upscale", quiet=True))
+        x4 = self._x4[1]
+        out = []
+        for picture, item in zip(imageio.tensor_to_pil(pictures.float().cpu()), items):
+            request = x4.resolve(x4.request(Upscale(picture, x4.defaults("upscale")["noise_level"]), item.prompt,
+                                            negative_prompt=item.negative_prompt, seed=item.seed, steps=steps))
+            request.check({}, x4.model.num_timesteps)
+            plan = make_plan(request, {})
+            out.append(imageio.pil_to_tensor(x4.session(request).sample(plan[0])[0]))
+        return torch.cat(out).to(pictures)
+
     def load_midas(self, path: str | Path) -> None:
         """MiDaS (the depth2img checkpoint's depth_model, or a file of MiDaS's own keys) for ControlNet's
         depth preprocessor."""
@@ -187,7 +211,7 @@ class Pipeline:
         from ldm.loading.build import release_memory
 
         self.model = self.choice = self.loras = self.prior = None
-        self.controlnets = {}  # built for the model's UNet
+        self.controlnets, self._x4 = {}, None  # built for the model's UNet; the x4 model with it
         release_memory()
 
     # -- what is loaded -------------------------------------------------------------------------------
@@ -637,7 +661,10 @@ class Session:
         if fix.upscaler in hr.LATENT_MODES:
             z = hr.upscale_latents(latents, (up_h // f, up_w // f), fix.upscaler)
         else:
-            pictures = hr.upscale_pictures(self.decoder(self.model, latents), (up_w, up_h), fix.upscaler)
+            pictures = self.decoder(self.model, latents)
+            if fix.upscaler == hr.X4:
+                pictures = self.pipeline.x4_upscaled(fix.x4, pictures, items, fix.x4_config, fix.x4_steps)
+            pictures = hr.upscale_pictures(pictures, (up_w, up_h), "Lanczos" if fix.upscaler == hr.X4 else fix.upscaler)
             z = self.task.encode(self.model, pictures)
         z = hr.crop_latents(z, (width, height), f)
         second = dataclasses.replace(request, width=width, height=height)

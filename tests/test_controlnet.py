@@ -579,3 +579,34 @@ def test_sillytavern_enable_hr_request_returns_the_asked_size(served):
     import requests
 
     assert requests.get(served + "/sdapi/v1/latent-upscale-modes").json()[0] == {"name": "Latent"}
+
+
+def test_hires_with_the_sd_x4_upscaler(pipe, tmp_path):
+    """"SD x4": the first pass through the x4 diffusion upscaler (its checkpoint beside the model), then resized."""
+    from ldm.files import metadata
+    from ldm.hires import Hires
+    from tests.tinyckpt import build_tiny, save_tiny
+
+    x4 = save_tiny(build_tiny("tiny-x4-upscaling.yaml", 5), tmp_path / "x4-tiny.ckpt")
+    out = pipe.txt2img("a cube", seed=2, steps=2, width=256, height=256,
+                       hires=Hires(scale=1.25, upscaler="SD x4", x4=str(x4), steps=2, strength=0.5,
+                                   x4_config=str(ROOT / "tests" / "configs" / "tiny-x4-upscaling.yaml"), x4_steps=2))[0]
+    assert out.image.size == (320, 320)
+    assert metadata.parse_parameters(out.parameters)[2]["Hires upscaler"] == "SD x4 (x4-tiny)"
+    lanczos = pipe.txt2img("a cube", seed=2, steps=2, width=256, height=256,
+                           hires=Hires(scale=1.25, upscaler="Lanczos", steps=2, strength=0.5))[0]
+    assert np.abs(np.asarray(out.image, np.float32) - np.asarray(lanczos.image, np.float32)).mean() > 1.0
+    with pytest.raises(SDError, match="needs the x4 upscaler's checkpoint"):
+        pipe.txt2img("a", steps=2, width=256, height=256, hires=Hires(upscaler="SD x4"))
+
+
+def test_the_api_names_x4_upscalers_as_upscalers_lists_them():
+    from ldm.serve.a1111 import RequestError, Txt2ImgRequest, hires_of
+
+    models = {"SD x4 (x4-upscaler-ema)": Path("/models/x4-upscaler-ema.ckpt")}
+    hires = hires_of(Txt2ImgRequest(enable_hr=True, hr_upscaler="SD x4 (x4-upscaler-ema)"), x4_models=models)
+    assert hires.upscaler == "SD x4" and hires.x4 == "/models/x4-upscaler-ema.ckpt" and hires.strength == 0.75
+    assert hires_of(Txt2ImgRequest(enable_hr=True, hr_upscaler="None")).upscaler == "Lanczos"
+    for name in ("SD x4", "SD x4 (other)", "4x-UltraSharp"):
+        with pytest.raises(RequestError, match="could not find upscaler named"):
+            hires_of(Txt2ImgRequest(enable_hr=True, hr_upscaler=name), x4_models=models)

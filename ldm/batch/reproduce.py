@@ -127,7 +127,9 @@ def _job_from(job: "BatchJob", info: metadata.Infotext, path: Path) -> "BatchJob
         tome=info.number("Token merging ratio", float, 0.0))
     from ldm.hires import from_fields
 
-    request = dataclasses.replace(request, control=_recorded_control(request.control, fields, path),
-                                  hires=from_fields(fields) if made_by == "txt2img" else request.hires)
+    hires = from_fields(fields) if made_by == "txt2img" else request.hires
+    if hires is not None and hires.upscaler == "SD x4" and request.hires is not None:
+        hires = dataclasses.replace(hires, x4=request.hires.x4)  # a PNG names the x4 model, --hires-x4 gives its file
+    request = dataclasses.replace(request, control=_recorded_control(request.control, fields, path), hires=hires)
     runtime = dataclasses.replace(job.runtime, precision=fields.get("Precision", job.runtime.precision))
     return dataclasses.replace(job, request=request, runtime=runtime, from_file=None, repeat=1)

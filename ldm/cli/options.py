@@ -245,4 +245,5 @@ FLAG_NAMES = {
     "encode": "--encode", "tome": "--tome", "control": "--controlnet", **CONTROL_NAMES,
     "hires": "--hires-*", "hires.scale": "--hires-scale", "hires.width": "--hires-resize", "hires.height": "--hires-resize",
     "hires.upscaler": "--hires-upscaler", "hires.steps": "--hires-steps", "hires.strength": "--hires-strength",
+    "hires.x4": "--hires-x4",
 }

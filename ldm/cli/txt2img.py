@@ -34,6 +34,9 @@ HiresSteps = Annotated[Optional[int], typer.Option(
     "--hires-steps", help="Steps of the second pass's schedule [default: --steps]; it runs the last strength share.")]
 HiresStrength = Annotated[Optional[float], typer.Option(
     "--hires-strength", help="Denoising strength of the second pass, 0-1 [default 0.7].")]
+HiresX4 = Annotated[Optional[Path], typer.Option(
+    "--hires-x4", help="The x4 upscaler's checkpoint (x4-upscaler-ema.ckpt) as the hires fix's upscaler (\"SD x4\": "
+    "the first pass through it, then resized); implies --hires-upscaler \"SD x4\".")]
 HiresKeepFirst = Annotated[bool, typer.Option(
     "--hires-keep-first", help="Also save the hires fix's first pass, as NNNNN-before-highres-fix.png beside each sample.")]
 PriorScale = Annotated[Optional[float], typer.Option(
@@ -47,11 +50,11 @@ def txt2img(prior_ckpt: PriorCkpt = None, prior_clip: PriorClip = None,
             clip_stats: ClipStats = None, noise_level: NoiseLevel = None, prior_steps: PriorSteps = None,
             prior_scale: PriorScale = None, hires_scale: HiresScale = None, hires_resize: HiresSize = None,
             hires_upscaler: HiresUpscaler = None, hires_steps: HiresSteps = None, hires_strength: HiresStrength = None,
-            hires_keep_first: HiresKeepFirst = False):
+            hires_keep_first: HiresKeepFirst = False, hires_x4: HiresX4 = None):
     from ldm.errors import SDError
     from ldm.tasks import PriorTxt2Img, Txt2Img
 
-    hires = hires_of(hires_scale, hires_resize, hires_upscaler, hires_steps, hires_strength, hires_keep_first)
+    hires = hires_of(hires_scale, hires_resize, hires_upscaler, hires_steps, hires_strength, hires_keep_first, hires_x4)
     if hires is not None:
         if prior_ckpt is not None:
             raise SDError("the hires fix (--hires-*) is a second pass of plain txt2img, not of --prior-ckpt's")
@@ -68,13 +71,15 @@ def txt2img(prior_ckpt: PriorCkpt = None, prior_clip: PriorClip = None,
                         noise_level=noise_level or 0, prior_steps=prior_steps, prior_scale=prior_scale)
 
 
-def hires_of(scale, resize, upscaler, steps, strength, keep_first: bool = False):
+def hires_of(scale, resize, upscaler, steps, strength, keep_first: bool = False, x4=None):
     """The hires fix of the --hires-* flags (None when none is given; --hires-keep-first alone turns it on too)."""
     from ldm.errors import SDError
     from ldm.hires import Hires
 
-    if all(value is None for value in (scale, resize, upscaler, steps, strength)) and not keep_first:
+    if all(value is None for value in (scale, resize, upscaler, steps, strength, x4)) and not keep_first:
         return None
+    if x4 is not None and upscaler is None:
+        upscaler = "SD x4"
     width = height = 0
     if resize is not None:
         w, sep, h = resize.lower().partition("x")
@@ -85,4 +90,4 @@ def hires_of(scale, resize, upscaler, steps, strength, keep_first: bool = False)
             raise SDError("--hires-scale and --hires-resize both give the size; use one")
     fields = {key: value for key, value in (("scale", scale), ("upscaler", upscaler), ("steps", steps),
                                             ("strength", strength)) if value is not None}
-    return Hires(width=width, height=height, keep_first=keep_first, **fields)
+    return Hires(width=width, height=height, keep_first=keep_first, x4=None if x4 is None else str(x4), **fields)

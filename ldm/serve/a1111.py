@@ -223,9 +223,10 @@ def settings_of(request: Txt2ImgRequest) -> dict:
 SAME = ("", "Use same sampler", "Use same scheduler", "Use same checkpoint", "Use same choices")
 
 
-def hires_of(request: Txt2ImgRequest, tome_hr: float = 0.0, keep_first: bool = False):
-    """The hires fix a request's enable_hr asks for (None when off); RequestError for what sd cannot run."""
-    from ldm.hires import UPSCALERS, Hires
+def hires_of(request: Txt2ImgRequest, tome_hr: float = 0.0, keep_first: bool = False, x4_models: Optional[dict] = None):
+    """The hires fix a request's enable_hr asks for (None when off); RequestError for what sd cannot run.
+    `x4_models`: the upscaler names of the models folder's x4 checkpoints (/upscalers lists them)."""
+    from ldm.hires import UPSCALERS, X4, Hires
     from ldm.models.diffusion.sampler_names import sampler_of_name
 
     if not request.enable_hr:
@@ -240,9 +241,11 @@ def hires_of(request: Txt2ImgRequest, tome_hr: float = 0.0, keep_first: bool = F
         raise RequestError("hr_additional_modules: sd has no modules to change for the second pass")
     upscaler = request.hr_upscaler or "Latent"
     upscaler = "Lanczos" if upscaler == "None" else upscaler  # A1111's "None" resizes with Lanczos
-    if upscaler not in UPSCALERS:
+    x4 = (x4_models or {}).get(upscaler)
+    if x4 is None and upscaler not in UPSCALERS or upscaler == X4:
+        names = [*(name for name in UPSCALERS if name != X4), *(x4_models or {})]
         raise RequestError(f"hr_upscaler: could not find upscaler named {upscaler!r}; sd's hires fix has "
-                           f"{', '.join(UPSCALERS)} (the SD x4 upscaler runs at /sdapi/v1/extra-single-image)")
+                           f"{', '.join(names)}")
     sampler = schedule = None
     try:
         if request.hr_sampler_name not in (None, *SAME):
@@ -251,11 +254,13 @@ def hires_of(request: Txt2ImgRequest, tome_hr: float = 0.0, keep_first: bool = F
             schedule = sampler_of_name(sampler or "euler", request.hr_scheduler)[1]
     except SDError as exc:
         raise RequestError(str(exc)) from None
+    upscaler = X4 if x4 is not None else upscaler
     return Hires(scale=2.0 if request.hr_scale is None else request.hr_scale, width=request.hr_resize_x or 0,
                  height=request.hr_resize_y or 0, upscaler=upscaler, steps=request.hr_second_pass_steps or 0,
                  strength=0.75 if request.denoising_strength is None else request.denoising_strength,
                  sampler=sampler, schedule=schedule, prompt=request.hr_prompt or "",
-                 negative_prompt=request.hr_negative_prompt or "", tome=tome_hr or None, keep_first=keep_first)
+                 negative_prompt=request.hr_negative_prompt or "", tome=tome_hr or None, keep_first=keep_first,
+                 x4=None if x4 is None else str(x4))
 
 
 def decode_base64(data: Any, what: str) -> bytes:

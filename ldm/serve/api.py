@@ -43,8 +43,12 @@ def prepare(server, request: Txt2ImgRequest) -> Prepared:
     if units:
         settings.update(control=units, names={**settings["names"], **unit_names})
     ignored += unit_ignored
-    hires = a1111.hires_of(request, taken.kept["token_merging_ratio_hr"],
-                           taken.kept["save_images_before_highres_fix"] and request.save_images)
+    hires = None
+    if request.enable_hr:
+        from ldm.serve.extras import x4_models
+
+        hires = a1111.hires_of(request, taken.kept["token_merging_ratio_hr"],
+                               taken.kept["save_images_before_highres_fix"] and request.save_images, x4_models(server))
     if hires is not None:
         settings["hires"] = hires
     preview = taken.preview if taken.kept["show_progress_type"] != server.kept_options["show_progress_type"] else None

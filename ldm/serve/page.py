@@ -361,9 +361,9 @@ def build_page(server, first_tab: str = "txt2img") -> gr.Blocks:
         with gr.Tabs(selected=first_tab) as tabs:
             with gr.Tab("txt2img", id="txt2img"):
                 parts["txt2img"] = task_tab(server, results, "txt2img",
-                                            lambda d: {**hires_inputs(), **control_inputs(server, "txt2img")},
+                                            lambda d: {**hires_inputs(server), **control_inputs(server, "txt2img")},
                                             lambda g: Txt2Img(),
-                                            fields=lambda g: {**hires_fields(g), **control_fields(server, g)})
+                                            fields=lambda g: {**hires_fields(server, g), **control_fields(server, g)})
             with gr.Tab("img2img", id="img2img"):
                 parts["img2img"] = task_tab(server, results, "img2img", lambda d: {
                     "image": gr.Image(type="pil", label="Image", elem_id="img2img-image"),
@@ -472,24 +472,27 @@ def to_txt2img(parameters: str) -> list:
 
 def hires_values(info: metadata.Infotext) -> list:
     """The hires controls' values from a "parameters" text: on with its fields, off without them."""
-    from ldm.hires import UPSCALERS
+    from ldm.hires import UPSCALERS, X4
 
     if "Hires upscaler" not in info.fields and "Hires upscale" not in info.fields:
         return [False, gr.update(), gr.update(), gr.update(), gr.update()]
     upscaler = info.fields.get("Hires upscaler")
-    return [True, upscaler if upscaler in UPSCALERS else gr.update(), _number(info, "Hires upscale", float, 1.0, 4.0),
+    known = upscaler in UPSCALERS and upscaler != X4  # an x4 model's name: the dropdown keeps its choice
+    return [True, upscaler if known else gr.update(), _number(info, "Hires upscale", float, 1.0, 4.0),
             _number(info, "Hires steps", int, 0, 150), _number(info, "Denoising strength", float, 0.0, 1.0)]
 
 
-def hires_inputs() -> dict:
-    """The txt2img tab's hires fix (A1111's "Hires. fix"): off unless ticked."""
-    from ldm.hires import UPSCALERS
+def hires_inputs(server) -> dict:
+    """The txt2img tab's hires fix (A1111's "Hires. fix"): off unless ticked. Its upscalers: the latent modes,
+    Lanczos, Nearest and the models folder's x4 upscalers ("SD x4 (NAME)", as /upscalers names them)."""
+    from ldm.hires import UPSCALERS, X4
+    from ldm.serve.extras import x4_models
 
     with gr.Accordion("Hires. fix", open=False):
         c = {"hr_enabled": gr.Checkbox(False, label="Hires. fix: a second pass at a larger size", elem_id="txt2img-hires")}
         with gr.Row():
-            c["hr_upscaler"] = gr.Dropdown(list(UPSCALERS), value="Latent", label="Upscaler",
-                                           elem_id="txt2img-hr-upscaler")
+            choices = [name for name in UPSCALERS if name != X4] + list(x4_models(server))
+            c["hr_upscaler"] = gr.Dropdown(choices, value="Latent", label="Upscaler", elem_id="txt2img-hr-upscaler")
             c["hr_scale"] = gr.Slider(1.0, 4.0, value=2.0, step=0.05, label="Upscale by", elem_id="txt2img-hr-scale")
         with gr.Row():
             c["hr_steps"] = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: the same as Steps)",
@@ -499,12 +502,15 @@ def hires_inputs() -> dict:
     return c
 
 
-def hires_fields(given: dict) -> dict:
-    from ldm.hires import Hires
+def hires_fields(server, given: dict) -> dict:
+    from ldm.hires import X4, Hires
+    from ldm.serve.extras import x4_models
 
     if not given.get("hr_enabled"):
         return {}
-    return {"hires": Hires(scale=float(given["hr_scale"]), upscaler=given["hr_upscaler"], steps=int(given["hr_steps"]),
+    upscaler, x4 = given["hr_upscaler"], x4_models(server).get(given["hr_upscaler"])
+    return {"hires": Hires(scale=float(given["hr_scale"]), upscaler=X4 if x4 is not None else upscaler,
+                           x4=None if x4 is None else str(x4), steps=int(given["hr_steps"]),
                            strength=float(given["hr_strength"]))}
 
 

@@ -153,9 +153,10 @@ class Pipeline:
         from ldm.control.apply import load_controlnet
         from ldm.util import load_config
 
+        from ldm.files.reading import file_stamp
+
         path = Path(path)
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        key = file_stamp(path)
         if key not in self.controlnets:
             unet = self.model.model.diffusion_model
             params = OmegaConf.to_container(load_config(self.config).model.params.unet_config.params, resolve=True)
@@ -173,9 +174,10 @@ class Pipeline:
         while its file is unchanged."""
         from ldm.tasks import Upscale
 
+        from ldm.files.reading import file_stamp
+
         path = Path(ckpt)
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(config))
+        key = (*file_stamp(path), str(config))
         if self._x4 is None or self._x4[0] != key:
             self._x4 = None
             self._x4 = (key, Pipeline.open(path, config, self.options, task="upscale", quiet=True))

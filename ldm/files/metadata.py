@@ -400,13 +400,12 @@ def model_hash(path: str | os.PathLike, chunk_size: int = 1 << 20, length: int =
 
     Read in chunks; remembered in memory per (real path, size, mtime), so a changed file is hashed anew.
     """
-    real = os.path.realpath(path)
-    try:
-        st = os.stat(real)
-        key = (real, st.st_size, st.st_mtime_ns)
-        if key not in _HASH_CACHE:
-            from ldm.files.reading import open_regular
+    from ldm.files.reading import file_stamp, open_regular
 
+    try:
+        key = file_stamp(path)
+        real = key[0]
+        if key not in _HASH_CACHE:
             digest = hashlib.sha256()
             with open_regular(real, "checkpoint") as f:
                 while chunk := f.read(chunk_size):

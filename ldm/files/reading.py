@@ -91,6 +91,13 @@ def read_text_capped(path: str | os.PathLike, max_bytes: int, what: str = "file"
         raise SDError(f"{what} {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
 
 
+def file_stamp(path: str | os.PathLike) -> tuple[str, int, int]:
+    """(real path, size, mtime in ns): what a cache keyed by a file is keyed by, so a changed file misses it."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    return real, st.st_size, st.st_mtime_ns
+
+
 def model_files(folder, suffixes: tuple[str, ...], max_files: int) -> dict[str, Path]:
     """{name: file} of the files of `folder` and its subfolders whose names end in `suffixes` (the first in
     sorted order where two share a stem; at most `max_files`): regular files whose real place is inside the

@@ -113,16 +113,18 @@ class Server:
         return [{"name": name, "alias": name, "path": str(path), "metadata": lora_metadata(path)}
                 for name, path in list_loras(self.lora_folder()).items()]
 
+    def beside_checkpoints(self, name: str) -> Path:
+        """A folder named `name` beside the folder that holds the served checkpoint (A1111's models/ layout)."""
+        return Path(self.ckpt).resolve().parent.parent / name
+
     def controlnet_folder(self) -> Path:
-        return self.controlnet_dir if self.controlnet_dir is not None else \
-            Path(self.ckpt).resolve().parent.parent / "controlnet"
+        return self.controlnet_dir if self.controlnet_dir is not None else self.beside_checkpoints("controlnet")
 
     def hypernetworks(self) -> list[dict]:
         """A1111's /hypernetworks: {"name", "path"} of the hypernetwork files in the folder ([] without one)."""
         from ldm.files.reading import model_files
 
-        folder = self.hypernetwork_dir if self.hypernetwork_dir is not None else \
-            Path(self.ckpt).resolve().parent.parent / "hypernetworks"
+        folder = self.hypernetwork_dir if self.hypernetwork_dir is not None else self.beside_checkpoints("hypernetworks")
         return [{"name": name, "path": str(path)}
                 for name, path in model_files(folder, (".pt", ".safetensors", ".ckpt"), MAX_LISTED_MODELS).items()]
 
@@ -178,8 +180,9 @@ class Server:
         from ldm.loading.checkpoint import read_state_dict
         from ldm.loading.keys import checkpoint_kind
 
-        st = os.stat(path)
-        key = (str(path), st.st_size, st.st_mtime_ns)
+        from ldm.files.reading import file_stamp
+
+        key = file_stamp(path)
         if key not in self._kinds:
             try:
                 self._kinds[key] = checkpoint_kind(read_state_dict(path))

@@ -12,7 +12,6 @@ upscaler on them first (its own checkpoint, loaded beside the model) and resizes
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.errors import SDError
+from ldm.limits import check_range
 
 # A1111's latent upscale modes (GET /sdapi/v1/latent-upscale-modes): (interpolation, antialias)
 LATENT_MODES = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True),
@@ -68,12 +68,7 @@ class Hires:
 
     def check(self, width: int, height: int, factor: int, max_side: int, name=lambda key: key) -> None:
         def number(key: str, lo: float, hi: float, whole: bool = False) -> None:
-            value = getattr(self, key)
-            ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) \
-                and lo <= value <= hi and (not whole or value == int(value))
-            if not ok:
-                raise SDError(f"{name(f'hires.{key}')} must be a {'whole ' if whole else ''}number from {lo:g} to "
-                              f"{hi:g} (got {value!r})")
+            check_range(name(f"hires.{key}"), getattr(self, key), lo, hi, whole)
 
         number("scale", 1.0, MAX_SCALE)
         number("width", 0, max_side, whole=True)

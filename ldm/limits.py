@@ -60,6 +60,16 @@ def check_number(name: str, value: float, minimum: Optional[float] = None, maxim
         raise SDError(f"{name} must be at most {maximum:g} in size (got {value:g})")
 
 
+def check_range(name: str, value, low: float, high: float, whole: bool = False) -> None:
+    """SDError unless `value` is a finite number from low to high (with `whole`, an int: is_whole's rule)."""
+    if whole:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or not low <= value <= high:
+        raise SDError(f"{name} must be a {'whole ' if whole else ''}number from {low:g} to {high:g} (got {value!r})")
+
+
 def check_text(name: str, text: str) -> None:
     """SDError unless `text` is valid Unicode: a byte that is not UTF-8 (a Latin-1 text file, a shell in
     another locale) arrives as a lone surrogate, which neither the tokenizer nor PNG metadata can hold."""

@@ -81,22 +81,16 @@ def load_controlnet(path: str | Path, unet_params: dict, latent_channels: int, d
 def fit_hint(hint: np.ndarray, width: int, height: int, resize: str) -> np.ndarray:
     """The hint picture at (height, width): "just" stretches it, "crop" scales it to cover and cuts the
     centre, "fill" scales it to fit and pads with the median colour of its border."""
-    import cv2
+    from ldm.control.preprocess import resized, scaled
 
     h, w = hint.shape[:2]
-
-    def scaled(k: float) -> np.ndarray:
-        size = (max(1, round(w * k)), max(1, round(h * k)))
-        return cv2.resize(hint, size, interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC)
-
     if resize == "just":
-        return cv2.resize(hint, (width, height), interpolation=cv2.INTER_AREA if width * height < w * h
-                          else cv2.INTER_CUBIC)
+        return resized(hint, (width, height))
     if resize == "crop":
-        out = scaled(max(width / w, height / h))
+        out = scaled(hint, max(width / w, height / h))
         top, left = (out.shape[0] - height) // 2, (out.shape[1] - width) // 2
         return np.ascontiguousarray(out[top:top + height, left:left + width])
-    out = scaled(min(width / w, height / h))
+    out = scaled(hint, min(width / w, height / h))
     border = np.concatenate([hint[0], hint[-1], hint[:, 0], hint[:, -1]])
     canvas = np.empty((height, width, 3), np.uint8)
     canvas[:] = np.median(border, axis=0).astype(np.uint8)

@@ -59,15 +59,23 @@ def defaults_of(module: str, res: Optional[int], a: Optional[float], b: Optional
     return int(res), float(a), float(b)
 
 
-def _to_res(image: np.ndarray, res: int) -> np.ndarray:
+def resized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`image` at size (width, height): area averaging when it shrinks, cubic when it grows."""
     import cv2
 
     h, w = image.shape[:2]
-    k = res / min(h, w)
-    if k == 1:
-        return image
-    size = (max(1, round(w * k)), max(1, round(h * k)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC)
+    shrinks = size[0] * size[1] < w * h
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrinks else cv2.INTER_CUBIC)
+
+
+def scaled(image: np.ndarray, k: float) -> np.ndarray:
+    """`image` scaled by k on both sides (at least one pixel)."""
+    h, w = image.shape[:2]
+    return image if k == 1 else resized(image, (max(1, round(w * k)), max(1, round(h * k))))
+
+
+def _to_res(image: np.ndarray, res: int) -> np.ndarray:
+    return scaled(image, res / min(image.shape[:2]))
 
 
 def _gray3(values: np.ndarray) -> np.ndarray:

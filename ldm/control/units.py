@@ -6,7 +6,6 @@ names of the resize modes.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -14,6 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ldm.errors import SDError
+from ldm.limits import check_range
 
 # mode -> the extension's name; position = the extension's integer form
 MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
@@ -25,6 +25,17 @@ LEGACY_RESIZES = {"Scale to Fit (Inner Fit)": "crop", "Envelope (Outer Fit)": "f
 MAX_WEIGHT = 2.0  # the extension's slider
 SOFT_DECAY = 0.825  # "prompt"/"control" modes: residual k of n is weighted by SOFT_DECAY ** (n - 1 - k)
 MAX_UNITS = 8
+PROCESSOR_RES = (64, 2048)  # a preprocessor's resolution (the extension's slider)
+THRESHOLDS = (0, 1024)  # its thresholds a and b
+
+
+def check_preprocessor(res, a, b, called: Callable[[str], str] = lambda key: key) -> None:
+    """A preprocessor's resolution and thresholds, each None (its default) or within PROCESSOR_RES / THRESHOLDS."""
+    if res is not None:
+        check_range(called("processor_res"), res, *PROCESSOR_RES, whole=True)
+    for key, value in (("threshold_a", a), ("threshold_b", b)):
+        if value is not None:
+            check_range(called(key), value, *THRESHOLDS)
 
 
 def _parse(value, names: dict, what: str, legacy: Optional[dict] = None) -> str:
@@ -81,25 +92,14 @@ class ControlUnit:
         if not isinstance(self.model, (str, Path)) or not str(self.model) or not Path(self.model).is_file():
             raise SDError(f"{called('model')}: ControlNet file {self.model!r} not found")
         for key, lo, hi in (("weight", 0.0, MAX_WEIGHT), ("start", 0.0, 1.0), ("end", 0.0, 1.0)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or not lo <= value <= hi:
-                raise SDError(f"{called(key)} must be a number from {lo:g} to {hi:g}, not {value!r}")
+            check_range(called(key), getattr(self, key), lo, hi)
         if self.start > self.end:
             raise SDError(f"{called('start')} {self.start:g} is after {called('end')} {self.end:g}")
         if self.mode not in MODES:
             raise SDError(f"{called('mode')}: {self.mode!r} is not one of {', '.join(MODES)}")
         if self.resize not in RESIZES:
             raise SDError(f"{called('resize')}: {self.resize!r} is not one of {', '.join(RESIZES)}")
-        if self.processor_res is not None and (isinstance(self.processor_res, bool) or
-                                               not isinstance(self.processor_res, int) or
-                                               not 64 <= self.processor_res <= 2048):
-            raise SDError(f"{called('processor_res')} must be a whole number from 64 to 2048, not {self.processor_res!r}")
-        for key in ("threshold_a", "threshold_b"):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value) or not 0 <= value <= 1024):
-                raise SDError(f"{called(key)} must be a number from 0 to 1024, not {value!r}")
+        check_preprocessor(self.processor_res, self.threshold_a, self.threshold_b, called)
         if self.image is None:
             raise SDError(f"{called('image')}: no picture given (the hint, or what {self.module} reads)")
         image = self.image

@@ -16,7 +16,7 @@ import numpy as np
 from fastapi import APIRouter
 
 from ldm.control.preprocess import MODULES, canonical
-from ldm.control.units import MAX_UNITS, ControlUnit, parse_mode, parse_resize
+from ldm.control.units import MAX_UNITS, ControlUnit, check_preprocessor, parse_mode, parse_resize
 from ldm.errors import SDError
 from ldm.serve import a1111
 from ldm.serve.a1111 import RequestError
@@ -194,16 +194,12 @@ def detect(server, body: dict) -> dict:
         raise RequestError("controlnet_input_images must be a list of 1 to 16 base64 pictures")
     if body.get("controlnet_masks"):
         raise RequestError("controlnet_masks: sd cannot honour masks in detect")
-    res = body.get("controlnet_processor_res", 512)
-    res = None if res in (None, -1) else _number(res, "controlnet_processor_res", whole=True)
-    if res is not None and not 64 <= res <= 2048:
-        raise RequestError(f"controlnet_processor_res must be from 64 to 2048 (got {res})")
-    a, b = (body.get(key, -1) for key in ("controlnet_threshold_a", "controlnet_threshold_b"))
-    a = None if a in (None, -1) else _number(a, "controlnet_threshold_a")
-    b = None if b in (None, -1) else _number(b, "controlnet_threshold_b")
-    for value, key in ((a, "controlnet_threshold_a"), (b, "controlnet_threshold_b")):
-        if value is not None and not 0 <= value <= 1024:
-            raise RequestError(f"{key} must be from 0 to 1024 (got {value:g})")
+    res, a, b = (None if body.get(key, -1) in (None, -1) else body[key]  # -1: the module's default
+                 for key in ("controlnet_processor_res", "controlnet_threshold_a", "controlnet_threshold_b"))
+    try:
+        check_preprocessor(res, a, b, lambda key: f"controlnet_{key}")
+    except SDError as exc:
+        raise RequestError(str(exc)) from None
     module = canonical(module)
     if module == "depth_midas" and server.control_midas is None:
         raise RequestError("depth_midas needs MiDaS: start sd serve with --control-midas (the depth2img checkpoint)")

@@ -208,6 +208,16 @@ class Pipeline:
         self.model, self.choice = self._read(self.options, ckpt, config, "txt2img", quiet)
         self.loras = Merged(self.model)
 
+    def switch_model(self, ckpt: str | Path) -> None:
+        """load_model(ckpt), but when that checkpoint cannot be loaded the one held before is loaded again and
+        the SDError says which file failed (a server keeps serving the model that worked)."""
+        previous = (self.ckpt, self.config)
+        try:
+            self.load_model(ckpt, quiet=True)
+        except SDError as exc:
+            self.load_model(*previous, quiet=True)
+            raise SDError(f"cannot load {Path(ckpt).name}: {exc}") from None
+
     def close(self) -> None:
         """Drop the model and give its memory back (measured, docs/benchmarks.md); load_model loads another."""
         from ldm.loading.build import release_memory

@@ -31,6 +31,10 @@ HypernetworkDir = Annotated[Optional[Path], typer.Option(
 ControlNetDir = Annotated[Optional[Path], typer.Option(
     "--controlnet-dir", help="Folder of ControlNet files that API units and the page name (GET /controlnet/model_list) "
     "[default: controlnet/ beside the checkpoints folder].")]
+Replicas = Annotated[int, typer.Option(
+    "--replicas", help="Run the jobs on this many replica processes, each with its own copy of the model and "
+    "its share of the cores (--threads: each replica's), fed from one queue (docs/scale-out.md) [default: 0, "
+    "the server's own worker thread].")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse input images with more pixels than this.")]
 PreviewEvery = Annotated[int, typer.Option(
     "--preview-every", help="Show a live preview on the page and in /progress every this many steps (0: none), made "
@@ -48,7 +52,7 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
           embeddings: opt.Embeddings = None, lora_dir: opt.LoraDir = None, backend: opt.Backend = "torch",
           styles: Styles = None, preview_every: PreviewEvery = PREVIEW_EVERY, taesd: opt.Taesd = None,
           hypernetwork_dir: HypernetworkDir = None, controlnet_dir: ControlNetDir = None,
-          control_midas: opt.ControlMidas = None) -> None:
+          control_midas: opt.ControlMidas = None, replicas: Replicas = 0) -> None:
     from ldm.cli.entry import ready_for_interrupts
     from ldm.errors import SDError, note
     from ldm.limits import Limits
@@ -62,8 +66,10 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
         auth = (user, password)
     if tab not in TASKS:
         raise SDError(f"--tab must be one of {', '.join(TASKS)} (got '{tab}')")
-    if not 1 <= max_body_mb <= 4096 or max_pixels < 1 or not 1 <= port <= 65535 or not 0 <= preview_every <= 1000:
-        raise SDError("--max-body-mb must be 1..4096, --max-pixels at least 1, --port 1..65535, --preview-every 0..1000")
+    if not 1 <= max_body_mb <= 4096 or max_pixels < 1 or not 1 <= port <= 65535 or not 0 <= preview_every <= 1000 \
+            or not 0 <= replicas <= 64:
+        raise SDError("--max-body-mb must be 1..4096, --max-pixels at least 1, --port 1..65535, --preview-every "
+                      "0..1000, --replicas 0..64")
     limits = Limits(max_side=max_side, max_steps=max_steps, max_batch=max_batch, max_images=max_images,
                     max_chunks=max_chunks)
     limits.check()
@@ -82,4 +88,4 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
     run(pipeline, host=host, port=port, auth=auth, models_dir=models_dir, outdir=outdir, limits=limits,
         max_pixels=max_pixels, max_body=max_body_mb * 2 ** 20, first_tab=tab, embeddings=embeddings,
         lora_dir=lora_dir, styles=styles, preview_every=preview_every, hypernetwork_dir=hypernetwork_dir,
-        controlnet_dir=controlnet_dir, control_midas=control_midas)
+        controlnet_dir=controlnet_dir, control_midas=control_midas, replicas=replicas)

@@ -76,8 +76,13 @@ class ModelChoice:
 
 def choose_files(config: Optional[Path], ckpt: Optional[Path], task: str = "txt2img",
                  quiet: bool = False) -> tuple[Optional[Path], Path, bool]:
-    """(config or None to detect, checkpoint, demo) for a run; without a checkpoint, the demo model."""
+    """(config or None to detect, checkpoint, demo) for a run; without a checkpoint, the demo model. A config
+    file beside the checkpoint with its name (model.safetensors + model.yaml, A1111's convention) is its config
+    unless one is given."""
     if ckpt is not None:
+        beside = Path(ckpt).with_suffix(".yaml")
+        if config is None and beside.is_file():
+            config = beside
         if _same_file(ckpt, DEMO_CKPT) and (config is None or _same_file(config, DEMO_CONFIG)):
             return DEMO_CONFIG, DEMO_CKPT, True  # the demo model named by its path: its keys are SD 2.x's, smaller
         return (Path(config) if config is not None else None), Path(ckpt), False

@@ -15,7 +15,7 @@ import math
 from typing import Annotated, Any, Optional
 
 from PIL import Image
-from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from ldm.files import metadata
@@ -44,6 +44,10 @@ API_NAMES = {"scale": "cfg_scale", "sampler": "sampler_name", "schedule": "sched
 
 class RequestError(ValueError):
     """A request sd cannot run as asked: the server answers 422 with this one line."""
+
+
+class NotFound(LookupError):
+    """A request names something the server does not have (a job id): a 404 with this one line."""
 
 
 class ServerFileError(RuntimeError):
@@ -143,6 +147,14 @@ class Txt2ImgRequest(BaseModel):
     script_name: Optional[str] = None
     script_args: Optional[list] = None
     alwayson_scripts: Optional[dict] = None
+    force_task_id: Optional[str] = Field(None, max_length=128)  # the job's id, for POST /internal/progress
+
+
+class TaskProgressRequest(BaseModel):
+    """A1111's POST /internal/progress: one job by its id (its page's way; sd's replicas make it the way)."""
+    id_task: Optional[str] = Field(None, max_length=128)
+    id_live_preview: int = -1
+    live_preview: bool = True
 
 
 class Img2ImgRequest(Txt2ImgRequest):

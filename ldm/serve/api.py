@@ -13,7 +13,7 @@ from ldm.errors import SDError
 from ldm.pipeline import GeneratedImage
 from ldm.serve import a1111, masks
 from ldm.serve.a1111 import Img2ImgRequest, RequestError, Txt2ImgRequest
-from ldm.serve.jobs import Prepared, Ran, generate
+from ldm.serve.jobs import Call, Prepared, Ran, generate
 from ldm.serve.options import Settings
 from ldm.serve.styles import apply_styles
 
@@ -53,7 +53,7 @@ def prepare(server, request: Txt2ImgRequest) -> Prepared:
         settings["hires"] = hires
     preview = taken.preview if taken.kept["show_progress_type"] != server.kept_options["show_progress_type"] else None
     return Prepared(prompt, settings, applied, ignored, taken.checkpoint, request.override_settings_restore_afterwards,
-                    preview)
+                    preview, request.force_task_id or None)
 
 
 def respond(server, request: Txt2ImgRequest, prepared: Prepared, ran: Ran, task: str) -> dict:
@@ -97,10 +97,8 @@ def txt2img(server, request: Txt2ImgRequest) -> dict:
     prepared = prepare(server, request)
     width, height = rounded_size(request, prepared)
 
-    def job(pipe, progress):
-        return pipe.txt2img(prepared.prompt, width=width, height=height, progress=progress, **prepared.settings)
-
-    return respond(server, request, prepared, generate(server, prepared, job), task="txt2img")
+    call = Call("txt2img", (prepared.prompt,), dict(width=width, height=height, **prepared.settings))
+    return respond(server, request, prepared, generate(server, prepared, call, "txt2img"), task="txt2img")
 
 
 def img2img(server, request: Img2ImgRequest) -> dict:
@@ -118,12 +116,8 @@ def img2img(server, request: Img2ImgRequest) -> dict:
     size = (request.width or image.width, request.height or image.height)
     if request.mask is None:
         image = image.resize(size, Image.LANCZOS) if size != image.size else image
-
-        def job(pipe, progress):
-            return pipe.img2img(image, prepared.prompt, strength=request.denoising_strength, progress=progress,
-                                **settings)
-
-        return respond(server, request, prepared, generate(server, prepared, job), task="img2img")
+        call = Call("img2img", (image, prepared.prompt), dict(strength=request.denoising_strength, **settings))
+        return respond(server, request, prepared, generate(server, prepared, call, "img2img"), task="img2img")
     return respond(server, request, prepared, inpaint(server, request, image, size, prepared), task="inpaint")
 
 
@@ -140,18 +134,12 @@ def inpaint(server, request: Img2ImgRequest, image: Image.Image, size: tuple[int
     strength, settings = request.denoising_strength, prepared.settings
     if not request.inpaint_full_res:
         picture, repaint = start.resize(size, Image.LANCZOS), mask.resize(size, Image.BILINEAR)
-
-        def job(pipe, progress):
-            return pipe.inpaint(picture, repaint, prepared.prompt, strength=strength, progress=progress, **settings)
-
-        return generate(server, prepared, job)
+        return generate(server, prepared, Call("inpaint", (picture, repaint, prepared.prompt),
+                                               dict(strength=strength, **settings)), "img2img")
     box = masks.crop_box(mask, max(0, request.inpaint_full_res_padding), size[0] / size[1])
     crop, crop_mask = start.crop(box).resize(size, Image.LANCZOS), mask.crop(box).resize(size, Image.BILINEAR)
-
-    def job(pipe, progress):
-        return pipe.inpaint(crop, crop_mask, prepared.prompt, strength=strength, progress=progress, **settings)
-
-    ran = generate(server, prepared, job)
+    ran = generate(server, prepared, Call("inpaint", (crop, crop_mask, prepared.prompt),
+                                          dict(strength=strength, **settings)), "img2img")
     return Ran([only_masked(image, mask, box, result, request.inpaint_full_res_padding) for result in ran.images],
                ran.interrupted, ran.ckpt)
 
@@ -182,26 +170,66 @@ def png_info(server, body: dict) -> dict:
 
 
 def progress(server, skip_current_image: bool = False) -> dict:
-    """A1111's /progress; current_image is the latest live preview (the running batch's first image, PNG),
-    which the worker makes while clients ask for it."""
+    """A1111's /progress, for the caller's job (its running one, else its queued one, else whatever runs: one
+    machine's A1111 has one job at a time); current_image is the latest live preview (the running batch's first
+    image, PNG), made while clients ask for it. job_count counts every queued and running job."""
     if not skip_current_image:
-        server.worker.want_preview()
-    state, waiting = server.worker.progress()
+        server.want_preview()
+    job = server.jobs.of_caller()
+    state = job if job is not None and job.status == "running" else server.worker.state
+    count = len(server.jobs.active()) + (1 if state is not None and state is server.worker.state and
+                                         not hasattr(state, "call") else 0)
     if state is None:
         return {"progress": 0.0, "eta_relative": 0.0, "state": {"skipped": False, "interrupted": False,
-                "stopping_generation": False, "job": "", "job_count": waiting, "job_timestamp": "", "job_no": 0,
+                "stopping_generation": False, "job": "", "job_count": count, "job_timestamp": "", "job_no": 0,
                 "sampling_step": 0, "sampling_steps": 0},
-                "current_image": None, "textinfo": None}
+                "current_image": None, "textinfo": "In queue..." if job is not None else None}
     done = state.step / state.steps if state.steps else 0.0
     elapsed = time.time() - state.started
     return {"progress": done, "eta_relative": elapsed / done - elapsed if done else 0.0,
             "state": {"skipped": state.skipped, "interrupted": state.interrupted, "stopping_generation": False,
-                      "job": state.job, "job_count": waiting + 1,
+                      "job": state.job, "job_count": max(count, 1),
                       "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(state.started)),
                       "job_no": state.job_no, "sampling_step": state.step, "sampling_steps": state.steps},
             "current_image": None if skip_current_image or not state.preview else
             a1111.encode_png(imageio.png_bytes(state.preview[0])),
             "textinfo": f"step {state.step} of {state.steps}" if state.steps else None}
+
+
+def task_progress(server, body: a1111.TaskProgressRequest) -> dict:
+    """A1111's POST /internal/progress: one job's progress by the id it was queued with (force_task_id): where
+    it stands, and its live preview when one newer than id_live_preview exists."""
+    if body.live_preview:
+        server.want_preview()
+    job = server.jobs.find(body.id_task) if body.id_task else None
+    reply = {"active": False, "queued": False, "completed": False, "progress": None, "eta": None,
+             "live_preview": None, "id_live_preview": body.id_live_preview, "textinfo": None}
+    if job is None:
+        return {**reply, "textinfo": "Unknown task"}
+    if job.status == "queued":
+        ahead = server.jobs.position(job)
+        return {**reply, "queued": True, "textinfo": f"In queue: {ahead} job(s) ahead" if ahead else "Waiting..."}
+    if job.status != "running":
+        return {**reply, "completed": True, "progress": 1.0, "textinfo": job.status}
+    done = job.step / job.steps if job.steps else 0.0
+    elapsed = time.time() - job.started
+    reply.update(active=True, progress=done, eta=elapsed / done - elapsed if done else None,
+                 textinfo=f"step {job.step} of {job.steps}" if job.steps else "Starting...")
+    if body.live_preview and job.preview and job.preview_step > body.id_live_preview:
+        reply.update(live_preview="data:image/png;base64," + a1111.encode_png(imageio.png_bytes(job.preview[0])),
+                     id_live_preview=job.preview_step)
+    return reply
+
+
+def addressed(server, id_task: Optional[str]):
+    """The job /interrupt or /skip means: the one of `id_task` (sd's extension: a 404 when unknown), else the
+    caller's (JobTable.of_caller)."""
+    if id_task is None:
+        return server.jobs.of_caller()
+    job = server.jobs.find(id_task)
+    if job is None:
+        raise a1111.NotFound(f"no job '{id_task}' (an id from force_task_id or the reply's info)")
+    return job
 
 
 def memory() -> dict:
@@ -252,6 +280,28 @@ def router(server) -> APIRouter:
     return _bind(APIRouter(prefix="/sdapi/v1", strict_content_type=False), server)
 
 
+def internal_router(server) -> APIRouter:
+    """A1111's POST /internal/progress (one job by id), and sd's GET /sd/v1/jobs and /sd/v1/replicas: the queue
+    and the replicas as they stand."""
+    routes = APIRouter(strict_content_type=False)
+
+    @routes.post("/internal/progress")
+    def post_task_progress(body: a1111.TaskProgressRequest) -> dict:
+        return task_progress(server, body)
+
+    @routes.get("/sd/v1/jobs")
+    def get_jobs() -> list[dict]:
+        return [{"id": job.id, "job": job.job, "status": job.status, "replica": job.replica,
+                 "checkpoint": server.title(job.checkpoint) if job.checkpoint else None,
+                 "step": job.step, "steps": job.steps} for job in server.jobs.active()]
+
+    @routes.get("/sd/v1/replicas")
+    def get_replicas() -> list[dict]:
+        return server.jobs.backend.replicas()
+
+    return routes
+
+
 def _bind(api: APIRouter, server) -> APIRouter:
     @api.post("/txt2img")
     def post_txt2img(request: Txt2ImgRequest) -> dict:
@@ -270,8 +320,11 @@ def _bind(api: APIRouter, server) -> APIRouter:
         return progress(server, skip_current_image)
 
     @api.post("/interrupt")
-    def post_interrupt() -> dict:
-        server.worker.interrupt()
+    def post_interrupt(id_task: Optional[str] = None) -> dict:
+        job = addressed(server, id_task)
+        if job is None:  # a model switch or an extra running on the front's worker
+            server.worker.interrupt()
+        server.jobs.interrupt(job)
         return {}
 
     @api.get("/sd-models")
@@ -309,8 +362,8 @@ def _bind(api: APIRouter, server) -> APIRouter:
         return {"txt2img": [], "img2img": []}
 
     @api.post("/skip")
-    def post_skip() -> dict:
-        server.worker.skip()
+    def post_skip(id_task: Optional[str] = None) -> dict:
+        server.jobs.skip(addressed(server, id_task))
         return {}
 
     @api.get("/prompt-styles")

@@ -22,6 +22,7 @@ from ldm.pipeline import Pipeline
 from ldm.serve import PREVIEW_EVERY
 from ldm.serve.a1111 import RequestError, ServerFileError
 from ldm.serve.options import KEPT_DEFAULTS, PREVIEW_TYPES, Settings
+from ldm.serve.jobs import caller as caller_var
 from ldm.serve.worker import Worker
 
 log = logging.getLogger("sd.serve")
@@ -36,7 +37,10 @@ class Server:
                  limits: Limits = Limits(), max_pixels: int = 16_000_000, max_body: int = 64 * 2 ** 20,
                  embeddings: Optional[Path] = None, lora_dir: Optional[Path] = None, styles: Optional[Path] = None,
                  hypernetwork_dir: Optional[Path] = None, controlnet_dir: Optional[Path] = None,
-                 control_midas: Optional[Path] = None, preview_every: int = PREVIEW_EVERY):
+                 control_midas: Optional[Path] = None, preview_every: int = PREVIEW_EVERY, replicas: int = 0):
+        from ldm.serve.jobs import JobTable
+
+        # the front's own worker: the local backend's jobs, and model switches, unloads and extras under any
         self.worker = Worker(pipeline, before=self.ensure_loaded, preview_every=preview_every)
         self.preview_every = preview_every
         # the A1111 options POST /options keeps (VAE methods, preview type, token merging); with TAESD loaded
@@ -67,6 +71,25 @@ class Server:
             self.styles()
         except ServerFileError as exc:
             raise SDError(str(exc)) from None
+        self.jobs = JobTable(self._backend(replicas))
+
+    def _backend(self, replicas: int):
+        """The local worker (replicas 0), or that many replica processes (--replicas)."""
+        if not replicas:
+            from ldm.serve.backends.local import LocalBackend
+
+            return LocalBackend(self)
+        from ldm.serve.backends.pool import PoolBackend, ReplicaSpec
+
+        if not 1 <= replicas <= 64:
+            raise SDError(f"--replicas must be from 1 to 64 (got {replicas})")
+        return PoolBackend(self, ReplicaSpec.of(self.pipeline, replicas, self.preview_every, self.control_midas),
+                           replicas)
+
+    def want_preview(self) -> None:
+        """Someone shows the live previews (the page's poll, /progress): the backend makes them for a while."""
+        self.worker.want_preview()
+        self.jobs.backend.want_preview()
 
     @property
     def pipeline(self) -> Pipeline:
@@ -239,12 +262,10 @@ class Server:
     def load_into(self, pipe: Pipeline, path: Path, serve: bool = False) -> None:
         """Load a listed checkpoint on the worker's pipeline (a worker job only); on failure keep serving the
         model that worked. `serve`: it serves every request from now on (ckpt says so once it is loaded)."""
-        previous = (pipe.ckpt, pipe.config)
         try:
-            pipe.load_model(path, quiet=True)
+            pipe.switch_model(path)
         except SDError as exc:
-            pipe.load_model(*previous, quiet=True)
-            raise RequestError(f"cannot load {Path(path).name}: {exc}") from None
+            raise RequestError(str(exc)) from None
         if serve:
             self._served = Path(pipe.ckpt)
 
@@ -341,9 +362,11 @@ class Guard:
                 status[0] = message["status"]
             await send(message)
 
+        token = caller_var.set(self._caller(scope))
         try:
             await self._guarded(scope, receive, sending, status)
         finally:
+            caller_var.reset(token)
             client = (scope.get("client") or ("-", 0))[0]
             log.info("%s %s %s %s %.0f ms", client, scope["method"], scope["path"], status[0] or "-",
                      1000 * (time.perf_counter() - start))
@@ -373,6 +396,19 @@ class Guard:
         except _TooLarge:
             if not status[0]:
                 await _send_json(send, *error_body(413, f"request body above {self.max_body} bytes (--max-body-mb)"))
+
+    def _caller(self, scope) -> str:
+        """Who asks: the Basic-auth user where credentials are set (each client its own user), else the client's
+        address; /progress and /interrupt act on this caller's job."""
+        client = (scope.get("client") or ("-", 0))[0]
+        if self.token is None:
+            return client
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        try:
+            user = base64.b64decode(header.partition(b" ")[2].strip(), validate=True).partition(b":")[0]
+            return f"{user.decode('utf-8', 'replace')}@{client}"
+        except ValueError:
+            return client
 
     def _authorised(self, header: bytes) -> bool:
         """HTTP Basic credentials equal to the server's; the scheme's case does not matter (RFC 7617), and
@@ -408,27 +444,23 @@ def build_app(server: Server, *, auth: Optional[tuple[str, str]] = None, page: b
     from fastapi.responses import Response
 
     from ldm.serve import api, controlnet
+    from ldm.serve.a1111 import NotFound
+    from ldm.serve.jobs import JobFailed
 
     TextSafeJSONResponse = _text_safe_json_response()
     app = FastAPI(title="sd", description="Stable Diffusion 2.x: AUTOMATIC1111's /sdapi/v1 on one loaded model",
                   default_response_class=TextSafeJSONResponse)
     app.include_router(api.router(server))
+    app.include_router(api.internal_router(server))
     app.include_router(controlnet.router(server))
 
     def one_line(status: int, detail: str) -> Response:
         return Response(error_body(status, detail)[1], status_code=status, media_type="application/json")
 
-    @app.exception_handler(RequestError)
-    async def request_error(request: Request, exc: RequestError):
-        return one_line(422, str(exc))
-
-    @app.exception_handler(SDError)
-    async def sd_error(request: Request, exc: SDError):
-        return one_line(422, str(exc))
-
-    @app.exception_handler(ServerFileError)
-    async def server_file_error(request: Request, exc: ServerFileError):
-        return one_line(500, str(exc))
+    # the client's errors are 422 (404 for a job id it names), the server's files' and replicas' 500: one line each
+    for error, status in ((RequestError, 422), (SDError, 422), (NotFound, 404), (ServerFileError, 500),
+                          (JobFailed, 500)):
+        app.add_exception_handler(error, lambda request, exc, status=status: one_line(status, str(exc)))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -474,9 +506,11 @@ def run(pipeline: Pipeline, *, host: str, port: int, auth: Optional[tuple[str, s
 
     class Stopping(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
-            # Ctrl-C or SIGTERM: the running job stops after its step and answers with the batches done,
-            # so the graceful shutdown does not wait for a long generation; queued jobs never start.
+            # Ctrl-C or SIGTERM: the running jobs stop after their step and answer with the batches done,
+            # so the graceful shutdown does not wait for a long generation; queued jobs never start; replica
+            # processes end.
             server.worker.interrupt()
+            server.jobs.close()
             super().handle_exit(sig, frame)
 
     try:

@@ -84,10 +84,10 @@ def _resized(server, picture: Image.Image, name: str, size: tuple[int, int]) -> 
 
 def _diffusion_x4(server, picture: Image.Image, name: str) -> Image.Image:
     """The x4 diffusion upscaler's result (4x per side), run on the worker with its checkpoint."""
-    from ldm.serve.jobs import Prepared, generate
+    from ldm.serve.jobs import Call, Prepared, generate
 
     prepared = Prepared("", {}, checkpoint=name[len(X4_PREFIX):-1])
-    ran = generate(server, prepared, lambda pipe, progress: pipe.upscale(picture, "", seed=X4_SEED, progress=progress))
+    ran = generate(server, prepared, Call("upscale", (picture, ""), {"seed": X4_SEED}), "extras")
     if ran.interrupted or not ran.images:
         raise RequestError("the x4 upscaler was interrupted")
     return ran.images[0].image

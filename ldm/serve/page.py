@@ -70,43 +70,51 @@ class Results:
 
 
 def follow_job(server, results: Results, make_task: Callable, prompt: str, settings: dict, progress: gr.Progress,
-            save_as: Optional[str], extra: Optional[Callable] = None):
-    """Queue a task on the worker and follow it: yields the live previews as they come (the gallery, the
-    status line, no infotext yet), then (gallery files, status line, the first image's infotext[, extra]).
-    Stopped, the images finished and the running batch's partial ones."""
+               save_as: Optional[str], extra: Optional[str] = None, owner: str = ""):
+    """Queue a task on the server's job table and follow it: yields the live previews as they come (the gallery,
+    the status line, no infotext yet), then (gallery files, status line, the first image's infotext[, extra]).
+    Stopped, the images finished and the running batch's partial ones. `extra` names the task attribute
+    the tab shows beside the images (depth2img's depth map)."""
+    from ldm.serve.jobs import Call, Job, outcome
 
-    def job(pipe, on_step):
-        task = make_task()
-        images = pipe.generate(pipe.request(task, prompt, **settings), on_step, PAGE_NAMES)
-        return images, (extra(task) if extra else None)
-
-    future = server.worker.submit("page", job)
-    shown = 0  # the step of the preview on the page
-    while not future.done():
-        server.worker.want_preview()  # this page shows them
-        state, waiting = server.worker.progress()
-        if state is not None and state.job == "page" and state.steps:
-            progress((state.step, state.steps), desc=f"step {state.step} of {state.steps}")
-            if state.preview is not None and state.preview_step > shown:
-                shown = state.preview_step
-                said = f"step {shown} of {state.steps}: preview"
-                yield (list(state.preview), said, "") + ((gr.update(),) if extra else ())
-        elif waiting:
-            progress(None, desc=f"queued behind {waiting} job(s)")
-        time.sleep(POLL_SECONDS)
     try:
-        images, side = future.result()
-        status = f"{len(images)} image(s), seeds {', '.join(str(i.seed) for i in images)}"
-    except Cancelled as stop:
-        images, side, status = stop.images, None, f"stopped: {stop}"
+        request = server.pipeline.request(make_task(), prompt, **settings)
     except SDError as exc:
         raise gr.Error(str(exc)) from None
+    call = Call("generate", (request,), {"names": PAGE_NAMES}, keep=(extra,) if extra else ())
+    job = server.jobs.submit(Job(job="page", call=call, checkpoint=server.ckpt, owner=owner))
+    shown = 0  # the step of the preview on the page
+    while not job.future.done():
+        server.want_preview()  # this page shows them
+        if job.status == "running" and job.steps:
+            progress((job.step, job.steps), desc=f"step {job.step} of {job.steps}")
+            if job.preview is not None and job.preview_step > shown:
+                shown = job.preview_step
+                said = f"step {shown} of {job.steps}: preview"
+                yield (list(job.preview), said, "") + ((gr.update(),) if extra else ())
+        elif job.status == "queued":
+            progress(None, desc=f"queued behind {server.jobs.position(job) + len(server.jobs.running())} job(s)")
+        time.sleep(POLL_SECONDS)
+    try:
+        ran = outcome(job)
+    except SDError as exc:
+        raise gr.Error(str(exc)) from None
+    images, side = ran.images, ran.kept.get(extra) if extra else None
+    if ran.interrupted:
+        status = f"stopped: {ran.stopped or 'before it started'}"
+    else:
+        status = f"{len(images)} image(s), seeds {', '.join(str(i.seed) for i in images)}"
     if save_as and images and server.outdir is not None:
         server.save(images, save_as)
         status += f"; saved under {Path(server.outdir) / (save_as + '-samples')}"
     files = results.write(images)
     infotext = images[0].parameters if images else ""
     yield (files, status, infotext) if extra is None else (files, status, infotext, side)
+
+
+def page_owner(request: Optional[gr.Request]) -> str:
+    """The page session a job is for (its Stop button stops that one)."""
+    return f"page:{getattr(request, 'session_hash', None) or ''}"
 
 
 def sampling_controls(tab: str, defaults: dict, size: Optional[int]) -> dict:
@@ -172,7 +180,10 @@ def output_area(server, tab: str):
                          interactive=False)
     status = gr.Textbox(label="Status", interactive=False, elem_id=f"{tab}-status")
     infotext = gr.Textbox(label="Generation parameters", interactive=False, lines=3, elem_id=f"{tab}-infotext")
-    stop.click(lambda: server.worker.interrupt() and None, None, None, queue=False)
+    def stop_job(request: gr.Request) -> None:
+        server.jobs.interrupt(server.jobs.of_caller(page_owner(request)))
+
+    stop.click(stop_job, None, None, queue=False)
     return generate, stop, save, gallery, status, infotext
 
 
@@ -189,7 +200,7 @@ def send_buttons(tab: str) -> dict:
 
 
 def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Callable, extra_output=None,
-             extra: Optional[Callable] = None, fields: Optional[Callable] = None):
+             extra: Optional[str] = None, fields: Optional[Callable] = None):
     """One generating tab: its own inputs, the shared controls, and the run wiring; `fields(values)` gives
     Request fields of the tab's own inputs (the hires fix, ControlNet)."""
     pipe = server.pipeline
@@ -210,7 +221,7 @@ def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Ca
     reuse = controls.pop("reuse")
     names = list(own) + list(controls)
 
-    def run(prompt_text, save_it, *values, progress=gr.Progress()):
+    def run(prompt_text, save_it, *values, request: gr.Request = None, progress=gr.Progress()):
         why = model_can_run(server.pipeline, tab)
         if why:
             raise gr.Error(why)
@@ -224,7 +235,7 @@ def task_tab(server, results: Results, tab: str, inputs: Callable, make_task: Ca
         if fields is not None:
             settings.update(fields(given))
         yield from follow_job(server, results, lambda: make_task(given), prompt_text, settings, progress,
-                              tab if save_it else None, extra)
+                              tab if save_it else None, extra, page_owner(request))
 
     outputs = [gallery, status, infotext] + ([side] if side is not None else [])
     running = generate.click(lambda: (gr.update(interactive=True), gr.update(interactive=False)), None,
@@ -386,7 +397,7 @@ def build_page(server, first_tab: str = "txt2img") -> gr.Blocks:
                     "strength": gr.Slider(0.0, 1.0, value=d["strength"], step=0.05, label="Strength")},
                     lambda g: Depth2Img(_need(g["image"], "an image"), g["strength"]),
                     extra_output=lambda: gr.Image(label="Depth map used", type="pil", elem_id="depth2img-depth"),
-                    extra=lambda task: task.depth)
+                    extra="depth")
             with gr.Tab("upscale", id="upscale"):
                 parts["upscale"] = task_tab(server, results, "upscale", lambda d: {
                     "image": gr.Image(type="pil", label="Low-resolution image", elem_id="upscale-image"),

@@ -12,29 +12,13 @@ import itertools
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from ldm.pipeline import Pipeline, Progress
+from ldm.serve.jobs import Job, JobState, run_job
 
 
 WATCH_SECONDS = 3.0  # previews are made this long after the last want_preview
-
-
-@dataclass
-class JobState:
-    """What /progress and the page's bar show of the running job."""
-    job: str = ""
-    job_no: int = 0  # the running job's number since the server started
-    step: int = 0
-    steps: int = 0
-    started: float = 0.0
-    interrupted: bool = False
-    skipped: bool = False
-    denoised: Any = field(default=None, repr=False)  # the last step's x0 latents
-    preview: Any = field(default=None, repr=False)  # the latest live preview: PIL images of the running batch
-    preview_step: int = 0  # the step it shows
-    preview_method: Optional[str] = None  # this job's own (override_settings.show_progress_type); None: the worker's
 
 
 class Worker:
@@ -56,12 +40,14 @@ class Worker:
         self.state: Optional[JobState] = None
         threading.Thread(target=self._loop, name="sd-worker", daemon=True).start()
 
-    def submit(self, name: str, fn: Callable[[Pipeline, Callable[[Progress], None]], Any]) -> concurrent.futures.Future:
-        """Queue a job; its future gives fn's result or raises its exception."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
+    def submit(self, name: str, fn: Callable[[Pipeline, Callable[[Progress], None]], Any],
+               job: Optional[Job] = None) -> concurrent.futures.Future:
+        """Queue a job; its future gives fn's result or raises its exception. A table's Job (`job`) is its own
+        state while it runs (its steps, preview and flags), its future the job's."""
+        future = job.future if job is not None else concurrent.futures.Future()
         with self._lock:
             self._waiting += 1
-        self._jobs.put((name, fn, future))
+        self._jobs.put((name, fn, future, job))
         return future
 
     def run(self, name: str, fn) -> Any:
@@ -70,15 +56,22 @@ class Worker:
 
     def _loop(self) -> None:
         while True:
-            name, fn, future = self._jobs.get()
+            name, fn, future, job = self._jobs.get()
             with self._lock:
                 self._waiting -= 1
-                self.state = JobState(job=name, job_no=next(self._numbers), started=time.time())
-            if future.set_running_or_notify_cancel():
+                self.state = job if job is not None else JobState(job=name, job_no=next(self._numbers))
+                self.state.started = time.time()
+
+            def execute():
+                if self.before is not None and name not in ("unload", "reload"):
+                    self.before(self.pipeline)
+                return fn(self.pipeline, self._on_step)
+
+            if job is not None:
+                run_job(job, execute)
+            elif future.set_running_or_notify_cancel():
                 try:
-                    if self.before is not None and name not in ("unload", "reload"):
-                        self.before(self.pipeline)
-                    future.set_result(fn(self.pipeline, self._on_step))
+                    future.set_result(execute())
                 except BaseException as exc:  # the job's error is its caller's, never the worker's
                     future.set_exception(exc)
             with self._lock:

@@ -42,6 +42,9 @@ setup(
         # webuiapi: a real A1111 client to drive the server; playwright: drives Debian's chromium (never its own);
         # peft: diffusers' LoRA loading, the independent implementation the LoRA merge is checked against
         "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "webuiapi", "playwright", "requests", "peft"],
+        # sd serve --ray: the replicas as a Ray Serve deployment (routing by checkpoint through its model
+        # multiplexing, autoscaling, a cluster across machines); the pool backend needs nothing extra
+        "ray": ["ray[serve]>=2.40"],
     },
     entry_points={"console_scripts": ["sd=ldm.cli.entry:main"]},
 )

@@ -4,7 +4,6 @@ Global queue order, per-job progress and interrupt by id (A1111's force_task_id 
 checkpoint affinity, a replica killed mid-job, and the same pixels as the local worker."""
 from __future__ import annotations
 
-import base64
 import os
 import shutil
 import signal
@@ -201,3 +200,22 @@ def test_progress_and_interrupt_without_an_id_act_on_the_callers_job(pool):
     assert server.jobs.find("theirs-b").status == "interrupted"
     assert server.jobs.find("theirs-a").status == "done" and server.jobs.find("theirs-a").step == 200
     assert answers["mine"][0] == 200 and answers["theirs"].status_code == 200
+
+
+def test_replicas_that_cannot_load_fail_the_queued_jobs_instead_of_hanging(tmp_path):
+    from types import SimpleNamespace
+
+    from ldm.serve.backends.pool import PoolBackend, ReplicaSpec
+    from ldm.serve.jobs import Call, Job, JobFailed, JobTable
+
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}              ")  # a header, no tensors
+    front = SimpleNamespace(worker=SimpleNamespace(preview_method="cheap"), title=lambda path: Path(path).name)
+    pool = PoolBackend(front, ReplicaSpec(str(broken), str(CONFIG), device="cpu", precision="full", threads=1), 1)
+    try:
+        job = JobTable(pool).submit(Job(job="txt2img", call=Call("txt2img", ("a red circle",)), checkpoint=broken))
+        with pytest.raises(JobFailed, match=r"^no replica is up: replica 0 did not start \(.*broken.safetensors"):
+            job.future.result(timeout=120)
+        assert job.status == "failed"
+    finally:
+        pool.close()

@@ -35,6 +35,14 @@ Replicas = Annotated[int, typer.Option(
     "--replicas", help="Run the jobs on this many replica processes, each with its own copy of the model and "
     "its share of the cores (--threads: each replica's), fed from one queue (docs/scale-out.md) [default: 0, "
     "the server's own worker thread].")]
+RayAddress = Annotated[Optional[str], typer.Option(
+    "--ray", help="auto or a Ray cluster's ADDRESS: run the --replicas as a Ray Serve deployment (pip install "
+    "'sd[ray]'); auto joins the cluster `ray start` runs on this machine, else starts one here "
+    "(docs/scale-out.md).")]
+RayMin = Annotated[Optional[int], typer.Option(
+    "--ray-min-replicas", help="With --ray: autoscale between this many replicas and --ray-max-replicas.")]
+RayMax = Annotated[Optional[int], typer.Option(
+    "--ray-max-replicas", help="With --ray: autoscale up to this many replicas [default: --replicas].")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse input images with more pixels than this.")]
 PreviewEvery = Annotated[int, typer.Option(
     "--preview-every", help="Show a live preview on the page and in /progress every this many steps (0: none), made "
@@ -52,7 +60,8 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
           embeddings: opt.Embeddings = None, lora_dir: opt.LoraDir = None, backend: opt.Backend = "torch",
           styles: Styles = None, preview_every: PreviewEvery = PREVIEW_EVERY, taesd: opt.Taesd = None,
           hypernetwork_dir: HypernetworkDir = None, controlnet_dir: ControlNetDir = None,
-          control_midas: opt.ControlMidas = None, replicas: Replicas = 0) -> None:
+          control_midas: opt.ControlMidas = None, replicas: Replicas = 0, ray: RayAddress = None,
+          ray_min_replicas: RayMin = None, ray_max_replicas: RayMax = None) -> None:
     from ldm.cli.entry import ready_for_interrupts
     from ldm.errors import SDError, note
     from ldm.limits import Limits
@@ -70,6 +79,18 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
             or not 0 <= replicas <= 64:
         raise SDError("--max-body-mb must be 1..4096, --max-pixels at least 1, --port 1..65535, --preview-every "
                       "0..1000, --replicas 0..64")
+    ray_options = None
+    if ray is not None:
+        low, high = ray_min_replicas, ray_max_replicas
+        if (low is not None and not 0 <= low <= 64) or (high is not None and not 1 <= high <= 64) or \
+                (low is not None and high is not None and low > high):
+            raise SDError("--ray-min-replicas must be 0..64, --ray-max-replicas 1..64, and min at most max")
+        ray_options = {"address": ray, "min_replicas": low, "max_replicas": high}
+        from ldm.serve.backends.rayserve import need_ray
+
+        need_ray()  # before the model loads: a missing extra costs nothing
+    elif ray_min_replicas is not None or ray_max_replicas is not None:
+        raise SDError("--ray-min-replicas and --ray-max-replicas go with --ray")
     limits = Limits(max_side=max_side, max_steps=max_steps, max_batch=max_batch, max_images=max_images,
                     max_chunks=max_chunks)
     limits.check()
@@ -88,4 +109,4 @@ def serve(ckpt: opt.Ckpt = None, config: opt.Config = None, host: Host = "127.0.
     run(pipeline, host=host, port=port, auth=auth, models_dir=models_dir, outdir=outdir, limits=limits,
         max_pixels=max_pixels, max_body=max_body_mb * 2 ** 20, first_tab=tab, embeddings=embeddings,
         lora_dir=lora_dir, styles=styles, preview_every=preview_every, hypernetwork_dir=hypernetwork_dir,
-        controlnet_dir=controlnet_dir, control_midas=control_midas, replicas=replicas)
+        controlnet_dir=controlnet_dir, control_midas=control_midas, replicas=replicas, ray=ray_options)

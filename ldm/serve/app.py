@@ -37,7 +37,8 @@ class Server:
                  limits: Limits = Limits(), max_pixels: int = 16_000_000, max_body: int = 64 * 2 ** 20,
                  embeddings: Optional[Path] = None, lora_dir: Optional[Path] = None, styles: Optional[Path] = None,
                  hypernetwork_dir: Optional[Path] = None, controlnet_dir: Optional[Path] = None,
-                 control_midas: Optional[Path] = None, preview_every: int = PREVIEW_EVERY, replicas: int = 0):
+                 control_midas: Optional[Path] = None, preview_every: int = PREVIEW_EVERY, replicas: int = 0,
+                 ray: Optional[dict] = None):
         from ldm.serve.jobs import JobTable
 
         # the front's own worker: the local backend's jobs, and model switches, unloads and extras under any
@@ -71,20 +72,26 @@ class Server:
             self.styles()
         except ServerFileError as exc:
             raise SDError(str(exc)) from None
-        self.jobs = JobTable(self._backend(replicas))
+        self.jobs = JobTable(self._backend(replicas, ray))
 
-    def _backend(self, replicas: int):
-        """The local worker (replicas 0), or that many replica processes (--replicas)."""
-        if not replicas:
+    def _backend(self, replicas: int, ray: Optional[dict]):
+        """The local worker (replicas 0), that many replica processes (--replicas), or a Ray Serve deployment
+        of them (`ray`: RayBackend's options: address, min_replicas, max_replicas, local_testing)."""
+        if not replicas and ray is None:
             from ldm.serve.backends.local import LocalBackend
 
             return LocalBackend(self)
         from ldm.serve.backends.pool import PoolBackend, ReplicaSpec
 
+        replicas = replicas or 1
         if not 1 <= replicas <= 64:
             raise SDError(f"--replicas must be from 1 to 64 (got {replicas})")
-        return PoolBackend(self, ReplicaSpec.of(self.pipeline, replicas, self.preview_every, self.control_midas),
-                           replicas)
+        spec = ReplicaSpec.of(self.pipeline, replicas, self.preview_every, self.control_midas)
+        if ray is not None:
+            from ldm.serve.backends.rayserve import RayBackend
+
+            return RayBackend(self, spec, replicas, **ray)
+        return PoolBackend(self, spec, replicas)
 
     def want_preview(self) -> None:
         """Someone shows the live previews (the page's poll, /progress): the backend makes them for a while."""

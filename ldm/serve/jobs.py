@@ -82,7 +82,8 @@ class Job(JobState):
     status: str = "queued"  # queued, running, done, interrupted, failed
     queued_at: float = 0.0
     ended_at: float = 0.0
-    replica: Optional[int] = None  # which replica runs or ran it
+    replica: Optional[int | str] = None  # which replica runs or ran it (a number; Ray's replica id)
+    replica_pid: Optional[int] = None  # that replica's process, where the backend says
     ran_on: Optional[Path] = None  # the checkpoint it ran on (read while it held the model)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future, repr=False)
 

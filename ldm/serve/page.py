@@ -22,7 +22,6 @@ from PIL import Image  # noqa: E402
 from ldm.files import metadata  # noqa: E402
 from ldm.errors import SDError  # noqa: E402
 from ldm.limits import SERVER_LIMIT_NAMES  # noqa: E402
-from ldm.pipeline import Cancelled  # noqa: E402
 from ldm.serve import painter  # noqa: E402
 from ldm.tasks import Depth2Img, Img2Img, Inpaint, Txt2Img, Upscale, Variations  # noqa: E402
 

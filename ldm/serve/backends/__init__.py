@@ -14,9 +14,10 @@ A backend takes the JobTable's jobs (ldm.serve.jobs.Job) and runs each one on a 
 """
 from __future__ import annotations
 
-from typing import Protocol
+import threading
+from typing import Callable, Optional, Protocol
 
-from ldm.serve.jobs import Job
+from ldm.serve.jobs import Job, run_job
 
 
 class Backend(Protocol):
@@ -29,3 +30,39 @@ class Backend(Protocol):
     def replicas(self) -> list[dict]: ...
 
     def close(self) -> None: ...
+
+
+class JobQueue:
+    """The remote backends' queue in the front: jobs in queue order until a replica takes one."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.pending: list[Job] = []
+        self.closed = False
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            self.pending.append(job)
+            self.cond.notify_all()
+
+    def take(self, choose: Callable[[list[Job]], Optional[Job]]) -> Optional[Job]:
+        """The job `choose` picks from the queued ones (called under the queue's lock), once there is one;
+        None once closed."""
+        with self.cond:
+            while not self.closed:
+                job = choose(self.pending)
+                if job is not None:
+                    self.pending.remove(job)
+                    return job
+                self.cond.wait(1.0)
+            return None
+
+    def close(self) -> None:
+        """No job starts any more: the queued ones end as interrupted, with no images."""
+        with self.cond:
+            self.closed = True
+            pending, self.pending = self.pending, []
+            self.cond.notify_all()
+        for job in pending:
+            job.interrupted = True
+            run_job(job, lambda: ([], {}))

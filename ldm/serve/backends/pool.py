@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Optional
 
 from ldm.errors import SDError
-from ldm.pipeline import Cancelled
+from ldm.serve.backends import JobQueue
+from ldm.serve.backends.replica import follow, main as replica_main
 from ldm.serve.jobs import Job, JobFailed, run_job
 
 log = logging.getLogger("sd.serve")
@@ -71,11 +72,9 @@ class Replica:
         self.thread.start()
 
     def _start(self):
-        from ldm.serve.backends import replica
-
         ours, theirs = self.pool.context.Pipe()
         self.process = self.pool.context.Process(
-            target=replica.main, args=(theirs, self.pool.spec, self.interrupt, self.skip, self.watched),
+            target=replica_main, args=(theirs, self.pool.spec, self.interrupt, self.skip, self.watched),
             name=f"sd-replica-{self.number}", daemon=True)
         self.process.start()
         theirs.close()
@@ -93,8 +92,10 @@ class Replica:
             try:
                 conn = self._start()
             except (EOFError, OSError, SDError) as exc:
-                log.warning("replica %d did not start (%s); trying again in 5 s", self.number, exc or "it stopped")
+                said = str(exc) or "it stopped while loading"
+                log.warning("replica %d did not start (%s); trying again in 5 s", self.number, said)
                 self._stop_process()
+                self.pool.fail_waiting(f"no replica is up: replica {self.number} did not start ({said})")
                 time.sleep(5)
                 continue
             self.died = False
@@ -117,27 +118,15 @@ class Replica:
             self.interrupt.value = 1 if job.interrupted else 0
             self.skip.value = 0
         method = job.preview_method or self.pool.server.worker.preview_method
+
+        def reports():
+            while True:
+                yield conn.recv()
+
         try:
             conn.send(("run", str(job.checkpoint) if job.checkpoint else None, job.call, method))
-            while True:
-                kind, *said = conn.recv()
-                if kind == "step":
-                    job.step, job.steps = said[0], said[1]
-                    if said[2] is not None:
-                        job.preview, job.preview_step = said[2], said[0]
-                    continue
-                if kind == "loaded":
-                    self.holds = Path(said[0]) if said[0] else None
-                    job.ran_on = self.holds
-                    continue
-                if kind == "done":
-                    return said[0]
-                if kind == "cancelled":
-                    stop = Cancelled(said[1])
-                    stop.images = said[0]
-                    raise stop
-                raise SDError(said[0])  # "error": one line from the replica
-        except (EOFError, OSError, BrokenPipeError):
+            return follow(job, reports(), self._holding)
+        except (EOFError, OSError):
             code = self.process.exitcode if self.process is not None else None
             if code is None and self.process is not None:
                 self.process.join(2)
@@ -145,6 +134,9 @@ class Replica:
             self.died = True
             raise JobFailed(f"replica {self.number} stopped mid-job (exit code {code}); the job failed, the other "
                             "replicas go on") from None
+
+    def _holding(self, path: Optional[Path]) -> None:
+        self.holds = path
 
     def _stop_process(self) -> None:
         if self.process is not None and self.process.is_alive():
@@ -158,33 +150,47 @@ class Replica:
                 "job": self.job.id if self.job is not None else None, "starts": self.starts}
 
 
+def _fail(why: str):
+    raise JobFailed(why)
+
+
 class PoolBackend:
     def __init__(self, server, spec: ReplicaSpec, replicas: int):
         self.server, self.spec = server, spec
         self.context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or locks inherited
-        self.cond = threading.Condition()
-        self.pending: list[Job] = []
-        self.closed = False
+        self.queue = JobQueue()
+        self.cond = self.queue.cond
         self.members = [Replica(k, self) for k in range(replicas)]
 
+    @property
+    def closed(self) -> bool:
+        return self.queue.closed
+
     def submit(self, job: Job) -> None:
-        with self.cond:
-            self.pending.append(job)
-            self.cond.notify_all()
+        self.queue.submit(job)
 
     def take(self, replica: Replica) -> Optional[Job]:
-        """The next job for a free replica (blocks until there is one; None once closed)."""
-        with self.cond:
-            while not self.closed:
-                for job in self.pending:
-                    if job.interrupted or job.checkpoint == replica.holds or not any(
-                            r is not replica and r.up and r.job is None and r.holds == job.checkpoint
-                            for r in self.members):
-                        self.pending.remove(job)
-                        replica.job, job.replica = job, replica.number
-                        return job
-                self.cond.wait(1.0)
+        """The next job for a free replica (blocks until there is one; None once closed): the first queued one
+        unless another free replica holds its checkpoint."""
+        def choose(pending: list[Job]) -> Optional[Job]:
+            for job in pending:
+                if job.interrupted or job.checkpoint == replica.holds or not any(
+                        r is not replica and r.up and r.job is None and r.holds == job.checkpoint
+                        for r in self.members):
+                    replica.job, job.replica = job, replica.number
+                    return job
             return None
+
+        return self.queue.take(choose)
+
+    def fail_waiting(self, why: str) -> None:
+        """While no replica is up, the queued jobs fail with `why` rather than wait for ever."""
+        with self.cond:
+            if any(r.up for r in self.members):
+                return
+            waiting, self.queue.pending = self.queue.pending, []
+        for job in waiting:
+            run_job(job, lambda: _fail(why))
 
     def tell(self, job: Job, flag: str) -> None:
         with self.cond:
@@ -209,13 +215,7 @@ class PoolBackend:
             time.sleep(0.05)
 
     def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            pending, self.pending = self.pending, []
-            self.cond.notify_all()
-        for job in pending:
-            job.interrupted = True
-            run_job(job, lambda: ([], {}))
+        self.queue.close()
         for replica in self.members:
             replica.interrupt.value = 1
         for replica in self.members:

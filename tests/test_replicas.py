@@ -219,3 +219,31 @@ def test_replicas_that_cannot_load_fail_the_queued_jobs_instead_of_hanging(tmp_p
         assert job.status == "failed"
     finally:
         pool.close()
+
+
+def test_two_comfyui_clients_on_two_replicas_get_their_own_messages(pool):
+    import json
+
+    import websocket
+
+    from tests.test_comfy import DEFAULT, messages_until_done
+
+    server, url = pool
+    port = int(url.rsplit(":", 1)[1])
+    sockets = {name: websocket.create_connection(f"ws://127.0.0.1:{port}/ws?clientId={name}") for name in ("a", "b")}
+    ids = {}
+    for name, steps in (("a", 300), ("b", 12)):
+        prompt = json.loads(json.dumps(DEFAULT))
+        prompt["3"]["inputs"]["steps"] = steps
+        ids[name] = requests.post(f"{url}/prompt", json={"prompt": prompt, "client_id": name}, timeout=30).json()["prompt_id"]
+    wait_for(lambda: all(server.jobs.find(i).step >= 2 for i in ids.values()))
+    assert {server.jobs.find(i).replica for i in ids.values()} == {0, 1}  # both run at once
+    assert requests.post(f"{url}/interrupt", json={"prompt_id": ids["a"]}, timeout=10).status_code == 200
+    seen = {name: messages_until_done(sockets[name], ids[name]) for name in ("a", "b")}
+    for name, other in (("a", "b"), ("b", "a")):
+        assert all(data.get("prompt_id") in (ids[name], None) for kind, data in seen[name] if kind not in ("status", "binary"))
+    assert "execution_interrupted" in [kind for kind, _ in seen["a"]]
+    assert [data["value"] for kind, data in seen["b"] if kind == "progress"] == list(range(1, 13))
+    assert requests.get(f"{url}/history/{ids['b']}", timeout=10).json()[ids["b"]]["status"]["status_str"] == "success"
+    for socket in sockets.values():
+        socket.close()

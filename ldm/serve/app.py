@@ -360,6 +360,15 @@ class Guard:
         self.token = None if auth is None else base64.b64encode(f"{auth[0]}:{auth[1]}".encode())
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":  # ComfyUI's /ws: the same credentials, or closed before it opens
+            headers = dict(scope.get("headers") or [])
+            if self.token is not None and not self._authorised(headers.get(b"authorization", b"")):
+                return await send({"type": "websocket.close", "code": 1008})
+            token = caller_var.set(self._caller(scope))
+            try:
+                return await self.app(scope, receive, send)
+            finally:
+                caller_var.reset(token)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), [0]
@@ -460,6 +469,11 @@ def build_app(server: Server, *, auth: Optional[tuple[str, str]] = None, page: b
     app.include_router(api.router(server))
     app.include_router(api.internal_router(server))
     app.include_router(controlnet.router(server))
+    from ldm.serve.comfy.routes import Comfy, router as comfy_router
+
+    comfy = Comfy(server)
+    for prefix in ("", "/api"):  # ComfyUI serves every route under both
+        app.include_router(comfy_router(server, comfy, prefix))
 
     def one_line(status: int, detail: str) -> Response:
         return Response(error_body(status, detail)[1], status_code=status, media_type="application/json")

@@ -86,6 +86,12 @@ class Job(JobState):
     replica_pid: Optional[int] = None  # that replica's process, where the backend says
     ran_on: Optional[Path] = None  # the checkpoint it ran on (read while it held the model)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future, repr=False)
+    on_step: Optional[Callable[["Job"], None]] = field(default=None, repr=False)  # told after every step
+
+    def stepped(self) -> None:
+        """The backend has recorded a step: tell whoever follows the job (ComfyUI's progress messages)."""
+        if self.on_step is not None:
+            self.on_step(self)
 
     @property
     def active(self) -> bool:

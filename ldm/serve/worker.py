@@ -82,6 +82,8 @@ class Worker:
         if state is None:
             return
         state.step, state.steps, state.denoised = progress.step, progress.total, progress.denoised
+        if isinstance(state, Job):
+            state.stepped()
         if state.interrupted:  # an interrupt that came before the job's sampling started
             self.pipeline.cancel()
         method = state.preview_method or self.preview_method

@@ -80,6 +80,7 @@ def follow(job, reports: Iterator[tuple], on_loaded: Callable[[Path], None] = la
             job.step, job.steps = said[0], said[1]
             if said[2] is not None:
                 job.preview, job.preview_step = said[2], said[0]
+            job.stepped()
         elif kind == "replica":  # which replica runs it, and its process (Ray's; the pool knows its own)
             job.replica, job.replica_pid = said[0], said[1]
         elif kind == "loaded":

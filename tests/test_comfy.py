@@ -96,7 +96,9 @@ def test_comfyuis_websocket_example_gets_the_a1111_routes_picture(comfy):
     assert [m[0] for m in history["status"]["messages"]] == ["execution_start", "execution_cached", "execution_success"]
     image = history["outputs"]["9"]["images"][0]
     assert image == {"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}
-    png = requests.get(f"{url}/view?" + urllib.parse.urlencode(image)).content
+    viewed = requests.get(f"{url}/view?" + urllib.parse.urlencode(image))
+    assert viewed.headers["x-content-type-options"] == "nosniff"
+    png = viewed.content
     a1111 = requests.post(f"{url}/sdapi/v1/txt2img", json=SAME_ON_A1111).json()
     same = Image.open(io.BytesIO(base64.b64decode(a1111["images"][0])))
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(same))
@@ -302,3 +304,4 @@ def test_controlnet_nodes_draw_what_the_a1111_controlnet_unit_draws(comfy, tmp_p
     assert reply.status_code == 400 and "sd applies a ControlNet to both prompts" in \
         reply.json()["node_errors"]["23"]["errors"][0]["message"]
     server.controlnet_dir = None
+

@@ -32,6 +32,7 @@ from ldm.serve.comfy import graph
 from ldm.serve.jobs import Call, Job, JobFailed, outcome
 
 KEPT_HISTORY = 1000
+SOCKET_BACKLOG = 1024  # messages held for a socket that does not read; more are dropped, not kept
 FOLLOW_SECONDS = 0.05
 COMFY_NAMES = {"scale": "cfg", "sampler": "sampler_name", "schedule": "scheduler", "strength": "denoise",
                "batch_size": "batch_size", "seed": "seed", "steps": "steps", "width": "width", "height": "height"}
@@ -63,7 +64,7 @@ class Comfy:
         with self.lock:
             targets = [pair for key, pairs in self.sockets.items() if client is None or key == client for pair in pairs]
         for loop, queue in targets:
-            loop.call_soon_threadsafe(queue.put_nowait, message)
+            loop.call_soon_threadsafe(_offer, queue, message)
 
     def watched(self, client: Optional[str]) -> bool:
         with self.lock:
@@ -420,7 +421,9 @@ def router(server, comfy: Comfy, prefix: str = "") -> APIRouter:
             path.suffix.lower(), "application/octet-stream")
         if preview or channel:
             data, media = reencoded(data, preview, channel, server.max_pixels)
-        return Response(data, media_type=media, headers={"Content-Disposition": f'filename="{path.name}"'})
+        # an upload named .png may hold anything: browsers must not sniff it into HTML
+        return Response(data, media_type=media, headers={"Content-Disposition": f'filename="{path.name}"',
+                                                         "X-Content-Type-Options": "nosniff"})
 
     async def upload(request: Request) -> dict:
         form = await request.form(max_files=1, max_fields=16)
@@ -481,7 +484,7 @@ def router(server, comfy: Comfy, prefix: str = "") -> APIRouter:
     async def websocket(socket: WebSocket, clientId: Optional[str] = None):
         await socket.accept()
         sid = clientId if clientId and len(clientId) <= 128 else uuid.uuid4().hex
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue = asyncio.Queue(SOCKET_BACKLOG)
         pair = (asyncio.get_running_loop(), queue)
         with comfy.lock:
             comfy.sockets.setdefault(sid, []).append(pair)
@@ -511,6 +514,13 @@ def router(server, comfy: Comfy, prefix: str = "") -> APIRouter:
                     comfy.sockets.pop(sid, None)
 
     return routes
+
+
+def _offer(queue: asyncio.Queue, message) -> None:
+    try:
+        queue.put_nowait(message)
+    except asyncio.QueueFull:  # a client that stopped reading: its newest messages go
+        pass
 
 
 async def _drain(socket: WebSocket) -> None:

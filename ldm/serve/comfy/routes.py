@@ -91,8 +91,9 @@ class Comfy:
     def file(self, name: str, kind: str, subfolder: str = "") -> Path:
         if not name or name.startswith("/") or ".." in Path(name).parts or not SAFE_NAME.match(name):
             raise RequestError(f"a plain file name, please (got '{name[:80]}')")
-        path = (self.folder(kind, subfolder) / name).resolve()
-        if self.folder(kind, subfolder) not in path.parents:
+        folder = self.folder(kind, subfolder)
+        path = (folder / name).resolve()
+        if folder not in path.parents:
             raise PermissionError(name)
         return path
 

@@ -13,7 +13,7 @@ from ldm.errors import SDError
 from ldm.pipeline import GeneratedImage
 from ldm.serve import a1111, masks
 from ldm.serve.a1111 import Img2ImgRequest, RequestError, Txt2ImgRequest
-from ldm.serve.jobs import Call, Prepared, Ran, generate
+from ldm.serve.jobs import Call, Job, Prepared, Ran, generate
 from ldm.serve.options import Settings
 from ldm.serve.styles import apply_styles
 
@@ -177,8 +177,8 @@ def progress(server, skip_current_image: bool = False) -> dict:
         server.want_preview()
     job = server.jobs.of_caller()
     state = job if job is not None and job.status == "running" else server.worker.state
-    count = len(server.jobs.active()) + (1 if state is not None and state is server.worker.state and
-                                         not hasattr(state, "call") else 0)
+    # a model switch or an extra on the front's worker is no table job, but one more job all the same
+    count = len(server.jobs.active()) + (1 if state is not None and not isinstance(state, Job) else 0)
     if state is None:
         return {"progress": 0.0, "eta_relative": 0.0, "state": {"skipped": False, "interrupted": False,
                 "stopping_generation": False, "job": "", "job_count": count, "job_timestamp": "", "job_no": 0,
@@ -324,7 +324,8 @@ def _bind(api: APIRouter, server) -> APIRouter:
         job = addressed(server, id_task)
         if job is None:  # a model switch or an extra running on the front's worker
             server.worker.interrupt()
-        server.jobs.interrupt(job)
+        else:
+            server.jobs.interrupt(job)
         return {}
 
     @api.get("/sd-models")

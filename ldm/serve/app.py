@@ -360,17 +360,20 @@ class Guard:
         self.token = None if auth is None else base64.b64encode(f"{auth[0]}:{auth[1]}".encode())
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "websocket":  # ComfyUI's /ws: the same credentials, or closed before it opens
-            headers = dict(scope.get("headers") or [])
-            if self.token is not None and not self._authorised(headers.get(b"authorization", b"")):
-                return await send({"type": "websocket.close", "code": 1008})
-            token = caller_var.set(self._caller(scope))
-            try:
-                return await self.app(scope, receive, send)
-            finally:
-                caller_var.reset(token)
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
+        token = caller_var.set(self._caller(scope))  # whose job /progress, /interrupt and the socket mean
+        try:
+            if scope["type"] == "websocket":  # ComfyUI's /ws: the same credentials, or closed before it opens
+                headers = dict(scope.get("headers") or [])
+                if self.token is not None and not self._authorised(headers.get(b"authorization", b"")):
+                    return await send({"type": "websocket.close", "code": 1008})
+                return await self.app(scope, receive, send)
+            await self._logged(scope, receive, send)
+        finally:
+            caller_var.reset(token)
+
+    async def _logged(self, scope, receive, send) -> None:
         start, status = time.perf_counter(), [0]
 
         async def sending(message):
@@ -378,11 +381,9 @@ class Guard:
                 status[0] = message["status"]
             await send(message)
 
-        token = caller_var.set(self._caller(scope))
         try:
             await self._guarded(scope, receive, sending, status)
         finally:
-            caller_var.reset(token)
             client = (scope.get("client") or ("-", 0))[0]
             log.info("%s %s %s %s %.0f ms", client, scope["method"], scope["path"], status[0] or "-",
                      1000 * (time.perf_counter() - start))

@@ -169,9 +169,6 @@ class JobTable:
     def running(self) -> list[Job]:
         return [job for job in self.active() if job.status == "running"]
 
-    def waiting(self) -> int:
-        return sum(1 for job in self.active() if job.status == "queued")
-
     def position(self, job: Job) -> int:
         """How many queued jobs are ahead of this queued one (0: next)."""
         queued = [j for j in self.active() if j.status == "queued"]

@@ -1,4 +1,4 @@
-"""Where the server's jobs run: one small interface, two backends.
+"""Where the server's jobs run: one small interface, three backends.
 
 A backend takes the JobTable's jobs (ldm.serve.jobs.Job) and runs each one on a model:
 
@@ -10,7 +10,9 @@ A backend takes the JobTable's jobs (ldm.serve.jobs.Job) and runs each one on a 
 
 - local.py: the server's one worker thread in this process (the default);
 - pool.py: N replica processes on this machine (`sd serve --replicas N`), each with its own model and threads,
-  fed from one queue in the front process, preferring a replica that holds the job's checkpoint.
+  fed from one queue in the front process, preferring a replica that holds the job's checkpoint;
+- rayserve.py: the replicas as a Ray Serve deployment (`sd serve --ray ...`), on this machine or a cluster.
+Both remote ones run a job with replica.py and queue with JobQueue (below).
 """
 from __future__ import annotations
 

@@ -16,7 +16,6 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Optional
 
 from ldm.errors import SDError
@@ -65,21 +64,27 @@ class Board:
 LOCAL_BOARDS: dict[str, Board] = {}
 
 
+def board_call(board, name: str, *args, wait: bool = True):
+    """Board.<name>(*args) on a Ray actor's handle (waited for unless `wait` is off), or on the LOCAL_BOARDS
+    Board of a key."""
+    if isinstance(board, str):
+        return getattr(LOCAL_BOARDS[board], name)(*args)
+    pending = getattr(board, name).remote(*args)
+    if wait:
+        import ray
+
+        return ray.get(pending)
+    return None
+
+
 class BoardFlags(replica.Flags):
-    """A job's flags read from the Board (one call a step): a Ray actor's handle, or a LOCAL_BOARDS key."""
+    """A job's flags read from the Board (one call a step)."""
 
     def __init__(self, board, job_id: str):
         self.board, self.job_id, self.state = board, job_id, (False, False, 0.0)
 
-    def _call(self, name: str, *args):
-        if isinstance(self.board, str):
-            return getattr(LOCAL_BOARDS[self.board], name)(*args)
-        import ray
-
-        return ray.get(getattr(self.board, name).remote(*args))
-
     def interrupted(self) -> bool:
-        self.state = self._call("take", self.job_id)  # read once per step: interrupted comes first in on_step
+        self.state = board_call(self.board, "take", self.job_id)  # read once per step: interrupted comes first in on_step
         return self.state[0]
 
     def take_skip(self) -> bool:
@@ -118,8 +123,7 @@ def deployment(spec, *, replicas: int, min_replicas: Optional[int], max_replicas
             return self.pipe
 
         def _switch(self, ckpt: str) -> None:
-            if ckpt and (self.pipe.ckpt is None or Path(ckpt).resolve() != Path(self.pipe.ckpt).resolve()):
-                self.pipe.switch_model(ckpt)
+            replica.hold(self.pipe, ckpt)
 
         async def run(self, job_id: str, ckpt: str, call, method: str):
             yield ("replica", self.name, os.getpid())
@@ -163,19 +167,18 @@ class RayBackend:
 
         self.server, self.spec = server, spec
         self.local_testing = local_testing
-        if local_testing:
-            self.board = Board()
-            self.board_ref = f"board-{id(self)}"
-            LOCAL_BOARDS[self.board_ref] = self.board
+        if local_testing:  # the Board in this process, found by its key (see LOCAL_BOARDS)
+            self.board = f"board-{id(self)}"
+            LOCAL_BOARDS[self.board] = Board()
         else:
             if not ray.is_initialized():
                 ray.init(address=None if address == "auto" else address, include_dashboard=False,
                          log_to_driver=False)
-            self.board = self.board_ref = ray.remote(num_cpus=0)(Board).remote()
+            self.board = ray.remote(num_cpus=0)(Board).remote()
         gpus = 1.0 if spec.device.startswith("cuda") or (
             spec.device == "auto" and not local_testing and ray.cluster_resources().get("GPU", 0) > 0) else 0.0
         app = deployment(spec, replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
-                         gpus=gpus, multiplexed=not local_testing).bind(spec, self.board_ref)
+                         gpus=gpus, multiplexed=not local_testing).bind(spec, self.board)
         self.handle = serve.run(app, name=APP_NAME, route_prefix=None, _local_testing_mode=local_testing)
         self.slots = 1 if local_testing else (max_replicas or replicas)
         self.queue = JobQueue()
@@ -214,22 +217,13 @@ class RayBackend:
                             "replicas go on") from None
 
     def _forget(self, job_id: str) -> None:
-        if self.local_testing:
-            self.board.forget(job_id)
-        else:
-            self.board.forget.remote(job_id)
+        board_call(self.board, "forget", job_id, wait=False)
 
     def tell(self, job: Job, flag: str) -> None:
-        if self.local_testing:
-            self.board.set(job.id, flag)
-        else:
-            self.board.set.remote(job.id, flag)
+        board_call(self.board, "set", job.id, flag, wait=False)
 
     def want_preview(self) -> None:
-        if self.local_testing:
-            self.board.watch(time.time())
-        else:
-            self.board.watch.remote(time.time())
+        board_call(self.board, "watch", time.time(), wait=False)
 
     def replicas(self) -> list[dict]:
         running = {job.id for job in self.running.values()}
@@ -245,7 +239,7 @@ class RayBackend:
         for job in list(self.running.values()):
             self.tell(job, "interrupted")
         if self.local_testing:
-            LOCAL_BOARDS.pop(self.board_ref, None)
+            LOCAL_BOARDS.pop(self.board, None)
         else:
             try:
                 serve.delete(APP_NAME)

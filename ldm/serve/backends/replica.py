@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from ldm.pipeline import Cancelled
 
@@ -36,14 +36,19 @@ def load(spec):
     return pipe
 
 
+def hold(pipe, ckpt: Optional[str]) -> None:
+    """The replica's pipeline on `ckpt` (loaded when it holds another; None or "": whatever it holds)."""
+    if ckpt and (pipe.ckpt is None or Path(ckpt).resolve() != Path(pipe.ckpt).resolve()):
+        pipe.switch_model(ckpt)
+
+
 def run(pipe, ckpt, call, method: str, preview_every: int, flags: Flags, report: Callable[[tuple], None]) -> None:
     """One job on this replica: its checkpoint loaded when another is held, then the call; every report sent."""
     from ldm.errors import SDError
     from ldm.serve.worker import WATCH_SECONDS
 
     try:
-        if ckpt is not None and (pipe.ckpt is None or Path(ckpt).resolve() != Path(pipe.ckpt).resolve()):
-            pipe.switch_model(ckpt)
+        hold(pipe, ckpt)
         report(("loaded", str(pipe.ckpt) if pipe.ckpt else None))
         every = min(preview_every, 1) if method == "cheap" else preview_every
 

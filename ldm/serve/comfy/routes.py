@@ -27,6 +27,7 @@ from fastapi import APIRouter, Request, UploadFile, WebSocket, WebSocketDisconne
 from fastapi.responses import JSONResponse, Response
 
 from ldm.errors import SDError
+from ldm.files import imageio
 from ldm.serve.a1111 import RequestError
 from ldm.serve.comfy import graph
 from ldm.serve.jobs import Call, Job, JobFailed, outcome
@@ -108,9 +109,8 @@ class Comfy:
             raise RequestError(f"filename_prefix '{prefix[:80]}' is not a plain name (subfolders with /)")
         folder = self.folder(kind, sub)
         folder.mkdir(parents=True, exist_ok=True)
-        pattern = re.compile(re.escape(stem) + r"_(\d{5,})_\.png$")
-        with self.lock:
-            counter = max([int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name))], default=0) + 1
+        with self.lock:  # numbered after the highest there (from 1, as ComfyUI counts)
+            counter = max(1, imageio.next_index(folder, 5, f"{stem}_", "_.png"))
             written = []
             for image in images:
                 name = f"{stem}_{counter:05}_.png"
@@ -173,6 +173,7 @@ def queue_prompt(comfy: Comfy, body: Any) -> JSONResponse:
         return JSONResponse(prompt_error("invalid_prompt", "prompt_id is at most 128 characters"), 400)
     from ldm.adapters.lora import list_loras
 
+    plan = None
     try:
         plan = graph.reduce(prompt, lambda: list_loras(server.lora_folder()))
         job = job_of(comfy, plan, prompt_id, client)
@@ -181,7 +182,7 @@ def queue_prompt(comfy: Comfy, body: Any) -> JSONResponse:
     except graph.NodeError as exc:
         return JSONResponse(node_error(exc), 400)
     except (RequestError, SDError, PermissionError) as exc:
-        node = plan.sampler_node if "plan" in locals() else next(iter(prompt))
+        node = plan.sampler_node if plan is not None else next(iter(prompt))
         return JSONResponse(node_error(graph.NodeError(node, prompt[node]["class_type"], str(exc) or "not allowed")), 400)
     number = next(comfy.numbers)
     if isinstance(body.get("number"), (int, float)) and not isinstance(body.get("number"), bool):
